@@ -1,0 +1,203 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore as ``base_<group>``.
+
+Field names follow the upstream library that consumes them (PEFT ``LoraConfig``, TRL ``SFTConfig``,
+Slurm/sbatch), so a TRL/PEFT user can guess ``lora.r`` or ``train.learning_rate``. Values live in
+``conf/``; these dataclasses only give types and defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+STAGES = ("train", "merge", "eval", "report")
+
+
+@dataclass
+class ContainerConfig:
+    # "none" | "apptainer" (wraps the command in `apptainer exec`) | "pyxis" (srun --container-image)
+    kind: str = "none"
+    image: str | None = None
+    mounts: list[str] = field(default_factory=list)
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ClusterConfig:
+    # "local": submitit's local executor, jobs run as processes on this machine (no Slurm).
+    # "slurm": sbatch through submitit.
+    backend: str = "local"
+    # "gpu": one rank per GPU. "cpu": ranks on CPU with gloo (tests, the local dev cluster's fake GPUs).
+    accelerator: str = "gpu"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 1
+    # None = one task (rank) per GPU, the only layout DeepSpeed's one-process-per-device model supports.
+    tasks_per_node: int | None = None
+    cpus_per_task: int = 8
+    # Per node, sbatch --mem syntax ("0" = all of it). mem_per_gpu is the alternative some sites require.
+    mem: str | None = None
+    mem_per_gpu: str | None = None
+    # Slurm time syntax: MM, HH:MM:SS, D-HH, D-HH:MM:SS ...
+    time: str = "04:00:00"
+    # Resources of the site's nodes, for checks that would otherwise leave a job PENDING forever.
+    cpus_per_node: int | None = None
+    gpus_per_node_max: int | None = None
+    array_parallelism: int = 16
+    # merge/eval/serve need one GPU at most (bf16 20b merge fits one H100); report needs none.
+    aux_gpus: int = 1
+    aux_time: str = "02:00:00"
+    # Lines run before the job body: module load, source a venv, cd ...
+    setup: list[str] = field(default_factory=list)
+    # Plain environment for the job (NCCL_*, HF_HOME ...). Never secrets: those travel from the
+    # submitting shell's environment, see gptoss_hpc.submission.secrets.
+    env: dict[str, str] = field(default_factory=dict)
+    container: ContainerConfig = field(default_factory=ContainerConfig)
+    # Passed verbatim as `#SBATCH --<key>=<value>` (e.g. {exclusive: "", reservation: "x"}).
+    sbatch_extra: dict[str, str] = field(default_factory=dict)
+    # Seconds before the time limit at which Slurm sends USR2 so training checkpoints and requeues.
+    signal_delay_s: int = 300
+    max_requeues: int = 3
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "openai/gpt-oss-20b"
+    revision: str | None = None
+    # True: build gpt-oss from gptoss_hpc/resources/<tiny_config>.json with seeded random weights.
+    tiny: bool = False
+    tiny_config: str = "tiny_gpt_oss"
+    # "auto" = the model's own tokenizer; "offline" = the real gpt-oss tokenizer built from the bpe-openai
+    # package (no Hub); "tiny-bpe" = a small BPE with the Harmony special tokens (fast CPU tests); else a path.
+    tokenizer: str = "auto"
+    num_hidden_layers: int = 24
+    dtype: str = "bfloat16"
+    # gpt-oss ships MXFP4 experts; training needs them dequantized to bf16.
+    dequantize_mxfp4: bool = True
+    attn_implementation: str = "eager"
+    # transformers' MoE experts kernels: "grouped_mm" | "eager" | None (transformers' default).
+    experts_implementation: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    bias: str = "none"
+    use_rslora: bool = False
+    # PEFT target_modules: a list of module names or "all-linear"; null = experts only.
+    target_modules: Any = None
+    # MoE experts are fused 3-D parameters, reached through PEFT's target_parameters.
+    # null = layers 7/15/23 of a 24-layer model, scaled to the model's depth.
+    expert_layers: list[int] | None = None
+    expert_params: list[str] = field(default_factory=lambda: ["gate_up_proj", "down_proj"])
+
+
+@dataclass
+class DataConfig:
+    # "hub" | "local" | "sample" (bundled with the package)
+    source: str = "sample"
+    name: str | None = None
+    revision: str | None = None
+    split: str = "train"
+    # local JSONL / Parquet / JSON files (source=local)
+    path: str | None = None
+    messages_field: str = "messages"
+    # Multilingual-Thinking style: a column whose value becomes the system line "reasoning language: <x>"
+    reasoning_language_field: str | None = "reasoning_language"
+    # held-out eval split: a fraction of the training rows or a file
+    eval_fraction: float = 0.1
+    eval_path: str | None = None
+    # rows longer than train.max_length: "drop" | "truncate"
+    max_length_policy: str = "drop"
+    skip_bad_rows: bool = False
+    max_rows: int | None = None
+    seed: int = 42
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 2
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: Any = "auto"
+    allgather_bucket_size: int = 200_000_000
+    offload_optimizer: bool = False
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 2e-4
+    num_train_epochs: float = 10.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 2
+    per_device_eval_batch_size: int = 2
+    gradient_accumulation_steps: int = 8
+    max_length: int = 2048
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: str = "cosine_with_min_lr"
+    min_lr_rate: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    gradient_checkpointing: bool = True
+    bf16: bool = True
+    assistant_only_loss: bool = True
+    packing: bool = False
+    padding_free: bool = False
+    use_liger_kernel: bool = False
+    logging_steps: int = 1
+    save_steps: int = 100
+    save_total_limit: int = 2
+    seed: int = 42
+    dataloader_num_workers: int = 2
+    # DeepSpeed ZeRO (rendered to JSON per run); false = plain DDP / single process.
+    deepspeed: bool = True
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    # Hub push of the adapter/merged model when HF_TOKEN is set; PUSH_TO_HUB=false in the env also disables.
+    push_to_hub: bool = True
+    hub_model_id: str | None = None
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 256
+    # extra prompts beyond the built-in ones: [{system: ..., user: ...}]
+    prompts: list[dict[str, str]] = field(default_factory=list)
+    max_eval_rows: int | None = 200
+    do_sample: bool = False
+
+
+@dataclass
+class RunConfig:
+    # Names the run dir (logs/<name>/<timestamp>) and the jobs (gptoss-<name>-<stage>).
+    # conf/experiment/*.yaml set it; the `experiment` group picks one of those files.
+    name: str = "gptoss"
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    dry_run: bool = False
+    # Each launch gets <run_root>/<name>/<timestamp>/.
+    run_root: str = "logs"
+    cluster: ClusterConfig = MISSING
+    model: ModelConfig = MISSING
+    lora: LoraConfig = MISSING
+    data: DataConfig = MISSING
+    train: TrainConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=RunConfig)
+    cs.store(group="cluster", name="base_cluster", node=ClusterConfig)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="lora", name="base_lora", node=LoraConfig)
+    cs.store(group="data", name="base_data", node=DataConfig)
+    cs.store(group="train", name="base_train", node=TrainConfig)
