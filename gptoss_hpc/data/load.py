@@ -1,0 +1,174 @@
+"""Load the training data a RunConfig names: hub, local files, or the bundled sample.
+
+    train, held_out = load_datasets(cfg, tokenizer)      # datasets.Dataset with one `messages` column
+
+Order: read → validate every row (bad rows raise DataError listing ``file:row: reason``, or are skipped
+with ``data.skip_bad_rows=true``) → ``data.max_rows`` cap → held-out split (``data.eval_path`` file, else
+a seeded ``data.eval_fraction``) → ``train.max_length`` policy when a tokenizer is given. Nothing is
+written: local files are read directly (no datasets cache), and failures raise before any output.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gptoss_hpc.data.readers import read_rows
+from gptoss_hpc.data.rows import Normalised, RawRow, bad_rows_error, normalise_rows
+from gptoss_hpc.errors import DataError, ResourceNotReachableError
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from gptoss_hpc.config.schema import DataConfig, RunConfig
+
+log = logging.getLogger(__name__)
+
+SAMPLE_FILE = "multilingual_reasoning.jsonl"
+
+
+@dataclass
+class LoadedData:
+    train: Dataset
+    eval: Dataset | None
+    # rows_read, bad_rows_skipped, train_rows, eval_rows, over_max_length, dropped_too_long, truncated ...
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def load_datasets(cfg: RunConfig, tokenizer: Any = None) -> tuple[Dataset, Dataset | None]:
+    """(train, held-out eval or None), each a Dataset with a single ``messages`` column."""
+    loaded = load_data(cfg, tokenizer)
+    return loaded.train, loaded.eval
+
+
+def load_data(cfg: RunConfig, tokenizer: Any = None) -> LoadedData:
+    """Like load_datasets, plus the counts (also logged at INFO)."""
+    from datasets import Dataset
+
+    d = cfg.data
+    where, raw = source_rows(d)
+    opts = {"messages_field": d.messages_field, "reasoning_language_field": d.reasoning_language_field}
+    main = normalise_rows(raw, **opts)
+    held: Normalised | None = None
+    if d.eval_path:
+        held = normalise_rows(read_rows(d.eval_path), **opts)
+    problems = main.problems + (held.problems if held else [])
+    rows_read = main.rows_read + (held.rows_read if held else 0)
+    if problems and not d.skip_bad_rows:
+        places = where + (f" and {d.eval_path}" if d.eval_path else "")
+        raise bad_rows_error(problems, rows_read, where=places)
+    for p in problems[:5]:
+        log.warning("skipped bad row %s", p)
+
+    stats: dict[str, Any] = {
+        "source": d.source,
+        "where": where,
+        "rows_read": rows_read,
+        "bad_rows_skipped": len(problems),
+    }
+    rows = main.rows
+    if not rows:
+        raise DataError(f"{where}: no usable rows ({main.rows_read} read, {len(main.problems)} bad)")
+    if d.max_rows is not None and len(rows) > d.max_rows:
+        stats["capped_by_max_rows"] = len(rows) - d.max_rows
+        rows = rows[: d.max_rows]
+
+    if held is not None:
+        train_rows, eval_rows = rows, held.rows
+        stats["eval_from"] = d.eval_path
+    else:
+        train_rows, eval_rows = split_rows(rows, d.eval_fraction, d.seed)
+        stats["eval_from"] = f"eval_fraction={d.eval_fraction} seed={d.seed}" if eval_rows else None
+
+    if tokenizer is not None:
+        from gptoss_hpc.data.length import apply_max_length
+
+        max_length, policy = cfg.train.max_length, d.max_length_policy
+        train_rows, counts = apply_max_length(train_rows, tokenizer, max_length, policy)
+        if eval_rows:
+            eval_rows, eval_counts = apply_max_length(eval_rows, tokenizer, max_length, policy)
+            counts = {k: v + eval_counts[k] for k, v in counts.items()}
+        stats.update(counts, max_length=max_length, max_length_policy=policy)
+        if not train_rows:
+            raise DataError(
+                f"{where}: every training row is longer than train.max_length={max_length} tokens; "
+                "raise train.max_length or use data.max_length_policy=truncate"
+            )
+
+    stats["train_rows"] = len(train_rows)
+    stats["eval_rows"] = len(eval_rows) if eval_rows else 0
+    log.info("data: %s", ", ".join(f"{k}={v}" for k, v in stats.items()))
+    train = Dataset.from_list(train_rows)
+    held_out = Dataset.from_list(eval_rows) if eval_rows else None
+    return LoadedData(train, held_out, stats)
+
+
+def split_rows(
+    rows: list[dict[str, Any]], eval_fraction: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """Seeded held-out split; both parts keep the file order. At least one row each side."""
+    if not eval_fraction:
+        return rows, None
+    if not 0.0 < eval_fraction < 1.0:
+        raise DataError(f"data.eval_fraction must be in [0, 1) (got {eval_fraction})")
+    n = len(rows)
+    n_eval = max(1, round(n * eval_fraction))
+    if n - n_eval < 1:
+        raise DataError(
+            f"only {n} row(s): cannot hold out data.eval_fraction={eval_fraction} and still train; "
+            "add rows, set data.eval_path, or data.eval_fraction=0"
+        )
+    picked = set(random.Random(seed).sample(range(n), n_eval))
+    train = [r for i, r in enumerate(rows) if i not in picked]
+    held = [r for i, r in enumerate(rows) if i in picked]
+    return train, held
+
+
+def source_rows(d: DataConfig) -> tuple[str, Iterator[RawRow]]:
+    """(a name for messages, the raw rows) of data.source."""
+    if d.source == "local":
+        if not d.path:
+            raise DataError("data.path is required for data.source=local; data.path=/path/to/train.jsonl")
+        return d.path, read_rows(d.path)
+    if d.source == "sample":
+        path = sample_path()
+        return str(path), read_rows(path)
+    if d.source == "hub":
+        if not d.name:
+            raise DataError(
+                "data.name is required for data.source=hub; e.g. HuggingFaceH4/Multilingual-Thinking"
+            )
+        where = f"{d.name}[{d.split}]"
+        ds = load_hub_dataset(d.name, d.split, d.revision)
+        return where, (RawRow(f"{where}:{i}", row) for i, row in enumerate(ds))
+    raise DataError(f"data.source={d.source!r}: use hub, local or sample")
+
+
+def sample_path() -> Path:
+    """The bundled multilingual reasoning sample (66 rows, 6 reasoning languages)."""
+    ref = resources.files("gptoss_hpc.data").joinpath("sample", SAMPLE_FILE)
+    path = Path(str(ref))
+    if not path.is_file():
+        raise DataError(f"the bundled sample {SAMPLE_FILE} is missing from the installed package ({path})")
+    return path
+
+
+def load_hub_dataset(name: str, split: str, revision: str | None) -> Any:
+    """datasets.load_dataset, with offline / gated / not-found turned into ResourceNotReachableError."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split=split, revision=revision)
+    except Exception as e:  # DatasetNotFoundError, GatedRepoError, ConnectionError, OfflineModeIsEnabled ...
+        raise ResourceNotReachableError(
+            f"dataset {name!r} (split={split!r}, revision={revision or 'default'}) could not be loaded: "
+            f"{type(e).__name__}: {e}\n"
+            "Fix: check the name and your network; for a gated or private dataset export HF_TOKEN "
+            "(and accept its terms on the Hub); on a machine without Hub access copy the files and use "
+            "data=local data.path=/path/to/train.jsonl (or .parquet)."
+        ) from e
