@@ -41,11 +41,12 @@ usage() {
 }
 
 # --------------------------------------------------------------------------- processes
-# alive PIDFILE NAME: the pid in PIDFILE runs a process called NAME that is not a zombie.
-alive() {
-    local pidfile=$1 name=$2 pid stat comm
-    [[ -s $pidfile ]] || return 1
-    pid=$(tr -dc '0-9' <"$pidfile")
+# read_pid PIDFILE: the pid in PIDFILE, or nothing (daemons remove their pid file as they exit).
+read_pid() { { tr -dc '0-9' <"$1"; } 2>/dev/null || true; }
+
+# pid_alive PID NAME: PID runs a process called NAME that is not a zombie (PID 1 here reaps late).
+pid_alive() {
+    local pid=$1 name=$2 stat comm
     [[ -n $pid && -r /proc/$pid/stat ]] || return 1
     comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
     [[ $comm == "$name" ]] || return 1
@@ -53,6 +54,9 @@ alive() {
     stat=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
     [[ $stat != Z && $stat != X ]]
 }
+
+# alive PIDFILE NAME
+alive() { pid_alive "$(read_pid "$1")" "$2"; }
 
 # wait_for SECONDS CMD...: retry CMD every 0.25 s until it succeeds.
 wait_for() {
@@ -68,18 +72,18 @@ wait_for() {
 # stop_pid PIDFILE NAME: SIGTERM, wait up to 20 s, then SIGKILL.
 stop_pid() {
     local pidfile=$1 name=$2 pid i
-    if ! alive "$pidfile" "$name"; then
+    pid=$(read_pid "$pidfile")
+    if ! pid_alive "$pid" "$name"; then
         rm -f "$pidfile"
         return 0
     fi
-    pid=$(tr -dc '0-9' <"$pidfile")
     log "stopping $name (pid $pid)"
     kill -TERM "$pid" 2>/dev/null || true
     for ((i = 0; i < 80; i++)); do
-        alive "$pidfile" "$name" || break
+        pid_alive "$pid" "$name" || break
         sleep 0.25
     done
-    if alive "$pidfile" "$name"; then
+    if pid_alive "$pid" "$name"; then
         log "$name did not stop in 20 s: SIGKILL"
         kill -KILL "$pid" 2>/dev/null || true
         sleep 0.5
@@ -348,6 +352,8 @@ cmd_start() {
     printf 'export SLURM_CONF=%q\n' "$SLURM_CONF"
 }
 
+no_jobs() { [[ -z "$(squeue -h -o '%A')" ]]; }
+
 cmd_stop() {
     if [[ -f $SLURM_CONF ]] && alive "$DIR/run/slurmctld.pid" slurmctld; then
         # job processes outlive slurmd under proctrack/linuxproc: cancel them first
@@ -358,7 +364,7 @@ cmd_stop() {
             # shellcheck disable=SC2086
             scancel $jobs >&2 || true
             if alive "$DIR/run/slurmd.pid" slurmd; then
-                wait_for 30 test -z "$(squeue -h -o %A 2>/dev/null)" ||
+                wait_for 30 no_jobs ||
                     log "some jobs are still listed after 30 s: $(squeue -h -o '%A %T' | tr '\n' ' ')"
             fi
         fi
@@ -375,7 +381,7 @@ cmd_status() {
     local rc=0 d
     for d in munged mariadbd slurmdbd slurmctld slurmd; do
         if alive "$DIR/run/$d.pid" "$d"; then
-            log "$d: running (pid $(tr -dc '0-9' <"$DIR/run/$d.pid"))"
+            log "$d: running (pid $(read_pid "$DIR/run/$d.pid"))"
         elif [[ $d == munged ]] && munge_ok; then
             log "munged: answering (not started by this script)"
         else
