@@ -1,21 +1,21 @@
 """The run-directory layout, in one place: every stage, the launcher and the status tools derive paths here.
 
-    <run_root>/<name>/<timestamp>/            one launch (the "run dir")
-        launch.json                           manifest: points, jobs, job ids (gptoss_hpc.submission.manifest)
-        config.yaml                           the launch's base config (the first point's, resolved)
-        p000/ p001/ ...                       one folder per sweep point
-            config.yaml                       that point's resolved config: what every job of it reads
-            base/                             tiny model only: the seeded random base, saved once
-            train/                            TRL output_dir: checkpoint-*/, runs/ (TensorBoard)
-            adapter/                          final LoRA adapter + tokenizer + deepspeed.json
-            metrics.jsonl                     per-step training metrics (JSON lines)
-            train_metrics.json                final training metrics
-            merged/                           merged bf16 model (sharded safetensors) + model card
-            eval/eval.json, eval/generations.jsonl
-            status/<stage>.json               written by each stage when it ends (ok / error + message)
-        slurm/<stage>/                        submitit folders: sbatch scripts and logs
-            <jobid>_<task>_log.out|err        (array jobs: <arrayjobid>_<point>_<rank>_log.out)
-        report/report.md, report.json, *.png
+<run_root>/<name>/<timestamp>/            one launch (the "run dir")
+    launch.json                           manifest: points, jobs, job ids (gptoss_hpc.submission.manifest)
+    config.yaml                           the launch's base config (the first point's, resolved)
+    p000/ p001/ ...                       one folder per sweep point
+        config.yaml                       that point's resolved config: what every job of it reads
+        base/                             tiny model only: the seeded random base, saved once
+        train/                            TRL output_dir: checkpoint-*/, runs/ (TensorBoard)
+        adapter/                          final LoRA adapter + tokenizer + deepspeed.json
+        metrics.jsonl                     per-step training metrics (JSON lines)
+        train_metrics.json                final training metrics
+        merged/                           merged bf16 model (sharded safetensors) + model card
+        eval/eval.json, eval/generations.jsonl
+        status/<stage>.json               written by each stage when it ends (ok / error + message)
+    slurm/<stage>/                        submitit folders: sbatch scripts and logs
+        <jobid>_<task>_log.out|err        (array jobs: <arrayjobid>_<point>_<rank>_log.out)
+    report/report.md, report.json, *.png
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """python -m gptoss_hpc.bench {submit,train,status} [args...]
 
-    python -m gptoss_hpc.bench submit --points 64      # compose + validate + submit a held 64-point sweep
-    python -m gptoss_hpc.bench train model=gpt_oss_20b # training tok/s on the GPU (docs/BENCHMARKS.md)
-    python -m gptoss_hpc.bench status --jobs 500       # status over a 500-job launch
+python -m gptoss_hpc.bench submit --points 64      # compose + validate + submit a held 64-point sweep
+python -m gptoss_hpc.bench train model=gpt_oss_20b # training tok/s on the GPU (docs/BENCHMARKS.md)
+python -m gptoss_hpc.bench status --jobs 500       # status over a 500-job launch
 """
 
 from __future__ import annotations

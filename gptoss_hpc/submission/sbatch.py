@@ -1,0 +1,115 @@
+"""Config -> submitit executor parameters, per stage. Pure functions: golden-tested against sbatch text.
+
+Train jobs take the whole allocation (nodes x one task per GPU); merge and eval take `aux_gpus` on one
+node; the report needs no GPU. Secrets never appear here: jobs inherit them from the submitting shell
+(sbatch's default --export=ALL).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from gptoss_hpc.config import derive
+from gptoss_hpc.config.schema import ClusterConfig, RunConfig
+
+STAGE_MODULES = {
+    "train": "gptoss_hpc.stages.train",
+    "merge": "gptoss_hpc.stages.merge",
+    "eval": "gptoss_hpc.stages.eval",
+    "report": "gptoss_hpc.stages.report",
+}
+
+
+def job_name(cfg: RunConfig, stage: str) -> str:
+    return f"gptoss-{cfg.name}-{stage}"
+
+
+def stage_command(stage: str, target: str) -> str:
+    """What a job of this stage runs, as a user would type it to re-run it by hand."""
+    return f"python -m {STAGE_MODULES[stage]} {shlex.quote(target)}"
+
+
+def python_command(cluster: ClusterConfig) -> str:
+    """The interpreter submitit starts in the job (inside the container when there is one)."""
+    python = shlex.quote(sys.executable)
+    c = cluster.container
+    if c.kind == "apptainer":
+        binds = [f"--bind={shlex.quote(m)}" for m in c.mounts]
+        return " ".join(["apptainer", "exec", "--nv", *binds, *c.extra_args, shlex.quote(str(c.image)), "python"])
+    if c.kind == "pyxis":
+        return "python"
+    return python
+
+
+def slurm_parameters(cfg: RunConfig, stage: str, *, target: str, dependency: str | None = None) -> dict[str, Any]:
+    """submitit SlurmExecutor.update_parameters() kwargs for one stage of this config.
+
+    `target` is the config path (or, for arrays, its pattern with $SLURM_ARRAY_TASK_ID) shown in the
+    script so a reader sees which stage runs and how to re-run it by hand.
+    """
+    c = cfg.cluster
+    params: dict[str, Any] = {
+        "job_name": job_name(cfg, stage),
+        "partition": c.partition,
+        "account": c.account,
+        "qos": c.qos,
+        "constraint": c.constraint,
+        "array_parallelism": c.array_parallelism,
+        "signal_delay_s": c.signal_delay_s,
+    }
+    if stage == "train":
+        params.update(
+            nodes=c.nodes,
+            ntasks_per_node=derive.tasks_per_node(c),
+            cpus_per_task=c.cpus_per_task,
+            time=derive.slurm_time_minutes(c.time),
+        )
+        gpus = c.gpus_per_node
+    else:
+        params.update(nodes=1, ntasks_per_node=1, time=derive.slurm_time_minutes(c.aux_time))
+        params["cpus_per_task"] = c.cpus_per_task if stage != "report" else min(c.cpus_per_task, 4)
+        gpus = 0 if stage == "report" else min(c.aux_gpus, c.gpus_per_node)
+    if gpus > 0:
+        params["gpus_per_node"] = gpus
+    if c.mem is not None:
+        params["mem"] = c.mem
+    elif c.mem_per_gpu is not None and gpus > 0:
+        params["mem_per_gpu"] = c.mem_per_gpu
+
+    extra: dict[str, Any] = {}
+    for key, value in c.sbatch_extra.items():
+        extra[key] = True if value in ("", None, True) else value
+    if dependency:
+        extra["dependency"] = dependency
+        # A dependent whose parent failed is cancelled, not left PENDING (DependencyNeverSatisfied) forever.
+        extra["kill-on-invalid-dep"] = "yes"
+    if stage == "train" and c.max_requeues > 0:
+        extra["requeue"] = True
+    if extra:
+        params["additional_parameters"] = extra
+
+    setup = [f"# gptoss_hpc stage {stage}: {stage_command(stage, target)}  (run below by submitit's _submit)"]
+    setup += [f"export {k}={shlex.quote(str(v))}" for k, v in sorted(c.env.items())]
+    setup += list(c.setup)
+    params["setup"] = setup
+    if c.container.kind == "pyxis":
+        srun = [f"--container-image={c.container.image}"]
+        if c.container.mounts:
+            srun.append(f"--container-mounts={','.join(c.container.mounts)}")
+        params["srun_args"] = srun + list(c.container.extra_args)
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def local_parameters(cfg: RunConfig, stage: str) -> dict[str, Any]:
+    """submitit LocalExecutor kwargs: the same ranks as on Slurm, as local processes."""
+    c = cfg.cluster
+    minutes = derive.slurm_time_minutes(c.time if stage == "train" else c.aux_time) or 60
+    tasks = derive.tasks_per_node(c) if stage == "train" else 1
+    return {"timeout_min": minutes, "tasks_per_node": tasks, "signal_delay_s": c.signal_delay_s}
+
+
+def array_target(run_dir: Path) -> str:
+    return f"{run_dir}/p$(printf %03d $SLURM_ARRAY_TASK_ID)/config.yaml"
