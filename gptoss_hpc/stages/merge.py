@@ -1,0 +1,279 @@
+"""Merge a point's LoRA adapter into its base model and save a standalone model, after checking on a probe
+batch that the merged model's logits equal base+adapter logits.
+
+    python -m gptoss_hpc.stages.merge logs/demo/20261125-081500/p000/config.yaml
+
+Reads ``adapter/`` (adapter + tokenizer, from the train stage); writes ``merged/``: sharded safetensors,
+tokenizer, ``README.md`` (model card) and ``merge_check.json`` (max |logit diff| and the tolerance). The
+folder is written under a temporary name and renamed, so ``merged/`` is either complete or absent.
+Optional Hub push: only when HF_TOKEN is set, ``train.push_to_hub`` is true and PUSH_TO_HUB != "false".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from gptoss_hpc.config import RunConfig
+from gptoss_hpc.config.io import write_atomic
+from gptoss_hpc.errors import GptossHpcError
+from gptoss_hpc.paths import PointPaths
+from gptoss_hpc.stages.common import run_stage
+
+log = logging.getLogger(__name__)
+
+MAX_SHARD_SIZE = "5GB"
+PROBE_ROWS = 4
+PROBE_MAX_TOKENS = 256
+# |merged - adapter| <= atol + rtol * max|adapter logits|, per compute dtype. fp32 merges are exact up to
+# summation order; in bf16 a merged Linear rounds W + BA once where the adapter path adds two rounded
+# products (PEFT's target_parameters path already computes W + delta, so experts match exactly).
+TOLERANCES = {"float32": (1e-4, 1e-5), "bfloat16": (5e-2, 1e-2), "float16": (1e-2, 5e-3)}
+
+
+class MergeError(GptossHpcError):
+    """The adapter is missing, or the merged model does not reproduce the adapter's logits."""
+
+
+def tolerance(dtype_name: str, logits_scale: float) -> float:
+    atol, rtol = TOLERANCES.get(dtype_name, TOLERANCES["bfloat16"])
+    return atol + rtol * logits_scale
+
+
+def should_push(cfg: RunConfig, env: Mapping[str, str]) -> bool:
+    """Hub push only with a token in the environment, push_to_hub on, and PUSH_TO_HUB not "false"."""
+    return bool(env.get("HF_TOKEN")) and cfg.train.push_to_hub and env.get("PUSH_TO_HUB", "").lower() != "false"
+
+
+def hub_repo_id(cfg: RunConfig, paths: PointPaths, env: Mapping[str, str]) -> str:
+    """<train.hub_model_id>-merged, else <HF_USER>/gptoss-<name>-<point>-merged."""
+    if cfg.train.hub_model_id:
+        base = cfg.train.hub_model_id
+        if _num_points(paths) > 1:  # a sweep: one repo per point
+            base = f"{base}-{paths.root.name}"
+        return f"{base}-merged"
+    user = env.get("HF_USER")
+    if not user:
+        raise MergeError(
+            "train.push_to_hub is on but neither train.hub_model_id nor HF_USER is set; set one, "
+            "or export PUSH_TO_HUB=false"
+        )
+    return f"{user}/gptoss-{cfg.name}-{paths.root.name}-merged"
+
+
+def _num_points(paths: PointPaths) -> int:
+    return sum(1 for p in paths.run_dir.glob("p[0-9][0-9][0-9]") if p.is_dir())
+
+
+def load_adapter_tokenizer(cfg: RunConfig, paths: PointPaths) -> Any:
+    """The tokenizer saved with the adapter (the one training used); the config's one if absent."""
+    if (paths.adapter / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(paths.adapter))
+    from gptoss_hpc.modeling.tokenizer import load_tokenizer
+
+    log.warning("no tokenizer in %s; using model.tokenizer=%s", paths.adapter, cfg.model.tokenizer)
+    return load_tokenizer(cfg.model)
+
+
+def probe_token_ids(
+    cfg: RunConfig, tokenizer: Any, rows: int = PROBE_ROWS, max_tokens: int = PROBE_MAX_TOKENS
+) -> list[list[int]]:
+    """A few rendered chat samples (held-out rows first, then training rows), each cut to max_tokens."""
+    from gptoss_hpc.data import load_datasets, template_messages
+
+    train, heldout = load_datasets(cfg, tokenizer)
+    samples: list[list[int]] = []
+    for split in (heldout, train):
+        if split is None:
+            continue
+        for row in split.select(range(min(rows - len(samples), len(split)))):
+            ids = tokenizer.apply_chat_template(template_messages(row["messages"]), tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+            samples.append(list(ids)[:max_tokens])
+        if len(samples) >= rows:
+            break
+    if not samples:
+        raise MergeError("no data rows to build the merge probe batch from (both splits are empty)")
+    return samples
+
+
+def _logits(model: Any, samples: Sequence[Sequence[int]]) -> list[Any]:
+    import torch
+
+    device = next(model.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for ids in samples:
+            x = torch.tensor([list(ids)], device=device)
+            out.append(model(input_ids=x).logits[0].float().cpu())
+    return out
+
+
+def merge_and_check(peft_model: Any, samples: Sequence[Sequence[int]], dtype_name: str) -> tuple[Any, dict]:
+    """merge_and_unload() the adapter; compare merged logits with adapter logits on ``samples``.
+
+    Returns (merged model, check record). Raises MergeError when max |diff| exceeds the tolerance.
+    """
+    peft_model.eval()
+    adapter = _logits(peft_model, samples)
+    with peft_model.disable_adapter():
+        base = _logits(peft_model, samples)
+    merged = peft_model.merge_and_unload()
+    merged.eval()
+    after = _logits(merged, samples)
+    max_diff = max(float((a - m).abs().max()) for a, m in zip(adapter, after, strict=True))
+    effect = max(float((a - b).abs().max()) for a, b in zip(adapter, base, strict=True))
+    scale = max(float(a.abs().max()) for a in adapter)
+    tol = tolerance(dtype_name, scale)
+    argmax_agree = sum(int((a.argmax(-1) == m.argmax(-1)).sum()) for a, m in zip(adapter, after, strict=True))
+    n_tokens = sum(len(s) for s in samples)
+    check = {
+        "max_abs_diff": max_diff,
+        "tolerance": tol,
+        "passed": max_diff <= tol,
+        "dtype": dtype_name,
+        "logits_max_abs": scale,
+        "adapter_effect_max_abs": effect,
+        "argmax_agreement": argmax_agree / n_tokens,
+        "probe_samples": len(samples),
+        "probe_tokens": n_tokens,
+    }
+    log.info("merge check: max |merged - adapter| = %.3g (tolerance %.3g), adapter effect %.3g", max_diff, tol, effect)
+    if effect == 0.0:
+        log.warning("the adapter does not change the logits at all (lora_B still zero?): the merge is a no-op")
+    if not max_diff <= tol:
+        raise MergeError(
+            f"merged logits differ from base+adapter logits by {max_diff:.4g} > tolerance {tol:.4g} "
+            f"({dtype_name}, {n_tokens} probe tokens); the merged model was not saved"
+        )
+    return merged, check
+
+
+def model_card(cfg: RunConfig, paths: PointPaths, check: Mapping[str, Any]) -> str:
+    train_metrics: Any = None
+    if paths.train_metrics.is_file():
+        try:
+            train_metrics = json.loads(paths.train_metrics.read_text())
+        except json.JSONDecodeError:
+            train_metrics = None
+    data = cfg.data.name or cfg.data.path or cfg.data.source
+    lines = [
+        "---",
+        f"base_model: {cfg.model.name_or_path}",
+        "library_name: transformers",
+        "tags: [gpt-oss, lora, merged, gptoss_hpc]",
+        "---",
+        "",
+        f"# {cfg.name} / {paths.root.name}: {cfg.model.name_or_path} + LoRA, merged",
+        "",
+        f"- Base model: `{cfg.model.name_or_path}`"
+        + (f" (revision `{cfg.model.revision}`)" if cfg.model.revision else ""),
+        f"- Data: `{data}` (source `{cfg.data.source}`, split `{cfg.data.split}`)",
+        f"- Training: learning_rate {cfg.train.learning_rate}, epochs {cfg.train.num_train_epochs}, "
+        f"max_steps {cfg.train.max_steps}, max_length {cfg.train.max_length}",
+        f"- Merge check: max |merged - adapter logits| = {check['max_abs_diff']:.3g} "
+        f"(tolerance {check['tolerance']:.3g}, {check['dtype']})",
+        "",
+        "## LoRA config",
+        "",
+        "```json",
+        json.dumps(asdict(cfg.lora), indent=2),
+        "```",
+        "",
+        "## Train metrics",
+        "",
+        "```json",
+        json.dumps(train_metrics, indent=2) if train_metrics is not None else "(train_metrics.json not found)",
+        "```",
+        "",
+        "Load it with `AutoModelForCausalLM.from_pretrained(<this folder>)`; prompts use the gpt-oss (Harmony) "
+        "chat template saved with the tokenizer.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _to_device(model: Any) -> Any:
+    import torch
+
+    if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
+        model = model.to("cuda")
+    return model
+
+
+def body(cfg: RunConfig, paths: PointPaths) -> Path:
+    from peft import PeftModel
+
+    from gptoss_hpc.modeling.model import load_base_model
+
+    if not (paths.adapter / "adapter_config.json").is_file():
+        raise MergeError(f"no LoRA adapter at {paths.adapter} (adapter_config.json missing): did train finish?")
+    tokenizer = load_adapter_tokenizer(cfg, paths)
+    samples = probe_token_ids(cfg, tokenizer)
+    base = _to_device(load_base_model(cfg, paths, for_training=False))
+    if getattr(base, "hf_quantizer", None) is not None and not cfg.model.dequantize_mxfp4:
+        raise MergeError("cannot merge LoRA into quantized (MXFP4) experts: set model.dequantize_mxfp4=true")
+    dtype_name = str(next(base.parameters()).dtype).removeprefix("torch.")
+    peft_model = PeftModel.from_pretrained(base, str(paths.adapter))
+    merged, check = merge_and_check(peft_model, samples, dtype_name)
+    if hasattr(merged.config, "quantization_config"):  # dequantized weights must not be reloaded as MXFP4
+        del merged.config.quantization_config
+
+    tmp = paths.merged.with_name(paths.merged.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    merged.save_pretrained(str(tmp), max_shard_size=MAX_SHARD_SIZE)
+    if not any(tmp.glob("*.safetensors")):
+        raise MergeError(f"save_pretrained wrote no .safetensors files into {tmp}")
+    tokenizer.save_pretrained(str(tmp))
+    write_atomic(tmp / "merge_check.json", json.dumps(check, indent=2) + "\n")
+    write_atomic(tmp / "README.md", model_card(cfg, paths, check))
+    shutil.rmtree(paths.merged, ignore_errors=True)
+    os.replace(tmp, paths.merged)
+    log.info("merged model saved to %s", paths.merged)
+
+    if should_push(cfg, os.environ):
+        push_to_hub(paths.merged, hub_repo_id(cfg, paths, os.environ))
+    return paths.merged
+
+
+def push_to_hub(folder: Path, repo_id: str) -> None:
+    """Upload the merged folder; huggingface_hub reads HF_TOKEN from the environment itself."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    log.info("pushing %s to the Hub as %s (private)", folder, repo_id)
+    api.create_repo(repo_id, private=True, exist_ok=True, repo_type="model")
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model")
+
+
+def main(config_path: str | os.PathLike[str]) -> Path:
+    return run_stage("merge", config_path, body)
+
+
+def _cli(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m gptoss_hpc.stages.merge <point config.yaml>", file=sys.stderr)
+        return 2
+    try:
+        out = main(args[0])
+    except GptossHpcError as exc:
+        print(f"merge failed: {exc}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_cli())
