@@ -108,9 +108,7 @@ def test_local_source_each_format(tmp_path: Path, fmt: str) -> None:
     assert not list(tmp_path.glob("**/*.arrow")), "loading local files must not write a cache"
 
 
-def test_hub_source_with_multilingual_thinking_columns(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_hub_source_with_multilingual_thinking_columns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """FAKE: datasets.load_dataset reads a local Parquet with Multilingual-Thinking's columns (no Hub)."""
     import datasets
 
@@ -208,9 +206,7 @@ def test_many_bad_rows_list_first_twenty_and_total(tmp_path: Path) -> None:
 
 def test_skip_bad_rows_keeps_the_good_ones(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "train.jsonl", [chat("a?"), *BAD, chat("b?"), chat("c?")])
-    loaded = load_data(
-        run_config("data=local", f"data.path={path}", "data.skip_bad_rows=true", "data.eval_fraction=0")
-    )
+    loaded = load_data(run_config("data=local", f"data.path={path}", "data.skip_bad_rows=true", "data.eval_fraction=0"))
     assert [r["messages"][0]["content"] for r in loaded.train] == ["a?", "b?", "c?"]
     assert loaded.stats["bad_rows_skipped"] == len(BAD)
     assert loaded.stats["rows_read"] == len(BAD) + 3

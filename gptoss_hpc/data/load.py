@@ -140,9 +140,7 @@ def source_rows(d: DataConfig) -> tuple[str, Iterator[RawRow]]:
         return str(path), read_rows(path)
     if d.source == "hub":
         if not d.name:
-            raise DataError(
-                "data.name is required for data.source=hub; e.g. HuggingFaceH4/Multilingual-Thinking"
-            )
+            raise DataError("data.name is required for data.source=hub; e.g. HuggingFaceH4/Multilingual-Thinking")
         where = f"{d.name}[{d.split}]"
         ds = load_hub_dataset(d.name, d.split, d.revision)
         return where, (RawRow(f"{where}:{i}", row) for i, row in enumerate(ds))

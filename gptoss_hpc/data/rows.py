@@ -113,8 +113,9 @@ def template_messages(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]
     """Turns as the gpt-oss chat template wants them: no ``thinking`` key unless it holds text.
 
     Arrow stores every turn with the same keys, so a loaded row has ``thinking: None`` on turns without
-    one; the gpt-oss template fails on an assistant turn whose ``thinking`` is None. Map rows through
-    this before ``apply_chat_template``.
+    one, and the raw gpt-oss template fails on an assistant turn whose ``thinking`` is None.
+    transformers >= 5 drops None-valued keys in ``apply_chat_template`` itself; use this where the
+    template is rendered some other way (older transformers, vLLM, openai-harmony).
     """
     out = []
     for turn in messages:
