@@ -74,9 +74,7 @@ def resolve_run_dir(target: str | None, run_root: str | Path = DEFAULT_RUN_ROOT)
         return found[0].parent.resolve()
     found = _manifests(root)
     if not found:
-        raise LaunchNotFoundError(
-            f"no launch under {root}/ (no {root}/*/*/{MANIFEST}); pass a run dir or --run-root"
-        )
+        raise LaunchNotFoundError(f"no launch under {root}/ (no {root}/*/*/{MANIFEST}); pass a run dir or --run-root")
     return found[0].parent.resolve()
 
 
@@ -86,9 +84,7 @@ def load_manifest(run_dir: str | Path) -> Manifest:
     except GptossHpcError as exc:
         raise LaunchNotFoundError(str(exc)) from exc
     except (ValueError, KeyError, TypeError) as exc:
-        raise LaunchNotFoundError(
-            f"{Path(run_dir) / MANIFEST} is not a valid launch manifest: {exc}"
-        ) from exc
+        raise LaunchNotFoundError(f"{Path(run_dir) / MANIFEST} is not a valid launch manifest: {exc}") from exc
 
 
 # -------------------------------------------------------------------------------------------- rows
@@ -167,6 +163,23 @@ def job_rows(manifest: Manifest) -> list[JobRow]:
     overrides = {p.index: p.overrides for p in manifest.points}
     rows = []
     for rec in manifest.jobs:
+        if manifest.backend == "local" and len(rec.points) > 1:
+            # run_local records one comma-separated id per point it started (none for skipped points)
+            ids = [i for i in rec.job_id.split(",") if i]
+            for n, p in enumerate(rec.points):
+                job_id = ids[n] if len(ids) == len(rec.points) else ""
+                out, err = log_paths(run_dir, rec, job_id) if job_id else (Path(), Path())
+                rows.append(
+                    JobRow(
+                        stage=rec.stage,
+                        job_id=job_id,
+                        points=[p],
+                        overrides=list(overrides.get(p, [])),
+                        log_out=str(out) if job_id else "",
+                        log_err=str(err) if job_id else "",
+                    )
+                )
+            continue
         for task_id in rec.task_ids():
             pts = [int(task_id.rsplit("_", 1)[1])] if rec.array else list(rec.points)
             out, err = log_paths(run_dir, rec, task_id)
@@ -244,6 +257,11 @@ def _fill_local(rows: list[JobRow], run_dir: Path) -> None:
             if s in states:
                 row.state = s
                 break
+    # run_local skips the later stages of a point whose earlier stage failed: those never run
+    broken = {p for r in rows if r.failed for p in r.points}
+    for row in rows:
+        if row.state == "PENDING" and row.points and set(row.points) <= broken:
+            row.state = "CANCELLED"
 
 
 def _fill_slurm(rows: list[JobRow], manifest: Manifest, use_sacct: bool) -> tuple[str, str]:
@@ -344,9 +362,7 @@ def render(status: LaunchStatus, *, max_failures: int = 5):  # -> rich.console.G
     failed = [r for r in status.rows if r.failed and r.state != "CANCELLED"]
     for r in failed[:max_failures]:
         body = "\n".join(r.stderr_tail) if r.stderr_tail else (r.error or "(no stderr logged)")
-        parts.append(
-            Text(f"\n{r.stage} {r.job_id} {r.state} exit {r.exit_code or '?'} — {r.log_err}", style="red")
-        )
+        parts.append(Text(f"\n{r.stage} {r.job_id} {r.state} exit {r.exit_code or '?'} — {r.log_err}", style="red"))
         parts.append(Text(body, style="dim"))
     if len(failed) > max_failures:
         parts.append(Text(f"... and {len(failed) - max_failures} more failed jobs (--json lists all)"))
@@ -363,9 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "target", nargs="?", help="run dir, or experiment name (its newest launch); default: newest launch"
-    )
+    p.add_argument("target", nargs="?", help="run dir, or experiment name (its newest launch); default: newest launch")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.add_argument(
         "--watch",
