@@ -1,0 +1,167 @@
+"""The base model: gpt-oss from the Hub / a local path, or the tiny seeded gpt-oss for CPU runs.
+
+The tiny model is built once per point from ``gptoss_hpc/resources/<tiny_config>.json`` (vocab sized to the
+tokenizer, weights seeded with ``train.seed``), saved to ``paths.base`` and loaded from there afterwards, so
+the train, merge and eval stages see the same base. Every rank can build it (same seed, same weights); only
+rank 0 writes it, through a temp dir and a rename.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gptoss_hpc.config.schema import RunConfig
+from gptoss_hpc.errors import GptossHpcError, ResourceNotReachableError
+from gptoss_hpc.modeling.hub import check_hub_repo, is_local, unreachable
+from gptoss_hpc.paths import PointPaths
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+_MODEL_FIX = (
+    "export HF_TOKEN for gated/private repos, or download it (`hf download {name}`) and set "
+    "model.name_or_path=<local dir>, or use model=tiny_gpt_oss for a CPU run"
+)
+
+
+def base_dir_for(cfg: RunConfig, paths: PointPaths | None) -> str:
+    """Where the base weights live: the point's base/ for the tiny model, else model.name_or_path."""
+    if cfg.model.tiny:
+        if paths is None:
+            raise GptossHpcError("the tiny model lives in a point's base/ folder: pass its PointPaths")
+        return str(paths.base)
+    return cfg.model.name_or_path
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def check_reachable(cfg: RunConfig) -> None:
+    """Model and tokenizer reachable (local path, Hub, or the HF cache)? Raise one message with the fix."""
+    from gptoss_hpc.modeling.tokenizer import load_tokenizer
+
+    m = cfg.model
+    if not m.tiny:
+        check_hub_repo("model", m.name_or_path, m.revision, _MODEL_FIX.format(name=m.name_or_path))
+    if m.tokenizer == "auto" and m.tiny:
+        raise ResourceNotReachableError(
+            "model.tokenizer=auto has no tokenizer to load for the tiny model; use model.tokenizer=offline "
+            "(the real gpt-oss tokenizer) or tiny-bpe"
+        )
+    if m.tokenizer in ("offline", "tiny-bpe"):
+        load_tokenizer(m)  # builds the cache once; raises if the bundled vocabulary is broken
+    elif m.tokenizer != "auto" and not is_local(m.tokenizer):
+        check_hub_repo(
+            "tokenizer",
+            m.tokenizer,
+            None,
+            "give an existing local folder or Hub id in model.tokenizer, or model.tokenizer=offline",
+        )
+
+
+def load_base_model(cfg: RunConfig, paths: PointPaths | None, *, for_training: bool) -> PreTrainedModel:
+    model = _load_tiny(cfg, paths) if cfg.model.tiny else _load_pretrained(cfg, for_training)
+    model.config.use_cache = not for_training
+    if not for_training:
+        model.eval()
+    return model
+
+
+def _load_pretrained(cfg: RunConfig, for_training: bool) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    m = cfg.model
+    kwargs: dict = {
+        "revision": m.revision,
+        "dtype": torch_dtype(m.dtype),
+        "attn_implementation": m.attn_implementation,
+        "use_cache": not for_training,
+        "trust_remote_code": m.trust_remote_code,
+    }
+    if m.experts_implementation is not None:
+        kwargs["experts_implementation"] = m.experts_implementation
+    if m.dequantize_mxfp4:
+        from transformers import Mxfp4Config
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    log.info("loading %s (%s)", m.name_or_path, ", ".join(f"{k}={v}" for k, v in kwargs.items()))
+    try:
+        return AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)
+    except (OSError, ValueError) as exc:
+        if is_local(m.name_or_path):
+            raise GptossHpcError(f"model at {m.name_or_path} could not be loaded: {exc}") from exc
+        raise unreachable("model", m.name_or_path, m.revision, exc, _MODEL_FIX.format(name=m.name_or_path)) from exc
+
+
+def _tiny_complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def _load_tiny(cfg: RunConfig, paths: PointPaths | None) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    m = cfg.model
+    kwargs: dict = {"dtype": torch_dtype(m.dtype), "attn_implementation": m.attn_implementation}
+    if m.experts_implementation is not None:
+        kwargs["experts_implementation"] = m.experts_implementation
+    if paths is not None and _tiny_complete(paths.base):
+        log.info("loading the tiny base from %s", paths.base)
+        return AutoModelForCausalLM.from_pretrained(str(paths.base), **kwargs)
+    model = build_tiny_model(cfg)
+    if paths is not None and int(os.environ.get("RANK", "0")) == 0:
+        _save_atomic(model, paths.base)
+    return model
+
+
+def build_tiny_model(cfg: RunConfig) -> PreTrainedModel:
+    """gpt-oss from the bundled json, vocab sized to the tokenizer, weights seeded by train.seed."""
+    import torch
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    from gptoss_hpc.modeling.tokenizer import load_tokenizer
+    from gptoss_hpc.resources import tiny_config_path
+
+    m = cfg.model
+    tok = load_tokenizer(m)
+    config = GptOssConfig.from_json_file(str(tiny_config_path(m.tiny_config)))
+    config.vocab_size = len(tok)
+    config.bos_token_id = tok.bos_token_id
+    config.eos_token_id = tok.eos_token_id
+    config.pad_token_id = tok.pad_token_id
+    if config.num_hidden_layers != m.num_hidden_layers:
+        raise GptossHpcError(
+            f"model.num_hidden_layers={m.num_hidden_layers} but {m.tiny_config}.json has "
+            f"{config.num_hidden_layers}; set model.num_hidden_layers={config.num_hidden_layers}"
+        )
+    kwargs: dict = {"dtype": torch_dtype(m.dtype), "attn_implementation": m.attn_implementation}
+    if m.experts_implementation is not None:
+        kwargs["experts_implementation"] = m.experts_implementation
+    torch.manual_seed(cfg.train.seed)
+    model = AutoModelForCausalLM.from_config(config, **kwargs)
+    log.info("built tiny gpt-oss: %d params, vocab %d, seed %d", model.num_parameters(), len(tok), cfg.train.seed)
+    return model
+
+
+def _save_atomic(model: PreTrainedModel, target: Path) -> None:
+    if _tiny_complete(target):
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".base.", suffix=".tmp"))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+        log.info("saved the tiny base to %s", target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,96 @@
+"""config → TRL SFTConfig keyword arguments (pure: golden-testable, no torch import).
+
+Secrets never go in here: ``hub_token`` stays unset and ``push_to_hub`` False (TrainingArguments are pickled
+into training_args.bin); the train stage pushes the adapter itself with huggingface_hub, which reads HF_TOKEN.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from gptoss_hpc.config.schema import RunConfig
+from gptoss_hpc.modeling.deepspeed import use_bf16
+from gptoss_hpc.paths import PointPaths
+
+DEEPSPEED_JSON = "deepspeed.json"
+
+
+def deepspeed_json_path(paths: PointPaths) -> Path:
+    """Where the train stage writes the rendered DeepSpeed JSON (copied into the adapter at the end)."""
+    return paths.train / DEEPSPEED_JSON
+
+
+def wandb_enabled(env: Mapping[str, str] | None = None) -> bool:
+    env = os.environ if env is None else env
+    return bool(env.get("WANDB_API_KEY"))
+
+
+def report_to(env: Mapping[str, str] | None = None) -> list[str]:
+    return ["tensorboard", "wandb"] if wandb_enabled(env) else ["tensorboard"]
+
+
+def run_name(cfg: RunConfig, paths: PointPaths) -> str:
+    """<name>-<point>[-<sweep overrides>], e.g. demo-p001-lora.r=16: readable in W&B and TensorBoard."""
+    name = f"{cfg.name}-{paths.root.name}"
+    manifest = paths.run_dir / "launch.json"
+    try:
+        points = json.loads(manifest.read_text()).get("points", [])
+    except (OSError, ValueError):
+        return name
+    for point in points:
+        if point.get("dir") == paths.root.name and point.get("overrides"):
+            return f"{name}-{','.join(point['overrides'])}"[:128]
+    return name
+
+
+def build_sft_config_kwargs(cfg: RunConfig, paths: PointPaths, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    t = cfg.train
+    on_cpu = cfg.cluster.accelerator == "cpu"
+    kwargs: dict[str, Any] = {
+        "output_dir": str(paths.train),
+        "learning_rate": t.learning_rate,
+        "num_train_epochs": t.num_train_epochs,
+        "max_steps": t.max_steps,
+        "per_device_train_batch_size": t.per_device_train_batch_size,
+        "per_device_eval_batch_size": t.per_device_eval_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "max_length": t.max_length,
+        # transformers 5: warmup_steps < 1 is a fraction of the total steps (warmup_ratio is gone)
+        "warmup_steps": t.warmup_ratio,
+        "lr_scheduler_type": t.lr_scheduler_type,
+        "lr_scheduler_kwargs": {"min_lr_rate": t.min_lr_rate} if t.lr_scheduler_type == "cosine_with_min_lr" else {},
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "optim": t.optim,
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False} if t.gradient_checkpointing else None,
+        "bf16": use_bf16(cfg),
+        # On CPU, use_cpu=True is what makes DeepSpeed + gloo work; ACCELERATE_USE_CPU would drop DeepSpeed.
+        "use_cpu": on_cpu,
+        "assistant_only_loss": t.assistant_only_loss,
+        "packing": t.packing,
+        "padding_free": t.padding_free,
+        "use_liger_kernel": t.use_liger_kernel,
+        "logging_steps": t.logging_steps,
+        "include_num_input_tokens_seen": "non_padding",
+        "save_strategy": "steps",
+        "save_steps": t.save_steps,
+        "save_total_limit": t.save_total_limit,
+        "seed": t.seed,
+        "data_seed": cfg.data.seed,
+        "dataloader_num_workers": t.dataloader_num_workers,
+        "ddp_find_unused_parameters": False,
+        "report_to": report_to(env),
+        "run_name": run_name(cfg, paths),
+        "push_to_hub": False,
+        "eval_strategy": "no",
+        "disable_tqdm": True,
+    }
+    if t.deepspeed:
+        # Also with one rank: the same engine (and checkpoint layout) as the multi-GPU run.
+        kwargs["deepspeed"] = str(deepspeed_json_path(paths))
+    return kwargs

@@ -1,0 +1,401 @@
+"""SFT train stage: LoRA on gpt-oss with TRL's SFTTrainer (+ DeepSpeed ZeRO), one sweep point per job.
+
+    python -m gptoss_hpc.stages.train logs/demo/20261125-081500/p000/config.yaml
+    torchrun --nproc_per_node=2 -m gptoss_hpc.stages.train logs/demo/20261125-081500/p000/config.yaml
+    srun --ntasks-per-node=8 python -m gptoss_hpc.stages.train logs/demo/20261125-081500/p000/config.yaml
+
+Ranks come from torchrun's env, else from Slurm/submitit (``TorchDistributedEnvironment``), else one
+process. A re-run resumes from the newest complete ``train/checkpoint-N``. On SIGUSR2 (Slurm's warning
+before the time limit, or preemption) every rank finishes its step, a checkpoint is saved, and under the
+launcher (``TrainJob``) the job requeues itself; run by hand it exits non-zero saying how to resume.
+
+Outputs (rank 0): ``adapter/`` (adapter safetensors + config, tokenizer, deepspeed.json), ``metrics.jsonl``
+(one JSON line per logging step), ``train_metrics.json``, TensorBoard in ``train/runs/``; W&B only when
+WANDB_API_KEY is set; a Hub push of the adapter when HF_TOKEN is set, train.push_to_hub is true and
+PUSH_TO_HUB is not "false".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from gptoss_hpc.config import RunConfig
+from gptoss_hpc.config.io import write_atomic
+from gptoss_hpc.errors import GptossHpcError
+from gptoss_hpc.paths import PointPaths
+from gptoss_hpc.stages.common import run_stage, write_status
+
+log = logging.getLogger(__name__)
+
+STAGE = "train"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# Set by the SIGUSR2 handler (or TrainJob.checkpoint); read by the trainer callback at each step end.
+PREEMPT = threading.Event()
+
+
+class Preempted(GptossHpcError):
+    """Training stopped on SIGUSR2 after saving a checkpoint; re-running the job resumes from it."""
+
+    def __init__(self, checkpoint: str | None, step: int) -> None:
+        self.checkpoint, self.step = checkpoint, step
+        super().__init__(f"preempted at step {step}; checkpoint {checkpoint} saved; re-run the same command to resume")
+
+
+# ---------------------------------------------------------------------------------------------- ranks
+def setup_distributed(cfg: RunConfig) -> dict[str, Any]:
+    """Export RANK/WORLD_SIZE/MASTER_* for torch.distributed (env:// init, done by accelerate/DeepSpeed)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        source = "env (torchrun)"
+    elif _num_tasks() > 1:
+        # Slurm tasks (srun / submitit) or submitit's local executor with tasks_per_node > 1.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        source = "submitit/slurm"
+    else:
+        # One process without torchrun: DeepSpeed/accelerate still want env:// values (else mpi4py).
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        source = "single process"
+    # ACCELERATE_USE_CPU silently turns DeepSpeed off (plain DDP); SFTConfig(use_cpu=True) is the CPU switch.
+    if os.environ.pop("ACCELERATE_USE_CPU", None) is not None:
+        log.warning("ignoring ACCELERATE_USE_CPU (it disables DeepSpeed); cluster.accelerator=cpu sets use_cpu")
+    if cfg.cluster.accelerator == "cpu":
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    info = {"rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"]), "source": source}
+    log.info("rank %d of %d (%s)", info["rank"], info["world_size"], source)
+    return info
+
+
+def _num_tasks() -> int:
+    try:
+        return submitit.JobEnvironment().num_tasks
+    except RuntimeError:  # not in a submitit/Slurm job
+        return int(os.environ.get("SLURM_NTASKS", "1")) if "SLURM_PROCID" in os.environ else 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+def latest_checkpoint(train_dir: Path) -> Path | None:
+    """The newest complete checkpoint-N: trainer_state.json (written last by the HF Trainer) parses and says
+    global_step N, weights are there, and DeepSpeed's `latest` tag (if any) points at an existing folder."""
+    found: list[tuple[int, Path]] = []
+    for d in train_dir.glob("checkpoint-*") if train_dir.is_dir() else []:
+        m = _CHECKPOINT_RE.match(d.name)
+        if m and d.is_dir():
+            found.append((int(m.group(1)), d))
+    for step, d in sorted(found, reverse=True):
+        if _complete(d, step):
+            return d
+        log.warning("skipping incomplete checkpoint %s", d)
+    return None
+
+
+def _complete(d: Path, step: int) -> bool:
+    try:
+        state = json.loads((d / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if state.get("global_step") != step or not any(d.glob("*.safetensors")):
+        return False
+    latest = d / "latest"
+    if latest.is_file():
+        return (d / latest.read_text().strip()).is_dir()
+    return (d / "optimizer.pt").is_file()
+
+
+# ----------------------------------------------------------------------------------------- callbacks
+def _callbacks(paths: PointPaths, world_size: int) -> tuple[Any, Any]:
+    from transformers import TrainerCallback
+
+    class MetricsCallback(TrainerCallback):
+        """One JSON line per logging step in metrics.jsonl (rank 0)."""
+
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            if "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+            record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+            with paths.metrics.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    class PreemptionCallback(TrainerCallback):
+        """On SIGUSR2 (any rank): all ranks agree at a step end, save a checkpoint and stop."""
+
+        def __init__(self) -> None:
+            self.triggered = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            flag = PREEMPT.is_set()
+            if world_size > 1:
+                flag = _any_rank(flag)
+            if flag:
+                log.warning("preemption signal: saving checkpoint-%d and stopping", state.global_step)
+                self.triggered = True
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return MetricsCallback(), PreemptionCallback()
+
+
+def _any_rank(flag: bool) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    device = "cpu"
+    if dist.get_backend() == "nccl":
+        device = f"cuda:{torch.cuda.current_device()}"
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _on_usr2(signum, frame) -> None:
+    log.warning("caught SIGUSR2: will checkpoint at the end of this step")
+    PREEMPT.set()
+
+
+# -------------------------------------------------------------------------------------------- the stage
+def main(config_path: str | Path) -> dict[str, Any]:
+    return run_stage(STAGE, config_path, train)
+
+
+def train(cfg: RunConfig, paths: PointPaths) -> dict[str, Any]:
+    from gptoss_hpc.modeling.model import check_reachable
+
+    dist_info = setup_distributed(cfg)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR2, _on_usr2)
+    check_reachable(cfg)  # model/tokenizer: one message before any rank loads anything heavy
+    try:
+        return _train(cfg, paths, dist_info)
+    finally:
+        _shutdown_distributed()
+
+
+def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict[str, Any]:
+    from trl import SFTConfig, SFTTrainer
+
+    from gptoss_hpc.data import load_datasets
+    from gptoss_hpc.modeling.deepspeed import render_deepspeed_config
+    from gptoss_hpc.modeling.lora import build_lora_config
+    from gptoss_hpc.modeling.model import load_base_model
+    from gptoss_hpc.modeling.sft import build_sft_config_kwargs, deepspeed_json_path, wandb_enabled
+    from gptoss_hpc.modeling.tokenizer import load_tokenizer
+
+    rank0 = dist_info["rank"] == 0
+    paths.train.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(cfg.model)
+    train_ds, _ = load_datasets(cfg, tokenizer)
+    _drop_none_turn_keys(tokenizer)
+
+    kwargs = build_sft_config_kwargs(cfg, paths)
+    if "deepspeed" in kwargs:
+        write_atomic(deepspeed_json_path(paths), json.dumps(render_deepspeed_config(cfg), indent=2) + "\n")
+    if wandb_enabled():
+        os.environ.setdefault("WANDB_PROJECT", cfg.name)
+        os.environ["WANDB_DIR"] = str(paths.root)
+        if rank0:
+            (paths.root / "wandb").mkdir(exist_ok=True)
+    args = SFTConfig(**kwargs)
+
+    model = load_base_model(cfg, paths, for_training=True)
+    metrics_cb, preempt_cb = _callbacks(paths, dist_info["world_size"])
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=None,
+        processing_class=tokenizer,
+        peft_config=build_lora_config(cfg),
+        callbacks=[metrics_cb, preempt_cb],
+    )
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    log.info("LoRA: %d trainable of %d parameters (%.4f%%)", trainable, total, 100 * trainable / total)
+
+    resume = latest_checkpoint(paths.train)
+    if resume is not None:
+        log.info("resuming from %s", resume)
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    engine = _engine_facts(trainer)
+
+    if preempt_cb.triggered:
+        saved = latest_checkpoint(paths.train)
+        raise Preempted(str(saved) if saved else None, trainer.state.global_step)
+
+    trainer.save_model(str(paths.adapter))  # every rank calls it; rank 0 writes adapter + tokenizer
+    metrics: dict[str, Any] = {}
+    if rank0:
+        if "deepspeed" in kwargs:
+            shutil.copy2(deepspeed_json_path(paths), paths.adapter / "deepspeed.json")
+        losses = metrics_cb.losses
+        metrics = {
+            "train_loss": result.training_loss,
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "logged_losses": len(losses),
+            "global_step": trainer.state.global_step,
+            "max_steps": trainer.state.max_steps,
+            "tokens": int(trainer.state.num_input_tokens_seen or 0),
+            "runtime_s": time.time() - started,
+            "train_runtime_s": result.metrics.get("train_runtime"),
+            "resumed_from": str(resume) if resume else None,
+            "world_size": dist_info["world_size"],
+            "rank_source": dist_info["source"],
+            "trainable_params": trainable,
+            "total_params": total,
+            "train_rows": len(train_ds),
+            **engine,
+        }
+        write_atomic(paths.train_metrics, json.dumps(metrics, indent=2) + "\n")
+        metrics["hub_repo"] = push_adapter(cfg, paths)
+        if metrics["hub_repo"]:
+            write_atomic(paths.train_metrics, json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _engine_facts(trainer) -> dict[str, Any]:
+    """What actually ran (silent fallbacks happen): DeepSpeed engine and ZeRO stage, backend, device."""
+    import torch.distributed as dist
+
+    wrapped = trainer.model_wrapped
+    ds = bool(getattr(trainer, "is_deepspeed_enabled", False))
+    stage = None
+    if ds and hasattr(wrapped, "zero_optimization_stage"):
+        stage = int(wrapped.zero_optimization_stage())
+    return {
+        "deepspeed": ds,
+        "engine": type(wrapped).__name__,
+        "zero_stage": stage,
+        "backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else None,
+        "distributed_world_size": dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1,
+        "device": str(trainer.args.device),
+    }
+
+
+def _drop_none_turn_keys(tokenizer) -> None:
+    """Arrow gives every turn every key, so a turn without thinking has ``thinking: None`` and the gpt-oss
+    template fails on it (``"thinking" in message``). Drop None-valued keys before rendering."""
+    from gptoss_hpc.data.rows import template_messages
+
+    original = tokenizer.apply_chat_template
+
+    def apply_chat_template(conversation, *args, **kwargs):
+        if isinstance(conversation, list) and conversation and isinstance(conversation[0], dict):
+            conversation = [
+                {**{k: v for k, v in t.items() if v is not None}, **template_messages([t])[0]} for t in conversation
+            ]
+        return original(conversation, *args, **kwargs)
+
+    tokenizer.apply_chat_template = apply_chat_template
+
+
+def _shutdown_distributed() -> None:
+    """barrier + destroy: without it a rank sometimes aborts at exit (FACTS)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def push_adapter(cfg: RunConfig, paths: PointPaths) -> str | None:
+    """Upload adapter/ to the Hub with the env's HF_TOKEN (never written anywhere); None when not asked."""
+    if not (os.environ.get("HF_TOKEN") and cfg.train.push_to_hub):
+        return None
+    if os.environ.get("PUSH_TO_HUB", "").lower() == "false":
+        return None
+    from huggingface_hub import HfApi
+
+    from gptoss_hpc.modeling.hub import unreachable
+
+    api = HfApi()
+    repo_id = cfg.train.hub_model_id
+    try:
+        if repo_id is None:
+            user = os.environ.get("HF_USER") or api.whoami()["name"]
+            repo_id = f"{user}/{cfg.name}-{paths.root.name}"
+        api.create_repo(repo_id, private=True, exist_ok=True)
+        api.upload_folder(folder_path=str(paths.adapter), repo_id=repo_id, commit_message=f"{cfg.name} adapter")
+    except Exception as exc:
+        raise unreachable(
+            "Hub repo", repo_id or "<HF_USER>/…", None, exc, "check HF_TOKEN has write access, or PUSH_TO_HUB=false"
+        ) from exc
+    log.info("pushed the adapter to https://huggingface.co/%s", repo_id)
+    return repo_id
+
+
+# -------------------------------------------------------------------------------------- the Slurm job
+class TrainJob(submitit.helpers.Checkpointable):
+    """What the launcher submits (``executor.map_array(TrainJob(), config_paths)``).
+
+    On SIGUSR2 submitit calls ``checkpoint`` on rank 0 and then requeues the job; we first let every rank
+    finish its step and save a checkpoint (our own SIGUSR2 handler + the trainer callback), then hand the
+    signal to submitit's handler, which calls ``checkpoint`` and requeues. The requeued job resumes.
+    """
+
+    def __call__(self, config_path: str) -> dict[str, Any]:
+        submitit_handler = signal.getsignal(signal.SIGUSR2)
+        try:
+            return main(config_path)
+        except Preempted as exc:
+            paths = PointPaths.from_config(config_path)
+            write_status(paths, STAGE, "REQUEUED", checkpoint=exc.checkpoint, step=exc.step)
+            if int(os.environ.get("RANK", "0")) != 0:
+                time.sleep(600)  # rank 0 requeues the whole job, which ends this task
+                raise
+            if callable(submitit_handler):
+                submitit_handler(signal.SIGUSR2, None)  # submitit: checkpoint() → requeue → sys.exit
+            raise
+
+    def checkpoint(self, config_path: str) -> submitit.helpers.DelayedSubmission:
+        PREEMPT.set()  # if the signal reached submitit's handler first, the running trainer still stops
+        log.warning("requeueing %s: the next run resumes from the newest checkpoint", config_path)
+        return submitit.helpers.DelayedSubmission(TrainJob(), config_path)
+
+
+def _cli(argv: list[str]) -> int:
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 2
+    try:
+        metrics = main(argv[0])
+    except GptossHpcError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if metrics:
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_cli(sys.argv[1:]))
