@@ -28,6 +28,13 @@ def data_files(path: str | Path, suffixes: tuple[str, ...] = DATA_SUFFIXES) -> l
         files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in suffixes)
         if not files:
             raise DataError(f"{p}: folder holds no {', '.join(suffixes)} files")
+        stems = [f.stem for f in files]
+        twins = sorted({s for s in stems if stems.count(s) > 1})
+        if twins:
+            raise DataError(
+                f"{p}: holds the same name in several formats ({', '.join(twins)}), e.g. the converter's "
+                ".parquet and .jsonl of one set; point data.path at one file"
+            )
         return files
     raise DataError(f"{p}: no such file or folder (checked from {Path.cwd()})")
 

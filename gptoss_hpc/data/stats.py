@@ -59,11 +59,22 @@ def write_histogram(lengths: Sequence[int], max_length: int, path: str | Path, t
     fig, ax = plt.subplots(figsize=(7, 4))
     try:
         ax.hist(lengths, bins=min(50, max(5, len(set(lengths)))), color="#4c72b0")
-        ax.axvline(max_length, color="#c44e52", linestyle="--", label=f"train.max_length={max_length}")
+        longest = max(lengths)
+        if max_length <= 2 * longest:
+            ax.axvline(max_length, color="#c44e52", linestyle="--", label=f"train.max_length={max_length}")
+            ax.legend()
+        else:  # keep the data readable: the limit is far to the right
+            ax.text(
+                0.98,
+                0.95,
+                f"all rows far below train.max_length={max_length}",
+                transform=ax.transAxes,
+                ha="right",
+                va="top",
+            )
         ax.set_xlabel("tokens per row (chat template applied)")
         ax.set_ylabel("rows")
         ax.set_title(title or f"{len(lengths)} rows")
-        ax.legend()
         fig.tight_layout()
         tmp = path.with_name(f".{path.name}.tmp.png")
         fig.savefig(tmp, format="png")
