@@ -126,3 +126,29 @@ def test_sample_fits_the_default_max_length(tokenizer: Any) -> None:
     loaded = load_data(to_run_config(compose(["data=sample"])), tokenizer)
     assert loaded.stats["over_max_length"] == 0
     assert loaded.stats["train_rows"] + loaded.stats["eval_rows"] == loaded.stats["rows_read"]
+
+
+def test_converted_rows_render_with_trls_training_template(tmp_path: Path, tokenizer: Any) -> None:
+    """What SFTTrainer(assistant_only_loss=True) does to a row: TRL's gpt-oss training template + masks."""
+    from trl.chat_template_utils import get_training_chat_template
+
+    from gptoss_hpc.data.convert import convert_think_tags
+
+    src = write(
+        tmp_path / "qa.jsonl",
+        [
+            {"question": "1+1は？", "answer": "<think>1と1で2。</think>2です。"},
+            {"question": "首都は？", "answer": "東京です。"},  # no tags: no thinking
+        ],
+    )
+    convert_think_tags(src, tmp_path / "out", language="Japanese")
+    cfg = to_run_config(compose(["data=local", f"data.path={tmp_path / 'out' / 'qa.parquet'}", "data.eval_fraction=0"]))
+    loaded = load_data(cfg, tokenizer)
+    assert loaded.stats["train_rows"] == 2 and loaded.stats["over_max_length"] == 0
+    template = get_training_chat_template(tokenizer)
+    for r in loaded.train:
+        out = tokenizer.apply_chat_template(
+            r["messages"], chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        masked = [t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
+        assert masked and tokenizer.decode(masked).endswith("です。<|return|>")
