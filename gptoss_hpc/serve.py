@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -185,9 +186,20 @@ def serve_job(config_path: str | os.PathLike[str]) -> None:
         write_status(paths, "serve", "RUNNING", address=address, model=str(paths.merged))
         print(address, flush=True)
         log.info("serving %s at http://%s", paths.merged, address)
-        serve(paths.merged, host, port, max(DEFAULT_MAX_NEW_TOKENS_CAP, cfg.eval.max_new_tokens))
+        # uvicorn shuts down gracefully on SIGTERM/SIGINT and then re-raises the signal; a job's normal end
+        # is scancel, so take that re-raised signal here and let the stage end as COMPLETED.
+        stopped = {sig: signal.signal(sig, _log_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            serve(paths.merged, host, port, max(DEFAULT_MAX_NEW_TOKENS_CAP, cfg.eval.max_new_tokens))
+        finally:
+            for sig, handler in stopped.items():
+                signal.signal(sig, handler)
 
     run_stage("serve", config_path, body)
+
+
+def _log_stop(sig: int, _frame: Any) -> None:
+    log.info("server stopped by %s", signal.Signals(sig).name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

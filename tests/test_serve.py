@@ -142,3 +142,57 @@ def test_free_port_skips_a_taken_one():
         s.listen()
         taken = s.getsockname()[1]
         assert free_port("127.0.0.1", taken) != taken
+
+
+@pytest.mark.slow
+def test_serve_job_prints_address_and_serves_a_point(model_dir: Path, tmp_path: Path):
+    """`python -m gptoss_hpc.serve <point config.yaml>` as a job runs it: a real uvicorn process."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from gptoss_hpc.config import save_run_config
+    from gptoss_hpc.paths import PointPaths
+
+    paths = PointPaths(tmp_path / "p000")
+    save_run_config(to_run_config(compose(["experiment=demo", "model.tokenizer=tiny-bpe"])), paths.config)
+    shutil.copytree(model_dir, paths.merged)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "GPTOSS_SERVE_HOST": "127.0.0.1", "GPTOSS_SERVE_PORT": str(port)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptoss_hpc.serve", str(paths.config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        address = proc.stdout.readline().strip()
+        assert address == f"{socket.gethostname()}:{port}"
+        status = json.loads(paths.stage_status("serve").read_text())
+        assert status["state"] == "RUNNING" and status["address"] == address
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.5)
+        r = httpx.post(f"{url}/score", json={"prompt": "hi", "max_new_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and "output" in r.json()
+        assert httpx.post(f"{url}/score", json={"prompt": 1}, timeout=10).status_code == 422
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert json.loads(paths.stage_status("serve").read_text())["state"] == "COMPLETED"
