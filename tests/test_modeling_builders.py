@@ -1,0 +1,204 @@
+"""Pure config → DeepSpeed JSON / SFTConfig kwargs / LoraConfig translations (golden), plus the tiny base.
+
+The Hub is faked only by forcing huggingface_hub offline (it is unreachable from CI anyway)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gptoss_hpc.config import compose, to_run_config
+from gptoss_hpc.errors import ResourceNotReachableError
+from gptoss_hpc.modeling.deepspeed import render_deepspeed_config
+from gptoss_hpc.modeling.lora import build_lora_config, lora_kwargs
+from gptoss_hpc.modeling.sft import build_sft_config_kwargs
+from gptoss_hpc.paths import PointPaths
+
+POINT = PointPaths(Path("/runs/demo/20261125-081500/p000"))
+
+
+def cfg_of(*overrides: str):
+    return to_run_config(compose(list(overrides)))
+
+
+GPU = ("cluster=coreweave_h100", "cluster.partition=h100")
+
+GOLDEN_DS_GPU = {
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": True},
+    "fp16": {"enabled": False},
+    "zero_optimization": {
+        "stage": 2,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_scatter": True,
+        "reduce_bucket_size": "auto",
+        "allgather_partitions": True,
+        "allgather_bucket_size": 200000000,
+    },
+    "steps_per_print": 1000000000,
+    "wall_clock_breakdown": False,
+}
+
+
+def test_deepspeed_json_default_gpu_config():
+    ds = render_deepspeed_config(cfg_of(*GPU))
+    assert ds == GOLDEN_DS_GPU
+    assert "optimizer" not in ds and "scheduler" not in ds  # HF's optimizer: no fused_adam JIT compile
+    json.dumps(ds)  # serialisable as is
+
+
+def test_deepspeed_json_cpu_and_offload():
+    ds = render_deepspeed_config(cfg_of("train.zero.offload_optimizer=true", "train.zero.stage=1"))
+    assert ds["bf16"] == {"enabled": False}  # default cluster is local CPU: fp32
+    assert ds["zero_optimization"]["stage"] == 1
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
+
+
+GOLDEN_SFT_GPU = {
+    "output_dir": "/runs/demo/20261125-081500/p000/train",
+    "learning_rate": 2e-4,
+    "num_train_epochs": 10.0,
+    "max_steps": -1,
+    "per_device_train_batch_size": 2,
+    "per_device_eval_batch_size": 2,
+    "gradient_accumulation_steps": 8,
+    "max_length": 2048,
+    "warmup_steps": 0.03,
+    "lr_scheduler_type": "cosine_with_min_lr",
+    "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "optim": "adamw_torch",
+    "gradient_checkpointing": True,
+    "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    "bf16": True,
+    "use_cpu": False,
+    "assistant_only_loss": True,
+    "packing": False,
+    "padding_free": False,
+    "use_liger_kernel": False,
+    "logging_steps": 1,
+    "include_num_input_tokens_seen": "non_padding",
+    "save_strategy": "steps",
+    "save_steps": 100,
+    "save_total_limit": 2,
+    "seed": 42,
+    "data_seed": 42,
+    "dataloader_num_workers": 2,
+    "ddp_find_unused_parameters": False,
+    "report_to": ["tensorboard"],
+    "run_name": "gptoss-p000",
+    "push_to_hub": False,
+    "eval_strategy": "no",
+    "disable_tqdm": True,
+    "deepspeed": "/runs/demo/20261125-081500/p000/train/deepspeed.json",
+}
+
+
+def test_sft_kwargs_default_gpu_config():
+    kwargs = build_sft_config_kwargs(cfg_of(*GPU), POINT, env={"HF_TOKEN": "hf_secret"})
+    assert kwargs == GOLDEN_SFT_GPU
+    assert "hub_token" not in kwargs and "hf_secret" not in json.dumps(kwargs)
+
+
+def test_sft_kwargs_demo_cpu_wandb_and_sweep_name(tmp_path):
+    run = tmp_path / "run"
+    (run / "p001").mkdir(parents=True)
+    manifest = {"points": [{"index": 1, "overrides": ["lora.r=16", "train.learning_rate=1e-4"], "dir": "p001"}]}
+    (run / "launch.json").write_text(json.dumps(manifest))
+    kwargs = build_sft_config_kwargs(
+        cfg_of("experiment=demo", "train.lr_scheduler_type=linear"),
+        PointPaths(run / "p001"),
+        env={"WANDB_API_KEY": "x"},
+    )
+    assert kwargs["use_cpu"] is True and kwargs["bf16"] is False
+    assert "deepspeed" not in kwargs  # demo: train.deepspeed=false
+    assert kwargs["lr_scheduler_kwargs"] == {}
+    assert kwargs["report_to"] == ["tensorboard", "wandb"]
+    assert kwargs["run_name"] == "demo-p001-lora.r=16,train.learning_rate=1e-4"
+    assert kwargs["gradient_checkpointing_kwargs"] is None
+
+
+def test_sft_kwargs_build_a_real_sftconfig(tmp_path):
+    from trl import SFTConfig
+
+    kwargs = build_sft_config_kwargs(cfg_of("experiment=demo"), PointPaths(tmp_path / "p000"), env={})
+    args = SFTConfig(**kwargs)
+    assert args.lr_scheduler_type.value == "cosine_with_min_lr" and args.use_cpu and not args.bf16
+    assert args.hub_token is None and args.push_to_hub is False
+
+
+def test_lora_kwargs_presets():
+    experts = lora_kwargs(cfg_of())
+    assert experts["target_modules"] == []
+    assert experts["target_parameters"] == [
+        f"{i}.mlp.experts.{p}" for i in (7, 15, 23) for p in ("gate_up_proj", "down_proj")
+    ]
+    assert (experts["r"], experts["lora_alpha"], experts["task_type"]) == (8, 16, "CAUSAL_LM")
+    attention = lora_kwargs(cfg_of("lora=attention"))
+    assert attention["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert attention["target_parameters"] is None and attention["lora_dropout"] == 0.05
+    all_linear = lora_kwargs(cfg_of("lora=all_linear", "model=gpt_oss_120b"))
+    assert all_linear["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]  # not lm_head, not router
+    # gpt-oss-120b has 36 layers: 7/15/23 of 24 scale to 11/23/35
+    assert [p.split(".")[0] for p in all_linear["target_parameters"]] == ["11", "11", "23", "23", "35", "35"]
+
+
+@pytest.mark.parametrize("preset", ["experts", "attention", "all_linear"])
+def test_lora_applies_to_the_tiny_model(preset, tmp_path):
+    from peft import get_peft_model
+
+    from gptoss_hpc.modeling.model import load_base_model
+
+    cfg = cfg_of("experiment=demo", "model.tokenizer=tiny-bpe", f"lora={preset}")
+    model = get_peft_model(load_base_model(cfg, None, for_training=True), build_lora_config(cfg))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert not any("lm_head" in n or "router" in n or "embed" in n for n in trainable)
+    has_experts = any("experts" in n for n in trainable)
+    has_attn = any("q_proj" in n for n in trainable)
+    assert (has_experts, has_attn) == {
+        "experts": (True, False),
+        "attention": (False, True),
+        "all_linear": (True, True),
+    }[preset]
+
+
+def test_tiny_base_is_seeded_saved_once_and_reloaded(tmp_path):
+    import torch
+
+    from gptoss_hpc.modeling.model import base_dir_for, load_base_model
+
+    cfg = cfg_of("experiment=demo", "model.tokenizer=tiny-bpe")
+    paths = PointPaths(tmp_path / "p000")
+    first = load_base_model(cfg, paths, for_training=True)
+    assert base_dir_for(cfg, paths) == str(paths.base) and (paths.base / "model.safetensors").is_file()
+    again = load_base_model(cfg, paths, for_training=False)
+    rebuilt = load_base_model(cfg, None, for_training=True)  # same seed, no file: same weights
+    for (name, a), b, c in zip(
+        first.state_dict().items(), again.state_dict().values(), rebuilt.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b) and torch.equal(a, c), name
+    assert first.config.vocab_size == len(
+        __import__("gptoss_hpc.modeling.tokenizer").modeling.tokenizer.load_tokenizer(cfg.model)
+    )
+    assert again.config.use_cache is True and first.config.use_cache is False
+
+
+def test_check_reachable_hub_model_offline(monkeypatch):
+    import huggingface_hub.constants
+
+    from gptoss_hpc.modeling.model import check_reachable
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(ResourceNotReachableError) as err:
+        check_reachable(cfg_of("model.name_or_path=openai/gpt-oss-nope", "model.tokenizer=offline"))
+    assert "openai/gpt-oss-nope" in str(err.value) and "HF_TOKEN" in str(err.value)
+    check_reachable(cfg_of("experiment=demo"))  # tiny + offline tokenizer: nothing to reach
