@@ -83,6 +83,10 @@ class ModelConfig:
     attn_implementation: str = "eager"
     # transformers' MoE experts kernels: "grouped_mm" | "eager" | None (transformers' default).
     experts_implementation: str | None = None
+    # Speed knob (gptoss_hpc.modeling.fast, docs/BENCHMARKS.md): with experts_implementation=grouped_mm, run
+    # the routing/bias/SwiGLU/combine steps around the two grouped GEMMs through torch.compile (CUDA only;
+    # the same arithmetic, eager on CPU).
+    fused_experts: bool = False
     trust_remote_code: bool = False
 
 
@@ -149,6 +153,13 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"
     gradient_checkpointing: bool = True
+    # Speed knobs (gptoss_hpc.modeling.fast, docs/BENCHMARKS.md); the defaults are the stock path.
+    # Decoder layers below the lowest layer with a LoRA (trainable) parameter run without autograd: exact,
+    # since nothing below it trains (7 of 24 layers with the `experts` preset).
+    no_grad_below_first_lora: bool = False
+    # > 0: lm_head + cross-entropy in chunks of this many tokens, gradient computed in the forward
+    # (no [tokens, vocab] fp32 logits). 0: transformers' loss over the full logits.
+    loss_chunk_tokens: int = 0
     bf16: bool = True
     assistant_only_loss: bool = True
     packing: bool = False

@@ -1,0 +1,583 @@
+"""Training throughput of the project's LoRA path on one GPU: ``python -m gptoss_hpc.bench train``.
+
+    python -m gptoss_hpc.bench train                          # the configured (default) stack, `experts` preset
+    python -m gptoss_hpc.bench train --reference --check      # + eager/eager and stock flex/grouped_mm rows,
+                                                              #   + loss/grad check of the fast path vs stock
+    python -m gptoss_hpc.bench train --presets experts,attention,all_linear --json out.json
+    python -m gptoss_hpc.bench train train.loss_chunk_tokens=0 --steps 5   # any Hydra override
+
+It composes the run config, builds the real architecture of the selected model (gptoss_hpc/resources/
+gpt_oss_{20b,120b}_config.json: the Hub's config values) with random bf16 weights on the GPU, applies the
+configured LoRA (gptoss_hpc.modeling.lora.build_lora_config) and speed knobs (gptoss_hpc.modeling.fast), and
+times optimizer steps (forward, loss, backward, grad clip, AdamW) on synthetic token batches: sequence
+lengths log-normal (median 1024) clipped to [256, train.max_length], 30% of each masked as prompt, packed
+(train.packing / padding_free: first-fit-decreasing into rows of max_length, one flattened row of
+per_device_train_batch_size rows per micro-batch) or padded to the longest sequence of the micro-batch.
+
+tok/s counts real (non-pad) tokens. MFU = 4 * active matmul params * tok/s / the card's bf16 matmul rate
+measured in the same run (8192^3). The trainer itself (TRL) is not in the timed loop: its collator and loss
+are what the knobs replace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PRESETS = ("experts", "attention", "all_linear")
+_STOCK = [
+    "model.fused_experts=false",
+    "train.no_grad_below_first_lora=false",
+    "train.loss_chunk_tokens=0",
+    "train.packing=false",
+    "train.padding_free=false",
+    "train.gradient_checkpointing=true",
+    "train.per_device_train_batch_size=2",
+    "train.gradient_accumulation_steps=8",
+]
+REFERENCE_STACKS = {
+    "ref eager/eager (2025 stack)": [
+        *_STOCK,
+        "model.attn_implementation=eager",
+        "model.experts_implementation=eager",
+    ],
+    "ref flex/grouped_mm stock": [
+        *_STOCK,
+        "model.attn_implementation=flex_attention",
+        "model.experts_implementation=grouped_mm",
+    ],
+}
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m gptoss_hpc.bench train", description=__doc__.splitlines()[0])
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. lora=attention train.max_length=4096")
+    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per stack (default 3)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation) (default 2)")
+    p.add_argument("--json", type=Path, default=None, help="write all rows here")
+    p.add_argument("--reference", action="store_true", help="also time the eager/eager and stock stacks")
+    p.add_argument("--reference-steps", type=int, default=1, help="timed steps for reference stacks")
+    p.add_argument("--presets", default="experts", help="comma list of LoRA presets for the configured stack")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=OVERRIDES",
+        help="extra stack: a name and space-separated overrides on top of the config (repeatable)",
+    )
+    p.add_argument("--check", action="store_true", help="loss/grad of the fast path vs the stock path")
+    p.add_argument("--profile", type=Path, default=None, help="torch.profiler table of one configured step")
+    p.add_argument("--lengths", choices=["lognormal", "full"], default="lognormal")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--vocab", type=int, default=None, help="override the vocab size (CPU smoke runs)")
+    p.add_argument("--no-peak", action="store_true", help="skip measuring the matmul peak")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model
+# ----------------------------------------------------------------------------------------------------------
+def model_config_json(cfg) -> Path:
+    from gptoss_hpc.resources import RESOURCES, tiny_config_path
+
+    m = cfg.model
+    if m.tiny:
+        return tiny_config_path(m.tiny_config)
+    name = m.name_or_path.rstrip("/").split("/")[-1].lower().replace("-", "_")
+    for size in ("120b", "20b"):
+        if size in name:
+            return RESOURCES / f"gpt_oss_{size}_config.json"
+    raise SystemExit(f"no architecture json for {m.name_or_path}: gptoss_hpc/resources/gpt_oss_*_config.json")
+
+
+def build_model(cfg, device: str, vocab_size: int | None = None):
+    import torch
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    from gptoss_hpc.modeling.model import torch_dtype
+
+    m = cfg.model
+    config = GptOssConfig.from_json_file(str(model_config_json(cfg)))
+    n = m.num_hidden_layers
+    config.num_hidden_layers = n
+    config.layer_types = list(config.layer_types[:n]) + [
+        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(len(config.layer_types), n)
+    ]
+    if vocab_size is not None:
+        config.vocab_size = vocab_size
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if getattr(config, key, None) is not None and getattr(config, key) >= vocab_size:
+                setattr(config, key, vocab_size - 1)
+    config.use_cache = False
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(m.dtype), "attn_implementation": m.attn_implementation}
+    if m.experts_implementation is not None:
+        kwargs["experts_implementation"] = m.experts_implementation
+    torch.manual_seed(cfg.train.seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    model.train()
+    return model
+
+
+def active_matmul_params(config) -> int:
+    """Weights each token multiplies with: attention, router, top-k experts, lm_head (not the embedding)."""
+    h, hd = config.hidden_size, config.head_dim
+    attn = h * config.num_attention_heads * hd * 2 + h * config.num_key_value_heads * hd * 2
+    expert = h * 2 * config.intermediate_size + config.intermediate_size * h
+    router = h * config.num_local_experts
+    per_layer = attn + router + config.num_experts_per_tok * expert
+    return config.num_hidden_layers * per_layer + config.vocab_size * h
+
+
+def prepare(cfg, device: str, *, vocab_size: int | None = None, lora_b_std: float = 0.02):
+    """Base model -> grad checkpointing -> PEFT LoRA -> speed knobs, as the train stage does it."""
+    import torch
+    from peft import get_peft_model
+
+    from gptoss_hpc.modeling.fast import apply_speed_knobs
+    from gptoss_hpc.modeling.lora import build_lora_config
+
+    model = build_model(cfg, device, vocab_size)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, build_lora_config(cfg))
+    # PEFT zero-inits lora_B, which makes every lora_A gradient zero: give B values so the check means something.
+    g = torch.Generator(device="cpu").manual_seed(cfg.train.seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_((torch.randn(p.shape, generator=g) * lora_b_std).to(p.dtype))
+    knobs = apply_speed_knobs(model, cfg)
+    return model, knobs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------------------
+def synthetic_lengths(rng, n: int, max_length: int, mode: str) -> list[int]:
+    if mode == "full":
+        return [max_length] * n
+    lo = min(256, max_length)
+    return [int(min(max(rng.lognormvariate(math.log(1024), 0.6), lo), max_length)) for _ in range(n)]
+
+
+def make_sequence(rng, length: int, vocab: int) -> tuple[list[int], list[int]]:
+    ids = [rng.randrange(vocab) for _ in range(length)]
+    prompt = int(length * 0.3)
+    return ids, [-100] * prompt + ids[prompt:]
+
+
+def micro_batches(cfg, rng, vocab: int, n: int, mode: str) -> list[dict[str, Any]]:
+    """n micro-batches of CPU tensors (input_ids, labels, position_ids|attention_mask) + token counts."""
+    import torch
+
+    from gptoss_hpc.modeling.fast import pack_greedy, pack_sequences
+
+    t = cfg.train
+    b, max_len = t.per_device_train_batch_size, t.max_length
+    out = []
+    if t.packing or t.padding_free:
+        pool_lengths = synthetic_lengths(rng, n * b * max_len // 256 + 8, max_len, mode)
+        bins = pack_greedy(pool_lengths, max_len)
+        bins.sort(key=lambda idx: -sum(pool_lengths[i] for i in idx))
+        for k in range(n):
+            rows = bins[k * b : (k + 1) * b]
+            seqs, labs = [], []
+            for row in rows:
+                for i in row:
+                    ids, lab = make_sequence(rng, pool_lengths[i], vocab)
+                    seqs.append(ids)
+                    labs.append(lab)
+            packed = pack_sequences(seqs, labs, row_tokens=b * max_len, pad_token_id=0)
+            real = packed.pop("num_tokens")
+            packed["real_tokens"] = real
+            packed["padded_tokens"] = b * max_len
+            out.append(packed)
+        return out
+    for _ in range(n):
+        lengths = synthetic_lengths(rng, b, max_len, mode)
+        width = max_len  # static shape: compiled flex_attention recompiles for every new width
+        ids = torch.zeros((b, width), dtype=torch.long)
+        labels = torch.full((b, width), -100, dtype=torch.long)
+        mask = torch.zeros((b, width), dtype=torch.long)
+        for r, n_tok in enumerate(lengths):
+            seq, lab = make_sequence(rng, n_tok, vocab)
+            ids[r, :n_tok] = torch.tensor(seq)
+            labels[r, :n_tok] = torch.tensor(lab)
+            mask[r, :n_tok] = 1
+        out.append(
+            {
+                "input_ids": ids,
+                "labels": labels,
+                "attention_mask": mask,
+                "real_tokens": sum(lengths),
+                "padded_tokens": b * width,
+            }
+        )
+    return out
+
+
+def _cuda(device: str) -> bool:
+    return str(device).startswith("cuda")
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if _cuda(device):
+        torch.cuda.synchronize()
+
+
+def _to(batch: dict[str, Any], device: str) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if hasattr(v, "to")}
+
+
+def loss_of(model, knobs, batch: dict[str, Any], num_items):
+    from gptoss_hpc.modeling.fast import causal_lm_loss
+
+    if knobs.loss_chunk_tokens > 0:
+        return causal_lm_loss(model, batch, chunk_tokens=knobs.loss_chunk_tokens, num_items_in_batch=num_items)
+    return model(**batch, use_cache=False, num_items_in_batch=num_items).loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------------------------
+def measure_peak_tflops(device: str) -> float:
+    import torch
+
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192**3 / statistics.median(times) / 1e12
+
+
+def run_stack(
+    name: str,
+    cfg,
+    args,
+    device: str,
+    peak_tflops: float | None,
+    steps: int,
+    profile: Path | None = None,
+    lengths: str | None = None,
+):
+    import random
+
+    import torch
+
+    t = cfg.train
+    row: dict[str, Any] = {
+        "name": name,
+        "lora": _preset_name(cfg),
+        "attn": cfg.model.attn_implementation,
+        "experts": cfg.model.experts_implementation,
+        "fused_experts": cfg.model.fused_experts,
+        "grad_ckpt": t.gradient_checkpointing,
+        "no_grad_below_first_lora": t.no_grad_below_first_lora,
+        "loss_chunk_tokens": t.loss_chunk_tokens,
+        "packing": bool(t.packing or t.padding_free),
+        "micro_batch": f"{t.per_device_train_batch_size}x{t.max_length}",
+        "grad_accum": t.gradient_accumulation_steps,
+        "lengths": lengths or args.lengths,
+    }
+    model = knobs = opt = None
+    if _cuda(device):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        t0 = time.perf_counter()
+        model, knobs = prepare(cfg, device, vocab_size=args.vocab)
+        row["build_s"] = round(time.perf_counter() - t0, 1)
+        row["knobs"] = knobs.summary()
+        row["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        from gptoss_hpc.modeling.fast import lowest_trainable_layer, unwrap
+
+        row["first_trainable_layer"] = lowest_trainable_layer(model)
+        config = unwrap(model).config
+        active = active_matmul_params(config)
+        row["active_params"] = active
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
+        rng = random.Random(args.seed)
+        ga = t.gradient_accumulation_steps
+        total = args.warmup + steps
+        data = micro_batches(cfg, rng, config.vocab_size, ga * total, lengths or args.lengths)
+        times, tokens, padded, losses = [], [], [], []
+        prof_ctx = contextlib.nullcontext()
+        for step in range(total):
+            chunk = data[step * ga : (step + 1) * ga]
+            n_items = sum(int((mb["labels"][..., 1:] != -100).sum()) for mb in chunk)
+            if profile is not None and step == total - 1:
+                from torch.profiler import ProfilerActivity
+                from torch.profiler import profile as torch_profile
+
+                prof_ctx = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            _sync(device)
+            start = time.perf_counter()
+            with prof_ctx as prof:
+                step_loss = 0.0
+                for mb in chunk:
+                    loss = loss_of(model, knobs, _to(mb, device), n_items)
+                    loss.backward()
+                    step_loss += float(loss.detach())
+                torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                _sync(device)
+            elapsed = time.perf_counter() - start
+            if step >= args.warmup:
+                times.append(elapsed)
+                tokens.append(sum(mb["real_tokens"] for mb in chunk))
+                padded.append(sum(mb["padded_tokens"] for mb in chunk))
+                losses.append(step_loss)
+            if profile is not None and step == total - 1:
+                avg = prof.key_averages()
+                table = avg.table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90)
+                ops = avg.table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90)
+                profile.parent.mkdir(parents=True, exist_ok=True)
+                profile.write_text(table + "\n\n" + ops)
+                print(table[:7000])
+        step_s = statistics.median(times)
+        tok = statistics.mean(tokens)
+        row.update(
+            status="ok",
+            step_s=round(step_s, 3),
+            tokens_per_step=int(tok),
+            padded_tokens_per_step=int(statistics.mean(padded)),
+            tok_s=round(tok / step_s),
+            loss=round(losses[-1], 4),
+        )
+        if _cuda(device):
+            row["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+            row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 1)
+        if peak_tflops:
+            row["mfu"] = round(4 * active * row["tok_s"] / (peak_tflops * 1e12), 3)
+    except torch.OutOfMemoryError as exc:
+        row.update(status="OOM", error=str(exc).splitlines()[0][:200])
+    except Exception as exc:  # one broken stack must not lose the others' numbers
+        import traceback
+
+        traceback.print_exc()
+        row.update(status="error", error=f"{type(exc).__name__}: {exc}"[:300])
+    finally:
+        if knobs is not None:
+            knobs.remove()
+        del model, knobs, opt
+        gc.collect()
+        if _cuda(device):
+            torch.cuda.empty_cache()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _preset_name(cfg) -> str:
+    lo = cfg.lora
+    if lo.target_modules == "all-linear":
+        return "all_linear"
+    if lo.target_modules:
+        return "attention" if lo.expert_layers == [] else "custom"
+    return "experts"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# correctness: fast path vs stock path on one batch, same weights
+# ----------------------------------------------------------------------------------------------------------
+def check(cfg, args, device: str) -> dict[str, Any]:
+    import random
+
+    import torch
+
+    from gptoss_hpc.modeling.fast import unwrap
+
+    out: dict[str, Any] = {"name": "check fast vs stock", "lora": _preset_name(cfg)}
+    model = knobs = None
+    try:
+        model, knobs = prepare(cfg, device, vocab_size=args.vocab)
+        vocab = unwrap(model).config.vocab_size
+        rng = random.Random(args.seed + 7)
+        batch = micro_batches(cfg, rng, vocab, 1, "lognormal")[0]
+        n_items = int((batch["labels"][..., 1:] != -100).sum())
+        dev_batch = _to(batch, device)
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+        def grads_of(model, knobs):
+            for p in trainable.values():
+                p.grad = None
+            torch.manual_seed(args.seed)  # same LoRA-dropout masks in both paths
+            loss = loss_of(model, knobs, dev_batch, n_items)
+            loss.backward()
+            return float(loss.detach()), {n: p.grad.detach().float().clone() for n, p in trainable.items()}
+
+        fast_loss, fast_g = grads_of(model, knobs)
+        summary = knobs.summary()
+        knobs.remove()
+        ref_loss, ref_g = grads_of(model, knobs)
+        num = sum(float((fast_g[n] - ref_g[n]).pow(2).sum()) for n in ref_g)
+        den = sum(float(ref_g[n].pow(2).sum()) for n in ref_g)
+        worst = max((float((fast_g[n] - ref_g[n]).norm() / ref_g[n].norm().clamp_min(1e-30)), n) for n in ref_g)
+        # run-to-run noise of the stock path itself (atomics, nondeterministic kernels)
+        _, ref2_g = grads_of(model, knobs)
+        noise = math.sqrt(sum(float((ref2_g[n] - ref_g[n]).pow(2).sum()) for n in ref_g) / max(den, 1e-30))
+        out.update(
+            status="ok",
+            knobs=summary,
+            tokens=batch["real_tokens"],
+            fast_loss=fast_loss,
+            ref_loss=ref_loss,
+            loss_rel_err=abs(fast_loss - ref_loss) / abs(ref_loss),
+            grad_rel_err=math.sqrt(num / max(den, 1e-30)),
+            worst_param_rel_err=worst[0],
+            worst_param=worst[1],
+            ref_rerun_grad_rel_err=noise,
+            nonzero_grads=sum(1 for g in fast_g.values() if float(g.abs().max()) > 0),
+            n_grads=len(fast_g),
+        )
+    except Exception as exc:
+        import traceback
+
+        traceback.print_exc()
+        out.update(status="error", error=f"{type(exc).__name__}: {exc}"[:300])
+    finally:
+        del model, knobs
+        gc.collect()
+        if _cuda(device):
+            torch.cuda.empty_cache()
+    print(json.dumps(out), flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+def _compose(overrides: list[str]):
+    from gptoss_hpc.config import compose, to_run_config
+
+    return to_run_config(compose(overrides))
+
+
+def environment() -> dict[str, Any]:
+    import peft
+    import torch
+    import transformers
+
+    env = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+    if torch.cuda.is_available():
+        env["card"] = torch.cuda.get_device_name()
+        env["card_mem_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        with contextlib.suppress(Exception):
+            import subprocess
+
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.strip()
+    return env
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    cols = [
+        ("name", 36),
+        ("lora", 10),
+        ("micro_batch", 11),
+        ("grad_accum", 3),
+        ("tokens_per_step", 7),
+        ("step_s", 6),
+        ("tok_s", 7),
+        ("mfu", 5),
+        ("peak_alloc_gib", 5),
+        ("status", 6),
+    ]
+    print(" | ".join(f"{c[:w]:>{w}}" for c, w in cols))
+    for r in rows:
+        if "tok_s" not in r and r.get("status") == "ok":
+            continue
+        print(" | ".join(f"{r.get(c, '')!s:>{w}}"[: max(w, 1) + 30] for c, w in cols))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(list(sys.argv[1:] if argv is None else argv))
+    import torch
+
+    device = args.device
+    if _cuda(device) and not torch.cuda.is_available():
+        print(
+            "no CUDA device: the training bench needs a GPU (tests/test_fast_path.py covers the CPU path)",
+            file=sys.stderr,
+        )
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env = environment()
+    print(json.dumps(env), flush=True)
+    peak = None if args.no_peak or not _cuda(device) else measure_peak_tflops(device)
+    env["bf16_matmul_tflops"] = round(peak, 1) if peak else None
+    rows: list[dict[str, Any]] = []
+    result = {"env": env, "command": "python -m gptoss_hpc.bench train " + " ".join(argv or sys.argv[1:]), "rows": rows}
+
+    def save():
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=1))
+
+    base = list(args.overrides)
+    for i, preset in enumerate(p for p in args.presets.split(",") if p):
+        cfg = _compose([f"lora={preset}", *base])
+        prof = args.profile if i == 0 else None
+        rows.append(run_stack("configured (GPU defaults)", cfg, args, device, peak, args.steps, prof))
+        save()
+        if args.check:
+            rows.append(check(cfg, args, device))
+            save()
+    for name_spec in args.variant:
+        name, _, spec = name_spec.partition("=")
+        rows.append(run_stack(name, _compose([*base, *spec.split()]), args, device, peak, args.steps))
+        save()
+    if args.reference:
+        # The FACTS.md setup: every sequence max_length long (no padding), the best case for the stock stacks.
+        for name, extra in REFERENCE_STACKS.items():
+            cfg = _compose([*base, *extra])
+            rows.append(run_stack(name, cfg, args, device, peak, args.reference_steps, lengths="full"))
+            save()
+    print_table(rows)
+    checks = [r for r in rows if r["name"].startswith("check")]
+    for c in checks:
+        if c.get("status") == "ok":
+            print(
+                f"check {c['lora']}: loss rel err {c['loss_rel_err']:.2e}, LoRA grad rel err "
+                f"{c['grad_rel_err']:.2e} (worst param {c['worst_param_rel_err']:.2e}; stock rerun "
+                f"{c['ref_rerun_grad_rel_err']:.2e}); nonzero grads {c['nonzero_grads']}/{c['n_grads']}"
+            )
+    save()
+    return 0 if all(r.get("status") == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
