@@ -1,0 +1,163 @@
+"""The whole pipeline on the REAL local Slurm (launchers/local_slurm.sh): sweep = one train array, merge and
+eval arrays chained with aftercorr, a report after eval; a failing point stops only its own dependents;
+secrets reach the jobs and never land in a file.
+
+Real: slurmctld/slurmd/slurmdbd, sbatch via submitit, TRL/PEFT training of a tiny gpt-oss on CPU.
+Faked: the GPUs (gres on /dev/null-like devices; ranks run on the CPU), W&B online (WANDB_MODE=offline),
+the Hub (PUSH_TO_HUB=false, so the canary HF_TOKEN is never sent anywhere).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gptoss_hpc.paths import RunPaths
+from gptoss_hpc.submission.manifest import Manifest
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED"}
+CANARIES = {
+    "HF_TOKEN": "hf_CANARYtokenDoNotLeak0123456789abcdef",
+    "WANDB_API_KEY": "0123456789abcdefcanarywandbkey0123456789",
+    "HF_USER": "canary-user-gptoss",
+}
+# Small and fast: tiny gpt-oss, the small BPE tokenizer, 3 optimizer steps, one rank per job.
+FAST = [
+    "experiment=demo",
+    "cluster=local_slurm",
+    "cluster.gpus_per_node=1",
+    "model.tokenizer=tiny-bpe",
+    "train.max_steps=3",
+    "train.max_length=256",
+    "eval.max_new_tokens=8",
+    "eval.max_eval_rows=4",
+]
+
+
+def _launch(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> tuple[Path, Manifest, str]:
+    run_root = tmp_path / "logs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "gptoss_hpc.launch", *args, f"run_root={run_root}"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (manifest_path,) = run_root.glob("*/*/launch.json")
+    return manifest_path.parent, Manifest.load(manifest_path.parent), proc.stdout
+
+
+def _sacct(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    out = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-j", ",".join(job_ids), "--format=JobID,State,JobName"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    rows = {}
+    for line in out.splitlines():
+        job_id, state, name = line.split("|")
+        rows[job_id] = (state.split()[0], name)
+    return rows
+
+
+def _wait_all(manifest: Manifest, timeout: float = 900) -> dict[str, str]:
+    expected = [t for j in manifest.jobs for t in j.task_ids()]
+    deadline = time.time() + timeout
+    states: dict[str, str] = {}
+    while time.time() < deadline:
+        states = {k: v[0] for k, v in _sacct([j.job_id for j in manifest.jobs]).items()}
+        if all(states.get(t) in TERMINAL for t in expected):
+            return states
+        time.sleep(3)
+    subprocess.run(["scancel", *[j.job_id for j in manifest.jobs]], check=False)
+    pytest.fail(f"jobs not finished after {timeout} s: {states}")
+
+
+def _dependency(job_id: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job_id], check=True, capture_output=True, text=True).stdout
+    return next(tok for tok in out.split() if tok.startswith("Dependency="))
+
+
+def test_four_point_sweep_is_one_array_per_stage_and_completes_without_leaking_secrets(tmp_path: Path) -> None:
+    env = {**CANARIES, "WANDB_MODE": "offline", "PUSH_TO_HUB": "false"}
+    run_dir, manifest, stdout = _launch(
+        ["-m", *FAST, "name=sweep4", "lora.r=4,8", "train.learning_rate=1e-3,2e-3"], tmp_path, env
+    )
+    jobs = {j.stage: j for j in manifest.jobs}
+    assert list(jobs) == ["train", "merge", "eval", "report"]
+    assert [jobs[s].array for s in jobs] == [True, True, True, False]
+    assert all(jobs[s].points == [0, 1, 2, 3] for s in ("train", "merge", "eval"))
+    # Dependencies as Slurm holds them, read right after submission.
+    assert _dependency(jobs["merge"].job_id + "_0").startswith(f"Dependency=aftercorr:{jobs['train'].job_id}_")
+    assert _dependency(jobs["eval"].job_id + "_0").startswith(f"Dependency=aftercorr:{jobs['merge'].job_id}_")
+    assert _dependency(jobs["report"].job_id).startswith(f"Dependency=afterany:{jobs['eval'].job_id}_")
+    assert jobs["train"].job_id in stdout and "squeue" in stdout
+
+    states = _wait_all(manifest)
+    assert {t: states[t] for j in manifest.jobs for t in j.task_ids()} == {
+        t: "COMPLETED" for j in manifest.jobs for t in j.task_ids()
+    }
+    names = _sacct([jobs["train"].job_id])
+    assert sorted(names) == [f"{jobs['train'].job_id}_{i}" for i in range(4)], "one train array of 4 tasks"
+    assert {n for _, n in names.values()} == {"gptoss-sweep4-train"}
+
+    paths = RunPaths(run_dir)
+    for i in range(4):
+        point = paths.point(i)
+        assert (point.adapter / "adapter_config.json").is_file()
+        assert any(point.merged.glob("*.safetensors"))
+        evaluation = json.loads((point.eval / "eval.json").read_text())
+        assert evaluation, f"empty eval.json for point {i}"
+    report = json.loads((paths.report / "report.json").read_text())
+    assert len(report["points"]) == 4
+
+    leaks = []
+    for root in (run_dir, tmp_path / "logs"):
+        for path in root.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                leaks += [f"{path}: {name}" for name, v in CANARIES.items() if v.encode() in data]
+    assert not leaks, leaks
+
+
+def test_a_point_that_fails_at_run_time_cancels_only_its_dependents(tmp_path: Path) -> None:
+    from gptoss_hpc.data import load_datasets  # noqa: F401  (the data layer must exist for this test)
+    from gptoss_hpc.data.load import sample_path
+
+    good, doomed = tmp_path / "good.jsonl", tmp_path / "doomed.jsonl"
+    sample = Path(sample_path()).read_text()
+    good.write_text(sample)
+    doomed.write_text(sample)
+    # Held, so the file is gone before any job can read it: the failure is at run time, after validation.
+    run_dir, manifest, _ = _launch(
+        ["-m", *FAST, "name=failpoint", "data=local", f"data.path={good},{doomed}", "+cluster.sbatch_extra.hold="],
+        tmp_path,
+    )
+    doomed.unlink()
+    subprocess.run(["scontrol", "release", *[j.job_id for j in manifest.jobs]], check=True, capture_output=True)
+    states = _wait_all(manifest)
+    jobs = {j.stage: j for j in manifest.jobs}
+    assert states[f"{jobs['train'].job_id}_0"] == "COMPLETED"
+    assert states[f"{jobs['merge'].job_id}_0"] == "COMPLETED"
+    assert states[f"{jobs['eval'].job_id}_0"] == "COMPLETED"
+    assert states[f"{jobs['train'].job_id}_1"] == "FAILED"
+    assert states[f"{jobs['merge'].job_id}_1"] == "CANCELLED"
+    assert states[f"{jobs['eval'].job_id}_1"] == "CANCELLED"
+    assert states[jobs["report"].job_id] == "COMPLETED"
+    status = json.loads(RunPaths(run_dir).point(1).stage_status("train").read_text())
+    assert status["state"] == "FAILED" and "doomed.jsonl" in status["error"]
+    report = json.loads((RunPaths(run_dir).report / "report.json").read_text())
+    by_index = {p["index"]: p for p in report["points"]}
+    assert (by_index[0]["state"], by_index[1]["state"]) == ("ok", "failed")
+    assert any("doomed.jsonl" in line for line in by_index[1]["errors"]), by_index[1]
+    assert report["points_failed"] == 1
