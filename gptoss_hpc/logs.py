@@ -28,6 +28,7 @@ from gptoss_hpc.paths import RunPaths
 from gptoss_hpc.status import (
     DEFAULT_RUN_ROOT,
     LaunchNotFoundError,
+    is_plain_single,
     load_manifest,
     log_paths,
     newest_run_dirs,
@@ -52,7 +53,7 @@ class LogTarget:
 
 
 def _pick(manifest: Manifest, run_dir: Path, record: JobRecord, point: int | None) -> LogTarget:
-    if record.array:
+    if record.array and not is_plain_single(run_dir, record):
         if point is None:
             if not record.points:
                 raise LaunchNotFoundError(f"job {record.job_id} ({record.stage}) has no array tasks")
@@ -63,15 +64,17 @@ def _pick(manifest: Manifest, run_dir: Path, record: JobRecord, point: int | Non
             )
         task_id = f"{record.job_id}_{point}"
     else:
+        if point is not None and record.points and point not in record.points:
+            raise LaunchNotFoundError(
+                f"point {point} is not in job {record.job_id} ({record.stage}); its points: {record.points}"
+            )
         task_id = record.job_id
         point = point if point is not None else (record.points[0] if len(record.points) == 1 else None)
     out, err = log_paths(run_dir, record, task_id)
     return LogTarget(run_dir, manifest, record, task_id, point, out, err)
 
 
-def find_target(
-    target: str, *, point: int | None, stage: str, run_root: str | Path = DEFAULT_RUN_ROOT
-) -> LogTarget:
+def find_target(target: str, *, point: int | None, stage: str, run_root: str | Path = DEFAULT_RUN_ROOT) -> LogTarget:
     """RUN_DIR (+ --stage, --point) or JOB_ID ("1234", "1234_3") → the job and its log files."""
     m = _JOB_ID.match(target)
     if m and not (Path(target) / "launch.json").is_file():
@@ -201,8 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not path.is_file():
                 st = job_state(t)
                 raise GptossHpcError(
-                    f"{path} does not exist yet (job {t.task_id} is {st or 'unknown to Slurm'});"
-                    " use -f to wait for it"
+                    f"{path} does not exist yet (job {t.task_id} is {st or 'unknown to Slurm'}); use -f to wait for it"
                 )
             with open(path, "rb") as f:
                 while chunk := f.read(1 << 16):

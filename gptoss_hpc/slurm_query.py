@@ -15,6 +15,7 @@ Job steps (`123.batch`, `123.extern`, `123.0`) are skipped; pending arrays that 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 from collections.abc import Iterable, Sequence
@@ -177,10 +178,9 @@ def parse_squeue(text: str) -> dict[str, JobState]:
 
 
 def merge_states(sacct: dict[str, JobState] | None, squeue: dict[str, JobState]) -> dict[str, JobState]:
-    """sacct wins for state/exit code/elapsed; squeue adds the reason, and the jobs sacct does not know yet.
-
-    A task sacct still lists as PENDING while squeue already runs it (sacct lags) takes squeue's state.
-    """
+    """sacct gives exit codes and the jobs the controller has forgotten; squeue, the controller's live
+    view, wins on the state of the jobs it still lists (sacct lags a second or two behind it, both
+    after a submission and after a job ends) and adds the pending reason."""
     if sacct is None:
         return dict(squeue)
     merged = dict(sacct)
@@ -189,16 +189,16 @@ def merge_states(sacct: dict[str, JobState] | None, squeue: dict[str, JobState])
         if sa is None:
             merged[task] = sq
             continue
-        newer = sa.state == "PENDING" and sq.state != "PENDING" and not sq.terminal
+        agree = sa.state == sq.state
         merged[task] = JobState(
             job_id=task,
-            state=sq.state if newer else sa.state,
-            exit_code=sa.exit_code,
-            elapsed=sq.elapsed if newer else sa.elapsed,
-            node=sa.node or sq.node,
-            reason=sq.reason if not sa.terminal or sq.terminal else "",
+            state=sq.state,
+            exit_code=sa.exit_code if agree else "",
+            elapsed=sa.elapsed if agree else sq.elapsed,
+            node=sq.node or sa.node,
+            reason=sq.reason,
             name=sa.name or sq.name,
-            source=sa.source,
+            source=sa.source if agree else sq.source,
         )
     return merged
 
@@ -208,12 +208,16 @@ def merge_states(sacct: dict[str, JobState] | None, squeue: dict[str, JobState])
 
 def _run(cmd: Sequence[str]) -> subprocess.CompletedProcess[str]:
     """Run a Slurm client; a missing binary or a hang becomes SlurmNotReachableError."""
+    conf = os.environ.get("SLURM_CONF")
+    if conf and not os.path.isfile(conf):  # the clients would spend a minute failing on it
+        raise SlurmNotReachableError(
+            f"Slurm not reachable: SLURM_CONF={conf} does not exist"
+            " (launchers/local_slurm.sh start prints the right export line)"
+        )
     try:
         return subprocess.run(list(cmd), check=True, capture_output=True, text=True, timeout=TIMEOUT_S)
     except FileNotFoundError as exc:
-        raise SlurmNotReachableError(
-            f"Slurm not reachable: `{cmd[0]}` is not installed or not on PATH"
-        ) from exc
+        raise SlurmNotReachableError(f"Slurm not reachable: `{cmd[0]}` is not installed or not on PATH") from exc
     except subprocess.TimeoutExpired as exc:
         raise SlurmNotReachableError(
             f"Slurm not reachable: `{' '.join(cmd[:2])} ...` did not answer within {TIMEOUT_S} s"

@@ -157,6 +157,24 @@ def log_paths(run_dir: Path, record: JobRecord, task_id: str) -> tuple[Path, Pat
     return folder / f"{task_id}_0_log.out", folder / f"{task_id}_0_log.err"
 
 
+def is_plain_single(run_dir: Path, record: JobRecord) -> bool:
+    """A one-point "array" that submitit submitted as a plain job (it does so for any 1-element
+    map_array/batch): its id is "<id>", not "<id>_<point>". Told by submitit's pickle names."""
+    if not record.array or len(record.points) != 1:
+        return False
+    folder = run_dir / record.log_dir
+    return (folder / f"{record.job_id}_submitted.pkl").exists() and not (
+        folder / f"{record.job_id}_{record.points[0]}_submitted.pkl"
+    ).exists()
+
+
+def task_ids(run_dir: Path, record: JobRecord) -> list[tuple[str, list[int]]]:
+    """(Slurm id, points) of every job/array task of a record: ("123_4", [4]), or ("124", [...])."""
+    if record.array and not is_plain_single(run_dir, record):
+        return [(f"{record.job_id}_{p}", [p]) for p in record.points]
+    return [(record.job_id, list(record.points))]
+
+
 def job_rows(manifest: Manifest) -> list[JobRow]:
     """Every job (array task) the manifest records, in submission order, without states yet."""
     run_dir = Path(manifest.run_dir)
@@ -180,8 +198,7 @@ def job_rows(manifest: Manifest) -> list[JobRow]:
                     )
                 )
             continue
-        for task_id in rec.task_ids():
-            pts = [int(task_id.rsplit("_", 1)[1])] if rec.array else list(rec.points)
+        for task_id, pts in task_ids(run_dir, rec):
             out, err = log_paths(run_dir, rec, task_id)
             rows.append(
                 JobRow(

@@ -117,10 +117,15 @@ def test_merge_prefers_sacct_and_adds_reasons_and_lagging_jobs() -> None:
     assert merged["14_1"].source == "sacct"
     assert merged["17_0"].source == "squeue"  # sacct lags just after a submission
     assert merged["17_0"].reason == "Priority"
-    # sacct still says PENDING while squeue already runs it: squeue's state wins
-    lagging = parse_sacct("18_0|PENDING|0:0|00:00:00|None assigned|x\n")
-    running = parse_squeue("18_0|RUNNING|None|0:02|vm|x\n")
-    assert merge_states(lagging, running)["18_0"].state == "RUNNING"
+    # sacct lags behind the controller: squeue's state wins, sacct's stale exit code is dropped
+    lagging = parse_sacct("18_0|PENDING|0:0|00:00:00|None assigned|x\n19_0|RUNNING|0:0|00:00:02|vm|x\n")
+    live = parse_squeue("18_0|RUNNING|None|0:02|vm|x\n19_0|FAILED|NonZeroExitCode|0:03|vm|x\n")
+    both = merge_states(lagging, live)
+    assert both["18_0"].state == "RUNNING" and both["18_0"].node == "vm"
+    assert both["19_0"].state == "FAILED" and both["19_0"].exit_code == ""
+    assert both["19_0"].reason == "NonZeroExitCode" and both["19_0"].source == "squeue"
+    done = merge_states(parse_sacct(SACCT_DONE), parse_squeue("13_2|FAILED|NonZeroExitCode|0:04|vm|x\n"))
+    assert done["13_2"].exit_code == "3:0" and done["13_2"].elapsed == "00:00:04"
     assert merge_states(None, squeue) == squeue
 
 
@@ -157,9 +162,7 @@ def test_query_one_sacct_one_squeue_and_fallback(monkeypatch: pytest.MonkeyPatch
     # accounting disabled: squeue only, and the header can say why
     calls.clear()
     err = subprocess.CalledProcessError(1, ["sacct"], "", "sacct: error: Slurm accounting storage is disabled\n")
-    monkeypatch.setattr(
-        subprocess, "run", _fake_run({"sacct": err, "squeue": ok([], 0, SQUEUE_RUNNING, "")}, calls)
-    )
+    monkeypatch.setattr(subprocess, "run", _fake_run({"sacct": err, "squeue": ok([], 0, SQUEUE_RUNNING, "")}, calls))
     res = slurm_query.query(["13", "14"])
     assert res.source == "squeue" and "accounting storage is disabled" in res.sacct_error
     assert res.states["13_0"].state == "RUNNING"
@@ -167,7 +170,10 @@ def test_query_one_sacct_one_squeue_and_fallback(monkeypatch: pytest.MonkeyPatch
 
 def test_unreachable_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
     err = subprocess.CalledProcessError(
-        1, ["squeue"], "", "squeue: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host\n"
+        1,
+        ["squeue"],
+        "",
+        "squeue: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host\n"
         "squeue: error: fetch_config: DNS SRV lookup failed\n"
         "squeue: error: _establish_config_source: failed to fetch config\n"
         "squeue: fatal: Could not establish a configuration source\n",
