@@ -113,3 +113,19 @@ def test_golden_sbatch_coreweave_h200(sweep: bool, tmp_path: Path) -> None:
     if os.environ.get("GPTOSS_HPC_UPDATE_GOLDEN"):
         golden.write_text(text)
     assert text == golden.read_text()
+
+
+def test_sweep_value_of_the_wrong_type_names_point_and_key() -> None:
+    with pytest.raises(ConfigError) as err:
+        pipeline.compose_launch(["experiment=demo", "lora.r=4,abc"], multirun=True)
+    assert err.value.problems[0].startswith("point 1 (lora.r=abc): lora.r:")
+
+
+def test_fast_sweep_composition_equals_hydra_composing_each_point() -> None:
+    from gptoss_hpc.config.io import compose_many
+
+    overrides = ["experiment=demo", "lora.r=4,8", "train.learning_rate=1e-3,2e-3", "cluster.time=00:10:00"]
+    fast = pipeline.compose_launch(overrides, multirun=True)
+    batches, _ = pipeline.expand_overrides(overrides, multirun=True)
+    slow = [pipeline.to_run_config(c) for c in compose_many(batches)]
+    assert [p.cfg for p in fast.points] == slow

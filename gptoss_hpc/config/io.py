@@ -10,6 +10,7 @@ from pathlib import Path
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from gptoss_hpc.config.schema import RunConfig, register_configs
 from gptoss_hpc.errors import ConfigError
@@ -32,6 +33,35 @@ def compose_many(batches: Sequence[Sequence[str]]) -> list[DictConfig]:
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         return [hydra_compose(config_name="config", overrides=list(b)) for b in batches]
+
+
+def compose_sweep(batches: Sequence[Sequence[str]], swept: Sequence[str]) -> list[DictConfig]:
+    """Compose the points of a sweep. Hydra composes the first point in full (so unknown keys, bad groups
+    and type errors surface as Hydra's own errors); when the sweep varies plain values only, the other
+    points are that config with the swept values set through OmegaConf, which keeps the schema's type
+    checks. ~100x faster than one Hydra compose per point, which is what a 64-point sweep would cost."""
+    # A group choice (`model=...`) has no dot; +/~ add or delete keys: those take Hydra's full path.
+    plain = all("." in k and not k.startswith(("+", "~")) and "@" not in k for k in swept)
+    if len(batches) <= 1 or not plain:
+        return compose_many(batches)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    first = compose_many(batches[:1])[0]
+    swept_set = set(swept)
+    out, problems = [first], []
+    for index, batch in enumerate(batches[1:], start=1):
+        cfg = first.copy()
+        for override in parser.parse_overrides([o for o in batch if o.split("=", 1)[0] in swept_set]):
+            try:
+                OmegaConf.update(cfg, override.key_or_group, override.value(), merge=False)
+            except OmegaConfBaseException as exc:
+                reason = str(exc).splitlines()[0]
+                problems.append(f"point {index} ({override.input_line}): {override.key_or_group}: {reason}")
+        out.append(cfg)
+    if problems:
+        raise ConfigError(problems, header=f"{len(batches)}-point sweep rejected, nothing submitted")
+    return out
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss_hpc.config import RunConfig, save_run_config, validate
-from gptoss_hpc.config.io import compose_many, dump_yaml, to_run_config
+from gptoss_hpc.config.io import compose_sweep, dump_yaml, to_run_config
 from gptoss_hpc.config.schema import STAGES
 from gptoss_hpc.errors import ConfigError, GptossHpcError, SubmissionError
 from gptoss_hpc.paths import RunPaths, point_dirname
@@ -79,7 +79,7 @@ def expand_overrides(overrides: Sequence[str], multirun: bool) -> tuple[list[lis
 def compose_launch(overrides: Sequence[str], multirun: bool = False) -> Launch:
     """Compose and validate every point before anything is submitted; one ConfigError names them all."""
     batches, swept = expand_overrides(overrides, multirun)
-    composed = compose_many(batches)
+    composed = compose_sweep(batches, swept)
     points: list[Point] = []
     problems: list[str] = []
     for index, (batch, dcfg) in enumerate(zip(batches, composed, strict=True)):
