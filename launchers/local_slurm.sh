@@ -13,12 +13,17 @@
 # shared path is munge's default socket /run/munge/munge.socket.2 (slurmdbd/sacctmgr ignore others).
 # The node advertises CPUS cores, REAL_MEMORY_MB and 8 fake GPUs (character devices made with
 # `mknod c 1 3`) in partition `debug`, so gpu jobs get CUDA_VISIBLE_DEVICES like on a real node.
-# Ports: slurmctld 6817, slurmd 6818, slurmdbd 6819, MariaDB ${GPTOSS_SLURM_DB_PORT:-3317} (127.0.0.1).
+# Ports: slurmctld ${GPTOSS_SLURM_PORT:-6817}, slurmd +1, slurmdbd +2, MariaDB ${GPTOSS_SLURM_DB_PORT:-3317}.
+# A second, private instance (e.g. to test this script) needs its own GPTOSS_SLURM_DIR, GPTOSS_SLURM_PORT
+# and GPTOSS_SLURM_DB_PORT; it shares munged.
 # All chatter goes to stderr; only `start` prints to stdout (the export line).
 set -euo pipefail
 
 DIR="${GPTOSS_SLURM_DIR:-/var/tmp/gptoss_hpc_slurm}"
 DB_PORT="${GPTOSS_SLURM_DB_PORT:-3317}"
+CTLD_PORT="${GPTOSS_SLURM_PORT:-6817}"
+SLURMD_PORT=$((CTLD_PORT + 1))
+DBD_PORT=$((CTLD_PORT + 2))
 CPUS="${GPTOSS_SLURM_CPUS:-8}"
 GPUS=8
 REAL_MEMORY_MB="${GPTOSS_SLURM_MEMORY_MB:-1000000}"
@@ -144,10 +149,14 @@ write_configs() {
         fi
     done
 
+    local port_lines=""   # default ports stay implicit
+    if ((CTLD_PORT != 6817)); then
+        port_lines=$'\n'"SlurmctldPort=$CTLD_PORT"$'\n'"SlurmdPort=$SLURMD_PORT"
+    fi
     if install_file "$DIR/slurm.conf" 644 <<EOF; then SLURM_CONF_CHANGED=1; fi
 # Written by launchers/local_slurm.sh: a one-node test cluster. Do not edit; edit the script.
 ClusterName=$CLUSTER
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$NODE(127.0.0.1)${port_lines}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -178,7 +187,7 @@ SlurmdParameters=config_overrides
 GresTypes=gpu
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
-AccountingStoragePort=6819
+AccountingStoragePort=$DBD_PORT
 AccountingStorageTRES=gres/gpu
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=30
@@ -198,7 +207,7 @@ EOF
 # Written by launchers/local_slurm.sh.
 AuthType=auth/munge
 DbdHost=localhost
-DbdPort=6819
+DbdPort=$DBD_PORT
 SlurmUser=root
 DebugLevel=info
 LogFile=$DIR/log/slurmdbd.log
