@@ -41,6 +41,10 @@ TOLERANCES = {"float32": (1e-4, 1e-5), "bfloat16": (5e-2, 1e-2), "float16": (1e-
 class MergeError(GptossHpcError):
     """The adapter is missing, or the merged model does not reproduce the adapter's logits."""
 
+    def __init__(self, message: str, check: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.check = check
+
 
 def tolerance(dtype_name: str, logits_scale: float) -> float:
     atol, rtol = TOLERANCES.get(dtype_name, TOLERANCES["bfloat16"])
@@ -131,20 +135,24 @@ def merge_and_check(peft_model: Any, samples: Sequence[Sequence[int]], dtype_nam
     merged = peft_model.merge_and_unload()
     merged.eval()
     after = _logits(merged, samples)
-    max_diff = max(float((a - m).abs().max()) for a, m in zip(adapter, after, strict=True))
+    pairs = list(zip(adapter, after, strict=True))
+    max_diff = max(float((a - m).abs().max()) for a, m in pairs)
     effect = max(float((a - b).abs().max()) for a, b in zip(adapter, base, strict=True))
     scale = max(float(a.abs().max()) for a in adapter)
     tol = tolerance(dtype_name, scale)
-    argmax_agree = sum(int((a.argmax(-1) == m.argmax(-1)).sum()) for a, m in zip(adapter, after, strict=True))
     n_tokens = sum(len(s) for s in samples)
     check = {
         "max_abs_diff": max_diff,
         "tolerance": tol,
         "passed": max_diff <= tol,
         "dtype": dtype_name,
+        "mean_abs_diff": sum(float((a - m).abs().sum()) for a, m in pairs) / sum(a.numel() for a in adapter),
+        "tokens_over_tolerance": sum(int(((a - m).abs().amax(-1) > tol).sum()) for a, m in pairs) / n_tokens,
+        "argmax_agreement": sum(int((a.argmax(-1) == m.argmax(-1)).sum()) for a, m in pairs) / n_tokens,
         "logits_max_abs": scale,
         "adapter_effect_max_abs": effect,
-        "argmax_agreement": argmax_agree / n_tokens,
+        "adapter_effect_mean_abs": sum(float((a - b).abs().sum()) for a, b in zip(adapter, base, strict=True))
+        / sum(a.numel() for a in adapter),
         "probe_samples": len(samples),
         "probe_tokens": n_tokens,
     }
@@ -154,7 +162,9 @@ def merge_and_check(peft_model: Any, samples: Sequence[Sequence[int]], dtype_nam
     if not max_diff <= tol:
         raise MergeError(
             f"merged logits differ from base+adapter logits by {max_diff:.4g} > tolerance {tol:.4g} "
-            f"({dtype_name}, {n_tokens} probe tokens); the merged model was not saved"
+            f"({dtype_name}, {n_tokens} probe tokens, {check['tokens_over_tolerance']:.1%} of them over it, "
+            f"adapter effect {effect:.4g}); the merged model was not saved",
+            check,
         )
     return merged, check
 
