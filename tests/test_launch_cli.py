@@ -129,3 +129,19 @@ def test_fast_sweep_composition_equals_hydra_composing_each_point() -> None:
     batches, _ = pipeline.expand_overrides(overrides, multirun=True)
     slow = [pipeline.to_run_config(c) for c in compose_many(batches)]
     assert [p.cfg for p in fast.points] == slow
+
+
+def test_dependencies_follow_the_stage_graph(tmp_path: Path) -> None:
+    overrides = ["cluster=coreweave_h200", "stages=[train,merge,eval,serve,report]", "lora.r=8,16"]
+    scripts = dict(pipeline.render_scripts(pipeline.compose_launch(overrides, multirun=True), tmp_path))
+    dep = {s: re.search(r"--dependency='?([^'\n]*)", t) for s, t in scripts.items()}
+    assert dep["train"] is None
+    assert {s: m.group(1) for s, m in dep.items() if m} == {
+        "merge": "aftercorr:<train-job-id>",
+        "eval": "aftercorr:<merge-job-id>",
+        "serve": "aftercorr:<merge-job-id>",
+        "report": "afterany:<eval-job-id>",
+    }
+    single = dict(pipeline.render_scripts(pipeline.compose_launch(["cluster=coreweave_h200"]), tmp_path))
+    assert "--dependency=afterok:<train-job-id>" in single["merge"].replace("'", "")
+    assert "--array" not in single["train"]

@@ -13,7 +13,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-STAGES = ("train", "merge", "eval", "report")
+STAGES = ("train", "merge", "eval", "serve", "report")
+# What a launch runs unless `stages=[...]` says otherwise; `serve` (an HTTP endpoint job) is opt-in.
+DEFAULT_STAGES = ("train", "merge", "eval", "report")
 
 
 @dataclass
@@ -192,7 +194,7 @@ class RunConfig:
     # Names the run dir (logs/<name>/<timestamp>) and the jobs (gptoss-<name>-<stage>).
     # conf/experiment/*.yaml set it; the `experiment` group picks one of those files.
     name: str = "gptoss"
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     dry_run: bool = False
     # Each launch gets <run_root>/<name>/<timestamp>/.
     run_root: str = "logs"

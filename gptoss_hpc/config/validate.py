@@ -63,9 +63,11 @@ def _run(cfg: RunConfig) -> list[str]:
     for stage in ("merge", "eval"):
         if stage in cfg.stages and "train" not in cfg.stages:
             p.append(f"stages has {stage} without train; a {stage} job needs this launch's adapter")
+    if "serve" in cfg.stages and "merge" not in cfg.stages:
+        p.append("stages has serve without merge; serve runs the merged model: add merge")
     if "eval" in cfg.stages and "merge" not in cfg.stages:
         p.append("stages has eval without merge; eval scores the merged model: add merge or drop eval")
-    if "report" in cfg.stages and order == ["report"]:
+    if "report" in cfg.stages and not set(order) & {"train", "merge", "eval"}:
         p.append("stages=[report] alone has nothing to report; run `python -m gptoss_hpc.report RUN_DIR`")
     return p
 

@@ -23,6 +23,8 @@ class StageCall:
 
     def __call__(self, target: str) -> Any:
         module = importlib.import_module(STAGE_MODULES[self.stage])
+        if self.stage == "serve":
+            return module.serve_job(target)
         return module.main(target)
 
     def __repr__(self) -> str:

@@ -94,7 +94,8 @@ def compose_launch(overrides: Sequence[str], multirun: bool = False) -> Launch:
     if problems:
         header = f"{len(batches)}-point sweep rejected, nothing submitted" if swept else "invalid configuration"
         raise ConfigError(problems, header=header)
-    return Launch(points=points, sweep=bool(swept))
+    # A one-value sweep is a single run (submitit submits a one-job batch as a plain job anyway).
+    return Launch(points=points, sweep=len(points) > 1)
 
 
 def make_run_dir(cfg: RunConfig, now: dt.datetime | None = None) -> Path:
@@ -136,11 +137,8 @@ def _shown_target(launch: Launch, stage: str) -> str:
 
 
 def _dependency(launch: Launch, stage: str, submitted: dict[str, str]) -> str | None:
-    previous = [s for s in launch.stages if STAGES.index(s) < STAGES.index(stage)]
-    if not previous:
-        return None
-    parent = previous[-1]
-    if parent not in submitted:
+    parent = next((s for s in sbatch.PARENTS.get(stage, ()) if s in launch.stages), None)
+    if parent is None or parent not in submitted:
         return None
     if stage == "report":
         return f"afterany:{submitted[parent]}"
@@ -227,6 +225,11 @@ def run_local(launch: Launch) -> tuple[Manifest, dict[tuple[str, int], str]]:
 
     from gptoss_hpc.submission.jobs import stage_callable
 
+    if "serve" in launch.stages:
+        raise ConfigError(
+            ["stages has serve on the local backend, where it never returns; run "
+             "`python -m gptoss_hpc.serve RUN_DIR/p000/merged` instead"]
+        )  # fmt: skip
     manifest = _new_manifest(launch, "local")
     states: dict[tuple[str, int], str] = {}
     failed: set[int] = set()

@@ -19,8 +19,11 @@ STAGE_MODULES = {
     "train": "gptoss_hpc.stages.train",
     "merge": "gptoss_hpc.stages.merge",
     "eval": "gptoss_hpc.stages.eval",
+    "serve": "gptoss_hpc.serve",
     "report": "gptoss_hpc.stages.report",
 }
+# The stage each one waits for: the first of these that the launch runs.
+PARENTS = {"merge": ("train",), "eval": ("merge",), "serve": ("merge",), "report": ("eval", "merge", "train")}
 
 
 def job_name(cfg: RunConfig, stage: str) -> str:
