@@ -258,6 +258,9 @@ def _fill_local(rows: list[JobRow], run_dir: Path) -> None:
             if row.points
             else [run_dir / "status" / f"{row.stage}.json"]
         )
+        if not row.points and (paths.report / "report.json").is_file():
+            row.state = "COMPLETED"  # the report stage writes report/report.json, no status file
+            continue
         states = []
         for f in stage_files:
             try:
@@ -362,14 +365,15 @@ def render(status: LaunchStatus, *, max_failures: int = 5):  # -> rich.console.G
         point = ",".join(str(p) for p in r.points) if r.points else "all"
         detail = r.reason if r.state == "PENDING" else ""
         if r.failed:
-            detail = f"exit {r.exit_code}" if r.exit_code else (r.error or r.reason)
+            exit_code = r.exit_code if r.exit_code not in ("", "0:0") else ""
+            detail = f"exit {exit_code}" if exit_code else (r.error or r.reason)
         table.add_row(
             point,
             " ".join(r.overrides),
             r.stage,
             r.job_id,
             Text(r.state, style=_STYLE.get(r.state, "")),
-            r.elapsed,
+            "" if r.state == "PENDING" else r.elapsed,
             r.node,
             "" if r.step is None else str(r.step),
             "" if r.loss is None else f"{r.loss:.4f}",

@@ -237,15 +237,19 @@ def test_local_backend_reads_status_files(tmp_path: Path) -> None:
         jobs=[
             JobRecord("train", "101,102", False, [0, 1], "slurm/train"),
             JobRecord("merge", "103", False, [0, 1], "slurm/merge"),
+            JobRecord("report", "104", False, [], "slurm/report"),
         ],
     ).save()
+    (run / "report").mkdir()
+    (run / "report" / "report.json").write_text("{}")
     st = collect(run)
     assert st.source == "status files"
-    got = {(r.stage, r.points[0]): r for r in st.rows}
+    got = {(r.stage, r.points[0] if r.points else -1): r for r in st.rows}
     assert got[("train", 0)].state == "COMPLETED" and got[("train", 0)].job_id == "101"
     assert got[("train", 1)].state == "FAILED" and got[("train", 1)].error == "ValueError: boom"
     assert got[("train", 1)].overrides == ["lora.r=16"]
     assert got[("merge", 0)].state == "RUNNING"
     assert got[("merge", 1)].state == "CANCELLED"  # skipped: its train failed
+    assert got[("report", -1)].state == "COMPLETED" and got[("report", -1)].log_err.endswith("104_0_log.err")
     assert not st.all_terminal
     assert isinstance(st.rows[0], JobRow)
