@@ -17,6 +17,7 @@ PUSH_TO_HUB is not "false".
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "train"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # Set by the SIGUSR2 handler (or TrainJob.checkpoint); read by the trainer callback at each step end.
 PREEMPT = threading.Event()
 
@@ -187,14 +189,20 @@ def main(config_path: str | Path) -> dict[str, Any]:
 def train(cfg: RunConfig, paths: PointPaths) -> dict[str, Any]:
     from gptoss_hpc.modeling.model import check_reachable
 
+    saved_env = {k: os.environ.get(k) for k in _DIST_ENV}
     dist_info = setup_distributed(cfg)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGUSR2, _on_usr2)
-    check_reachable(cfg)  # model/tokenizer: one message before any rank loads anything heavy
     try:
+        check_reachable(cfg)  # model/tokenizer: one message before any rank loads anything heavy
         return _train(cfg, paths, dist_info)
     finally:
         _shutdown_distributed()
+        for k, v in saved_env.items():  # leave the caller's environment as it was (in-process callers)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict[str, Any]:
@@ -217,6 +225,8 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
     if "deepspeed" in kwargs:
         write_atomic(deepspeed_json_path(paths), json.dumps(render_deepspeed_config(cfg), indent=2) + "\n")
     if wandb_enabled():
+        if importlib.util.find_spec("wandb") is None:
+            raise GptossHpcError("WANDB_API_KEY is set but wandb is not installed: pip install 'gptoss_hpc[wandb]'")
         os.environ.setdefault("WANDB_PROJECT", cfg.name)
         os.environ["WANDB_DIR"] = str(paths.root)
         if rank0:

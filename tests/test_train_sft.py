@@ -1,0 +1,203 @@
+"""The train stage for real on CPU: tiny gpt-oss, the bundled sample, TRL SFTTrainer + PEFT (+ DeepSpeed).
+
+Nothing is faked except W&B's server (WANDB_MODE=offline with a made-up key) and GPUs (ranks on CPU/gloo).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gptoss_hpc.config import compose, save_run_config, to_run_config, validate
+from gptoss_hpc.paths import PointPaths
+from gptoss_hpc.stages.train import latest_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_point(tmp_path: Path, *overrides: str) -> Path:
+    cfg = validate(to_run_config(compose(["experiment=demo", *overrides])))
+    return save_run_config(cfg, tmp_path / "run" / "p000" / "config.yaml")
+
+
+def run_cli(config: Path, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RANK", "WORLD_SIZE"))}
+    full.update(env or {})
+    return subprocess.Popen(
+        [sys.executable, "-m", "gptoss_hpc.stages.train", str(config)],
+        cwd=REPO,
+        env=full,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def test_latest_checkpoint_skips_half_written(tmp_path):
+    train = tmp_path / "train"
+    good, newer_broken, wrong_step = train / "checkpoint-4", train / "checkpoint-8", train / "checkpoint-6"
+    for d, step in ((good, 4), (newer_broken, 8), (wrong_step, 5)):
+        d.mkdir(parents=True)
+        (d / "adapter_model.safetensors").write_bytes(b"x")
+        (d / "optimizer.pt").write_bytes(b"x")
+        if d is not newer_broken:  # a save killed before trainer_state.json (written last)
+            (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (train / "checkpoint-12").mkdir()  # empty
+    (train / "checkpoint-2-tmp").mkdir()
+    assert latest_checkpoint(train) == good
+    ds = train / "checkpoint-10"  # DeepSpeed layout: `latest` names the global_step folder
+    ds.mkdir()
+    (ds / "adapter_model.safetensors").write_bytes(b"x")
+    (ds / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
+    (ds / "latest").write_text("global_step10")
+    assert latest_checkpoint(train) == good
+    (ds / "global_step10").mkdir()
+    assert latest_checkpoint(train) == ds
+    assert latest_checkpoint(tmp_path / "nothing") is None
+
+
+@pytest.mark.slow
+def test_demo_trains_with_the_real_tokenizer_and_adapter_reproduces_logits(tmp_path, monkeypatch):
+    """experiment=demo as shipped: tiny gpt-oss + the 201k gpt-oss tokenizer built offline, 8 steps."""
+    import torch
+    import trl
+    from peft import PeftModel
+
+    from gptoss_hpc.config import load_run_config
+    from gptoss_hpc.modeling.model import load_base_model
+    from gptoss_hpc.modeling.tokenizer import load_tokenizer
+    from gptoss_hpc.stages.train import main
+
+    for var in ("WANDB_API_KEY", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    trained = {}
+    real_train = trl.SFTTrainer.train
+
+    def spy(self, *args, **kwargs):  # keep a handle on the live trained model (test-only observation)
+        out = real_train(self, *args, **kwargs)
+        trained["model"] = self.model
+        trained["callbacks"] = [type(cb).__name__ for cb in self.callback_handler.callbacks]
+        return out
+
+    monkeypatch.setattr(trl.SFTTrainer, "train", spy)
+    config = make_point(tmp_path)
+    paths = PointPaths.from_config(config)
+    metrics = main(config)
+
+    # files a user would look at
+    assert json.loads(paths.stage_status("train").read_text())["state"] == "COMPLETED"
+    on_disk = json.loads(paths.train_metrics.read_text())
+    assert on_disk["global_step"] == 8 and on_disk["world_size"] == 1 and on_disk["tokens"] > 0
+    assert metrics["last_loss"] < metrics["first_loss"], metrics
+    lines = [json.loads(x) for x in paths.metrics.read_text().splitlines()]
+    losses = [x["loss"] for x in lines if "loss" in x]
+    assert len(losses) == 8 and losses[-1] == metrics["last_loss"]
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja"):
+        assert (paths.adapter / name).is_file(), name
+    assert list((paths.train / "runs").rglob("events.out.tfevents.*")), "TensorBoard logs missing"
+    assert "hf_" not in (paths.adapter / "adapter_config.json").read_text()
+    # nothing W&B-related without WANDB_API_KEY: no callback, no run, no files. (TRL imports the wandb
+    # module when it is installed; importing it starts nothing.)
+    assert "WandbCallback" not in trained["callbacks"] and "TensorBoardCallback" in trained["callbacks"]
+    assert not (paths.root / "wandb").exists()
+    if "wandb" in sys.modules:
+        assert sys.modules["wandb"].run is None
+
+    # The adapter loads onto the saved base and reproduces the trained model's logits.
+    cfg = load_run_config(config)
+    tok = load_tokenizer(cfg.model)
+    batch = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 17 + 25?"}], add_generation_prompt=True, return_tensors="pt"
+    )
+    ids = batch["input_ids"] if hasattr(batch, "keys") else batch
+    live = trained["model"].eval()
+    reloaded = PeftModel.from_pretrained(load_base_model(cfg, paths, for_training=False), str(paths.adapter)).eval()
+    base = load_base_model(cfg, paths, for_training=False)
+    with torch.no_grad():
+        a, b, c = (m(input_ids=ids).logits for m in (live, reloaded, base))
+    diff = (a - b).abs().max().item()
+    print(f"loss {metrics['first_loss']:.4f} -> {metrics['last_loss']:.4f}; adapter logits max diff {diff:.2e}")
+    assert diff < 1e-5
+    assert (a - c).abs().max().item() > 1e-4  # the adapter did change the model
+
+
+@pytest.mark.slow
+def test_two_ranks_run_deepspeed_zero2_over_gloo(tmp_path):
+    """2 ranks via submitit's LocalExecutor (tasks_per_node=2) and TrainJob, as the launcher submits it."""
+    import submitit
+
+    from gptoss_hpc.stages.train import TrainJob
+
+    config = make_point(tmp_path, "model.tokenizer=tiny-bpe", "train.deepspeed=true", "cluster.tasks_per_node=2")
+    paths = PointPaths.from_config(config)
+    executor = submitit.LocalExecutor(folder=paths.run_dir / "slurm" / "train")
+    executor.update_parameters(tasks_per_node=2, timeout_min=10)
+    job = executor.submit(TrainJob(), str(config))
+    results = job.results()
+    m = json.loads(paths.train_metrics.read_text())
+    print({k: m[k] for k in ("world_size", "engine", "zero_stage", "backend", "first_loss", "last_loss")})
+    assert results[0]["global_step"] == 8 and len(results) == 2
+    assert m["world_size"] == 2 and m["distributed_world_size"] == 2
+    assert m["deepspeed"] is True and m["engine"] == "DeepSpeedEngine" and m["zero_stage"] == 2
+    assert m["backend"] == "gloo"
+    # ZeRO-2 partitions the optimizer state: one shard per rank in the DeepSpeed checkpoint
+    step_dir = paths.train / "checkpoint-8" / "global_step8"
+    shards = sorted(p.name for p in step_dir.glob("*optim_states.pt"))
+    assert len(shards) == 2, shards
+    assert json.loads((paths.adapter / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 2
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_when_a_key_is_set(tmp_path):
+    """W&B's server is faked by WANDB_MODE=offline; the key is made up and never leaves the machine."""
+    config = make_point(tmp_path, "model.tokenizer=tiny-bpe", "train.max_steps=2")
+    paths = PointPaths.from_config(config)
+    proc = run_cli(config, {"WANDB_API_KEY": "f" * 40, "WANDB_MODE": "offline"})
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    runs = list((paths.root / "wandb").glob("offline-run-*"))
+    assert runs, f"no offline W&B run under {paths.root / 'wandb'}"
+    assert "f" * 40 not in "".join(p.read_text(errors="ignore") for p in runs[0].rglob("*.yaml"))
+    assert json.loads(paths.train_metrics.read_text())["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_sigusr2_saves_a_checkpoint_and_a_rerun_resumes(tmp_path):
+    """Run by hand (no submitit): SIGUSR2 → checkpoint at a step end, exit 1 with the resume hint; the same
+    command again resumes from that checkpoint and ends at the same global step as an uninterrupted run."""
+    config = make_point(
+        tmp_path, "model.tokenizer=tiny-bpe", "train.max_steps=120", "train.save_steps=1000", "train.logging_steps=1"
+    )
+    paths = PointPaths.from_config(config)
+    proc = run_cli(config)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if paths.metrics.is_file() and len(paths.metrics.read_text().splitlines()) >= 3:
+            proc.send_signal(signal.SIGUSR2)
+            break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err[-3000:]
+    assert "preempted" in err and "re-run the same command to resume" in err
+    ckpt = latest_checkpoint(paths.train)
+    assert ckpt is not None
+    stopped_at = int(ckpt.name.split("-")[1])
+    assert 3 <= stopped_at < 120
+    status = json.loads(paths.stage_status("train").read_text())
+    assert status["state"] == "FAILED" and "Preempted" in status["error"]
+
+    proc = run_cli(config)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    m = json.loads(paths.train_metrics.read_text())
+    assert m["resumed_from"] == str(ckpt) and m["global_step"] == 120
+    steps = [json.loads(x)["step"] for x in paths.metrics.read_text().splitlines() if '"loss"' in x]
+    assert steps[-1] == 120 and min(s for s in steps if s > stopped_at) == stopped_at + 1
