@@ -116,7 +116,7 @@ def job_state(t: LogTarget) -> str | None:
         except (OSError, ValueError):
             return "PENDING"
         return str(rec.get("state"))
-    st = slurm_query.query([t.task_id]).states.get(t.task_id)
+    st = slurm_query.query([t.task_id]).get(t.task_id)
     return st.state if st else None
 
 

@@ -90,6 +90,11 @@ class QueryResult:
     source: str
     sacct_error: str = ""  # why sacct was not used, when it was not
 
+    def get(self, task_id: str) -> JobState | None:
+        """The state of "123_4", else that of its array's record "123" (sacct lists an array it has not
+        split into tasks yet, e.g. one cancelled while pending, under the bare array job id)."""
+        return self.states.get(task_id) or self.states.get(task_id.split("_", 1)[0])
+
 
 # --------------------------------------------------------------------------------------------- parsing
 

@@ -287,7 +287,7 @@ def _fill_local(rows: list[JobRow], run_dir: Path) -> None:
 def _fill_slurm(rows: list[JobRow], manifest: Manifest, use_sacct: bool) -> tuple[str, str]:
     result = slurm_query.query([j.job_id for j in manifest.jobs], use_sacct=use_sacct)
     for row in rows:
-        st = result.states.get(row.job_id)
+        st = result.get(row.job_id)
         if st is None:
             # a just-submitted job sacct does not know yet, or one Slurm has forgotten
             continue
@@ -349,16 +349,16 @@ def render(status: LaunchStatus, *, max_failures: int = 5):  # -> rich.console.G
     )
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
     for col, kw in (
-        ("point", {"justify": "right"}),
-        ("overrides", {"overflow": "fold", "max_width": 40}),
-        ("stage", {}),
-        ("job", {}),
-        ("state", {}),
-        ("elapsed", {"justify": "right"}),
-        ("node", {}),
-        ("step", {"justify": "right"}),
-        ("loss", {"justify": "right"}),
-        ("reason / exit", {"overflow": "fold"}),
+        ("point", {"justify": "right", "no_wrap": True}),
+        ("overrides", {"overflow": "fold", "max_width": 40, "min_width": 8}),
+        ("stage", {"no_wrap": True}),
+        ("job", {"no_wrap": True, "min_width": 5}),
+        ("state", {"no_wrap": True, "min_width": 9}),
+        ("elapsed", {"justify": "right", "no_wrap": True, "min_width": 8}),
+        ("node", {"overflow": "fold"}),
+        ("step", {"justify": "right", "no_wrap": True}),
+        ("loss", {"justify": "right", "no_wrap": True}),
+        ("reason / exit", {"overflow": "fold", "min_width": 10}),
     ):
         table.add_column(col, **kw)
     for r in status.rows:

@@ -140,6 +140,17 @@ def _fake_run(outputs: dict[str, subprocess.CompletedProcess | Exception], calls
     return run
 
 
+def test_unsplit_array_record_stands_for_its_tasks() -> None:
+    # captured 1 s after `scancel` of a held array (205) and its dependent array (206)
+    sacct = parse_sacct(
+        "205|CANCELLED by 0|0:0|00:00:00|None assigned|allocation\n"
+        "206|CANCELLED by 0|0:0|00:00:00|None assigned|allocation\n"
+    )
+    res = slurm_query.QueryResult(sacct, "sacct")
+    assert res.get("205_2").state == "CANCELLED" and res.get("206_0").terminal
+    assert res.get("207_0") is None
+
+
 def test_query_one_sacct_one_squeue_and_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[list[str]] = []
     ok = subprocess.CompletedProcess
