@@ -404,17 +404,106 @@ def _preset_name(cfg) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # correctness: fast path vs stock path on one batch, same weights
 # ----------------------------------------------------------------------------------------------------------
+def _rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def check_experts_core(cfg, device: str, tokens: int = 4096) -> dict[str, Any]:
+    """One gpt-oss experts block: transformers' grouped_mm path, the eager core and the compiled core against
+    an fp32 evaluation of the core; output and gradients (input, routing weights, expert weights)."""
+    import torch
+    from transformers import GptOssConfig
+    from transformers.integrations.moe import grouped_mm_experts_forward
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    from gptoss_hpc.modeling.fast import _compiled_core, moe_experts_core
+
+    out: dict[str, Any] = {"name": "check experts core", "tokens": tokens}
+    try:
+        config = GptOssConfig.from_json_file(str(model_config_json(cfg)))
+        torch.manual_seed(0)
+        with torch.device(device):
+            experts = GptOssExperts(config).to(torch.bfloat16)
+            with torch.no_grad():
+                for p in experts.parameters():
+                    p.normal_(0, 0.02)
+            h0 = torch.randn(tokens, config.hidden_size, dtype=torch.bfloat16)
+            logits = torch.randn(tokens, config.num_local_experts)
+            top_v, idx = torch.topk(logits, config.num_experts_per_tok, dim=-1)
+            w0 = torch.softmax(top_v, dim=-1).to(torch.bfloat16)
+            gout = torch.randn(tokens, config.hidden_size, dtype=torch.bfloat16)
+        names = ["gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"]
+
+        def run(kind: str):
+            h = h0.clone().requires_grad_(True)
+            w = w0.clone().requires_grad_(True)
+            params = [getattr(experts, n) for n in names]
+            for p in params:
+                p.grad = None
+            if kind == "stock":
+                y = grouped_mm_experts_forward(experts, h, idx, w)
+            elif kind == "fp32":
+                h32, w32 = h.float(), w.float()
+                p32 = [p.float() for p in params]
+                y = moe_experts_core(h32, idx, w32, *p32, float(experts.alpha), float(experts.limit))
+            else:
+                fn = _compiled_core() if kind == "compiled" else moe_experts_core
+                y = fn(h, idx, w, *params, float(experts.alpha), float(experts.limit))
+            y.float().backward(gout.float())
+            return [y.detach().float(), h.grad.float(), w.grad.float()] + [p.grad.float() for p in params]
+
+        ref = run("fp32")
+        labels = ["out", "d_hidden", "d_routing_w", *("d_" + n for n in names)]
+        for kind in ("stock", "eager", "compiled"):
+            got = run(kind)
+            out[kind] = {lab: round(_rel(g, r), 5) for lab, g, r in zip(labels, got, ref, strict=True)}
+        out["status"] = "ok"
+    except Exception as exc:
+        import traceback
+
+        traceback.print_exc()
+        out.update(status="error", error=f"{type(exc).__name__}: {exc}"[:300])
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def _knob_subsets(cfg) -> dict[str, Any]:
+    """cfg with each configured knob alone, and all of them; keys name the subset."""
+    from dataclasses import replace
+
+    t, m = cfg.train, cfg.model
+    off_t = {"no_grad_below_first_lora": False, "loss_chunk_tokens": 0}
+    off_m = {"fused_experts": False, "compile_layers": False}
+    subsets = {}
+    if t.loss_chunk_tokens:
+        subsets["chunked_ce"] = ({**off_t, "loss_chunk_tokens": t.loss_chunk_tokens}, off_m)
+    if t.no_grad_below_first_lora:
+        subsets["no_grad_prefix"] = ({**off_t, "no_grad_below_first_lora": True}, off_m)
+    if m.fused_experts:
+        subsets["fused_experts"] = (off_t, {**off_m, "fused_experts": True})
+    if m.compile_layers:
+        subsets["compile_layers"] = (off_t, {**off_m, "compile_layers": True, "fused_experts": m.fused_experts})
+    out = {k: replace(cfg, train=replace(t, **a), model=replace(m, **b)) for k, (a, b) in subsets.items()}
+    out["all (configured)"] = cfg
+    stock = replace(cfg, train=replace(t, **off_t), model=replace(m, **off_m))
+    return stock, out
+
+
 def check(cfg, args, device: str) -> dict[str, Any]:
+    """Loss and LoRA gradients of each configured knob (alone, then all) vs the stock path, same weights and
+    batch; plus the stock path run twice (its own run-to-run noise)."""
     import random
 
     import torch
 
-    from gptoss_hpc.modeling.fast import unwrap
+    from gptoss_hpc.modeling.fast import apply_speed_knobs, unwrap
 
     out: dict[str, Any] = {"name": "check fast vs stock", "lora": _preset_name(cfg)}
     model = knobs = None
     try:
-        model, knobs = prepare(cfg, device, vocab_size=args.vocab)
+        stock_cfg, subsets = _knob_subsets(cfg)
+        model, knobs = prepare(stock_cfg, device, vocab_size=args.vocab)
         vocab = unwrap(model).config.vocab_size
         rng = random.Random(args.seed + 7)
         batch = micro_batches(cfg, rng, vocab, 1, "lognormal")[0]
@@ -430,30 +519,29 @@ def check(cfg, args, device: str) -> dict[str, Any]:
             loss.backward()
             return float(loss.detach()), {n: p.grad.detach().float().clone() for n, p in trainable.items()}
 
-        fast_loss, fast_g = grads_of(model, knobs)
-        summary = knobs.summary()
-        knobs.remove()
         ref_loss, ref_g = grads_of(model, knobs)
-        num = sum(float((fast_g[n] - ref_g[n]).pow(2).sum()) for n in ref_g)
         den = sum(float(ref_g[n].pow(2).sum()) for n in ref_g)
-        worst = max((float((fast_g[n] - ref_g[n]).norm() / ref_g[n].norm().clamp_min(1e-30)), n) for n in ref_g)
-        # run-to-run noise of the stock path itself (atomics, nondeterministic kernels)
-        _, ref2_g = grads_of(model, knobs)
-        noise = math.sqrt(sum(float((ref2_g[n] - ref_g[n]).pow(2).sum()) for n in ref_g) / max(den, 1e-30))
-        out.update(
-            status="ok",
-            knobs=summary,
-            tokens=batch["real_tokens"],
-            fast_loss=fast_loss,
-            ref_loss=ref_loss,
-            loss_rel_err=abs(fast_loss - ref_loss) / abs(ref_loss),
-            grad_rel_err=math.sqrt(num / max(den, 1e-30)),
-            worst_param_rel_err=worst[0],
-            worst_param=worst[1],
-            ref_rerun_grad_rel_err=noise,
-            nonzero_grads=sum(1 for g in fast_g.values() if float(g.abs().max()) > 0),
-            n_grads=len(fast_g),
-        )
+
+        def compare(loss, g):
+            num = sum(float((g[n] - ref_g[n]).pow(2).sum()) for n in ref_g)
+            worst = max((_rel(g[n], ref_g[n]), n) for n in ref_g)
+            return {
+                "loss": loss,
+                "loss_rel_err": abs(loss - ref_loss) / abs(ref_loss),
+                "grad_rel_err": math.sqrt(num / max(den, 1e-30)),
+                "worst_param_rel_err": worst[0],
+                "worst_param": worst[1].replace("base_model.model.model.", ""),
+            }
+
+        out["ref_loss"] = ref_loss
+        out["tokens"] = batch["real_tokens"]
+        out["stock_rerun"] = compare(*grads_of(model, knobs))
+        knobs.remove()
+        for name, sub in subsets.items():
+            k = apply_speed_knobs(model, sub)
+            out[name] = {**compare(*grads_of(model, k)), "knobs": k.summary()}
+            k.remove()
+        out["status"] = "ok"
     except Exception as exc:
         import traceback
 
@@ -554,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(run_stack("configured (GPU defaults)", cfg, args, device, peak, args.steps, prof))
         save()
         if args.check:
+            if i == 0 and _cuda(device):
+                rows.append(check_experts_core(cfg, device))
             rows.append(check(cfg, args, device))
             save()
     for name_spec in args.variant:
@@ -567,14 +657,16 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run_stack(name, cfg, args, device, peak, args.reference_steps, lengths="full"))
             save()
     print_table(rows)
-    checks = [r for r in rows if r["name"].startswith("check")]
-    for c in checks:
-        if c.get("status") == "ok":
-            print(
-                f"check {c['lora']}: loss rel err {c['loss_rel_err']:.2e}, LoRA grad rel err "
-                f"{c['grad_rel_err']:.2e} (worst param {c['worst_param_rel_err']:.2e}; stock rerun "
-                f"{c['ref_rerun_grad_rel_err']:.2e}); nonzero grads {c['nonzero_grads']}/{c['n_grads']}"
-            )
+    for c in (r for r in rows if r["name"] == "check fast vs stock" and r.get("status") == "ok"):
+        for key, v in c.items():
+            if isinstance(v, dict) and "grad_rel_err" in v:
+                print(
+                    f"check {c['lora']:>10} {key:>18}: loss rel err {v['loss_rel_err']:.1e}, LoRA grad rel err "
+                    f"{v['grad_rel_err']:.1e} (worst {v['worst_param_rel_err']:.1e} {v['worst_param']})"
+                )
+    for c in (r for r in rows if r["name"] == "check experts core" and r.get("status") == "ok"):
+        for kind in ("stock", "eager", "compiled"):
+            print(f"check experts core {kind:>8} vs fp32: {c[kind]}")
     save()
     return 0 if all(r.get("status") == "ok" for r in rows) else 1
 

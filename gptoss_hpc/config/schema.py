@@ -89,6 +89,9 @@ class ModelConfig:
     # the routing/bias/SwiGLU/combine steps around the two grouped GEMMs through torch.compile (CUDA only;
     # the same arithmetic, eager on CPU).
     fused_experts: bool = False
+    # Speed knob: torch.compile each decoder layer (regional compilation, CUDA only) except layers whose
+    # experts carry LoRA (PEFT's ParamWrapper is not traceable); those keep fused_experts.
+    compile_layers: bool = False
     trust_remote_code: bool = False
 
 

@@ -73,29 +73,72 @@ def lowest_trainable_layer(model: nn.Module) -> int:
 # --------------------------------------------------------------------------------------------------------------
 # Knob 1: no autograd below the first trainable layer
 # --------------------------------------------------------------------------------------------------------------
-def _no_grad_forward(forward, *args, **kwargs):
-    import torch
+_NO_GRAD_CLASSES: dict[type, type] = {}
 
-    with torch.no_grad():
-        return forward(*args, **kwargs)
+
+def _no_grad_class(cls: type) -> type:
+    """A subclass of a decoder-layer class whose forward runs under torch.no_grad. One class for all such
+    layers (not a per-layer wrapper), so a compiled layer's code is shared by all of them."""
+    if cls not in _NO_GRAD_CLASSES:
+        import torch
+
+        def forward(self, *args, **kwargs):
+            with torch.no_grad():
+                return super(sub, self).forward(*args, **kwargs)
+
+        sub = type(f"NoGrad{cls.__name__}", (cls,), {"forward": forward, "_gptoss_no_grad_base": cls})
+        _NO_GRAD_CLASSES[cls] = sub
+    return _NO_GRAD_CLASSES[cls]
 
 
 def freeze_below_first_trainable_layer(model: nn.Module) -> list[nn.Module]:
-    """Run decoder layers [0, first trainable) without autograd. Returns the wrapped layers.
+    """Run decoder layers [0, first trainable) without autograd. Returns the changed layers.
 
     The hidden state entering the first trainable layer then has no grad history: its backward stops there,
     which is exact, since nothing below it trains (the input embeddings must be frozen; if they train, the
-    first trainable "layer" is 0 and nothing is wrapped). Call it after ``gradient_checkpointing_enable``.
+    first trainable "layer" is 0 and nothing changes). Independent of gradient checkpointing.
     """
     first = lowest_trainable_layer(model)
-    wrapped = []
+    changed = []
     for layer in list(decoder_layers(model))[:first]:
-        if "forward" in vars(layer):  # already wrapped
+        if hasattr(type(layer), "_gptoss_no_grad_base"):
             continue
-        layer.forward = functools.partial(_no_grad_forward, layer.forward)
-        wrapped.append(layer)
+        layer.__class__ = _no_grad_class(type(layer))
+        changed.append(layer)
     log.info("layers 0..%d run without autograd (first trainable layer: %d)", first - 1, first)
-    return wrapped
+    return changed
+
+
+def _restore_class(layer: nn.Module) -> None:
+    base = getattr(type(layer), "_gptoss_no_grad_base", None)
+    if base is not None:
+        layer.__class__ = base
+
+
+def compile_decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """Regional torch.compile: every decoder layer whose modules PEFT's ParamWrapper does not wrap (its
+    parametrization is registered inside the forward, which dynamo cannot trace); those keep the eager layer
+    with the compiled experts core. Identical layers share the compiled code."""
+
+    _raise_recompile_limit()
+    compiled = []
+    for layer in decoder_layers(model):
+        if any(type(m).__name__ == "ParamWrapper" for m in layer.modules()):
+            continue
+        layer.compile(dynamic=False)
+        compiled.append(layer)
+    log.info("compiled %d decoder layers", len(compiled))
+    return compiled
+
+
+def _raise_recompile_limit(limit: int = 64) -> None:
+    """Compiled regions see a few variants (sliding/full attention, grad on/off, LoRA or not): the default
+    limit of 8 variants per code object is reached with a few micro-batch shapes, and flex_attention past it
+    falls back to an eager path that materialises [heads, T, T] scores (16 GiB at 8k tokens)."""
+    import torch
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 8 * limit)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -399,6 +442,7 @@ class SpeedKnobs:
 
     model: Any
     frozen_prefix: list[Any] = field(default_factory=list)
+    compiled_layers: list[Any] = field(default_factory=list)
     experts_before: str | None = None
     experts_after: str | None = None
     loss_chunk_tokens: int = 0
@@ -406,18 +450,26 @@ class SpeedKnobs:
     def summary(self) -> dict[str, Any]:
         return {
             "no_grad_layers": len(self.frozen_prefix),
+            "compiled_layers": len(self.compiled_layers),
             "experts_implementation": self.experts_after,
             "loss_chunk_tokens": self.loss_chunk_tokens,
         }
 
     def remove(self) -> None:
         for layer in self.frozen_prefix:
-            vars(layer).pop("forward", None)
+            _restore_class(layer)
         self.frozen_prefix = []
+        for layer in self.compiled_layers:
+            layer._compiled_call_impl = None
+        self.compiled_layers = []
         if self.experts_before is not None or self.experts_after is not None:
             set_experts_implementation(self.model, self.experts_before)
             self.experts_after = self.experts_before
         self.loss_chunk_tokens = 0
+
+
+def _on_cuda(model: nn.Module) -> bool:
+    return next(model.parameters()).device.type == "cuda"
 
 
 def set_experts_implementation(model: nn.Module, name: str | None) -> None:
@@ -435,7 +487,8 @@ def set_experts_implementation(model: nn.Module, name: str | None) -> None:
 def apply_speed_knobs(model: nn.Module, cfg: RunConfig) -> SpeedKnobs:
     """Apply the knobs that ``cfg`` turns on, to a model that already has its LoRA adapters and gradient
     checkpointing set up. ``model.fused_experts`` swaps in the compiled experts (the model is built with
-    ``experts_implementation=grouped_mm``); ``train.no_grad_below_first_lora`` wraps the frozen prefix;
+    ``experts_implementation=grouped_mm``); ``train.no_grad_below_first_lora`` runs the frozen prefix
+    without autograd; ``model.compile_layers`` compiles the decoder layers (CUDA);
     ``train.loss_chunk_tokens`` is recorded here and applied by ``causal_lm_loss`` in the loss."""
     t, m = cfg.train, cfg.model
     knobs = SpeedKnobs(model=model, loss_chunk_tokens=int(getattr(t, "loss_chunk_tokens", 0) or 0))
@@ -447,5 +500,9 @@ def apply_speed_knobs(model: nn.Module, cfg: RunConfig) -> SpeedKnobs:
         knobs.experts_after = FUSED_EXPERTS
     if getattr(t, "no_grad_below_first_lora", False):
         knobs.frozen_prefix = freeze_below_first_trainable_layer(model)
+    if getattr(m, "compile_layers", False) and _on_cuda(model):
+        knobs.compiled_layers = compile_decoder_layers(model)
+    if knobs.experts_after or knobs.compiled_layers:
+        _raise_recompile_limit()
     log.info("speed knobs: %s", knobs.summary())
     return knobs
