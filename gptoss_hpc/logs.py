@@ -24,17 +24,17 @@ from typing import TextIO
 
 from gptoss_hpc import slurm_query
 from gptoss_hpc.errors import GptossHpcError
-from gptoss_hpc.paths import RunPaths
 from gptoss_hpc.status import (
     DEFAULT_RUN_ROOT,
+    JobRow,
     LaunchNotFoundError,
-    is_plain_single,
+    collect,
+    job_rows,
     load_manifest,
-    log_paths,
     newest_run_dirs,
     resolve_run_dir,
 )
-from gptoss_hpc.submission.manifest import JobRecord, Manifest
+from gptoss_hpc.submission.manifest import Manifest
 
 SEARCH_LAUNCHES = 50  # how many of the newest launches a JOB_ID is looked up in
 _JOB_ID = re.compile(r"^(?P<job>\d+)(?:_(?P<task>\d+))?$")
@@ -45,33 +45,37 @@ GONE_AFTER_S = 15.0  # a job neither sacct nor squeue knows for this long is tre
 class LogTarget:
     run_dir: Path
     manifest: Manifest
-    record: JobRecord
-    task_id: str  # "1234_3" or "1235"
-    point: int | None
-    out: Path
-    err: Path
+    row: JobRow  # the job or array task: stage, Slurm id ("1234_3" or "1235"), points, log paths
+
+    @property
+    def task_id(self) -> str:
+        return self.row.job_id
+
+    @property
+    def stage(self) -> str:
+        return self.row.stage
+
+    @property
+    def point(self) -> int | None:
+        return self.row.points[0] if len(self.row.points) == 1 else None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.row.log_out)
+
+    @property
+    def err(self) -> Path:
+        return Path(self.row.log_err)
 
 
-def _pick(manifest: Manifest, run_dir: Path, record: JobRecord, point: int | None) -> LogTarget:
-    if record.array and not is_plain_single(run_dir, record):
-        if point is None:
-            if not record.points:
-                raise LaunchNotFoundError(f"job {record.job_id} ({record.stage}) has no array tasks")
-            point = record.points[0]
-        if point not in record.points:
-            raise LaunchNotFoundError(
-                f"point {point} is not in job {record.job_id} ({record.stage}); its points: {record.points}"
-            )
-        task_id = f"{record.job_id}_{point}"
-    else:
-        if point is not None and record.points and point not in record.points:
-            raise LaunchNotFoundError(
-                f"point {point} is not in job {record.job_id} ({record.stage}); its points: {record.points}"
-            )
-        task_id = record.job_id
-        point = point if point is not None else (record.points[0] if len(record.points) == 1 else None)
-    out, err = log_paths(run_dir, record, task_id)
-    return LogTarget(run_dir, manifest, record, task_id, point, out, err)
+def _pick(rows: list[JobRow], point: int | None, what: str) -> JobRow:
+    if point is None:
+        return rows[0]
+    for row in rows:
+        if point in row.points:
+            return row
+    have = sorted({p for r in rows for p in r.points})
+    raise LaunchNotFoundError(f"point {point} is not in {what}; its points: {have}")
 
 
 def find_target(target: str, *, point: int | None, stage: str, run_root: str | Path = DEFAULT_RUN_ROOT) -> LogTarget:
@@ -88,34 +92,30 @@ def find_target(target: str, *, point: int | None, stage: str, run_root: str | P
                 manifest = load_manifest(run_dir)
             except LaunchNotFoundError:
                 continue
-            for rec in manifest.jobs:
-                if rec.job_id == job:
-                    return _pick(manifest, run_dir, rec, point)
+            rows = [r for r in job_rows(manifest) if r.job_id.split("_", 1)[0] == job]
+            if rows:
+                row = _pick(rows, point, f"job {job}")
+                return LogTarget(Path(manifest.run_dir), manifest, row)
         raise LaunchNotFoundError(
             f"job {target} is not from any of the {SEARCH_LAUNCHES} newest launches under {run_root}/"
             " (pass the run dir instead, or --run-root)"
         )
     run_dir = resolve_run_dir(target, run_root)
     manifest = load_manifest(run_dir)
-    rec = manifest.job(stage)
-    if rec is None:
-        stages = ", ".join(j.stage for j in manifest.jobs) or "none"
+    rows = [r for r in job_rows(manifest) if r.stage == stage]
+    if not rows:
+        stages = ", ".join(dict.fromkeys(j.stage for j in manifest.jobs)) or "none"
         raise LaunchNotFoundError(f"launch {run_dir} has no {stage!r} job (its stages: {stages})")
-    return _pick(manifest, run_dir, rec, point)
+    return LogTarget(Path(manifest.run_dir), manifest, _pick(rows, point, f"the {stage} jobs of {run_dir}"))
 
 
 def job_state(t: LogTarget) -> str | None:
     """Current state of the target job (None: Slurm does not know it, yet or any more)."""
-    if t.manifest.backend == "local":
-        import json
-
-        if t.point is None:
-            return None
-        try:
-            rec = json.loads(RunPaths(t.run_dir).point(t.point).stage_status(t.record.stage).read_text())
-        except (OSError, ValueError):
-            return "PENDING"
-        return str(rec.get("state"))
+    if t.manifest.backend == "local":  # from the status files, as `status` reads them
+        for row in collect(t.run_dir).rows:
+            if row.stage == t.stage and row.job_id == t.task_id and row.points == t.row.points:
+                return row.state
+        return None
     st = slurm_query.query([t.task_id]).get(t.task_id)
     return st.state if st else None
 
@@ -199,6 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         t = find_target(args.target, point=args.point, stage=args.stage, run_root=args.run_root)
+        if not t.task_id:
+            raise GptossHpcError(
+                f"the {t.stage} job of point {t.point} never started (an earlier stage of that point failed)"
+            )
         path = t.err if args.err else t.out
         if not args.follow:
             if not path.is_file():
@@ -211,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     sys.stdout.write(chunk.decode("utf-8", errors="replace"))
             sys.stdout.flush()
             return 0
-        print(f"==> {path} ({t.record.stage}, job {t.task_id}) <==", file=sys.stderr, flush=True)
+        print(f"==> {path} ({t.stage}, job {t.task_id}) <==", file=sys.stderr, flush=True)
         final = follow(
             path,
             lambda: job_state(t),

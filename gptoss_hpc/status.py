@@ -79,12 +79,15 @@ def resolve_run_dir(target: str | None, run_root: str | Path = DEFAULT_RUN_ROOT)
 
 
 def load_manifest(run_dir: str | Path) -> Manifest:
+    """launch.json of run_dir; its run_dir is set to where it was read (a launch dir may be moved)."""
     try:
-        return Manifest.load(run_dir)
+        manifest = Manifest.load(run_dir)
     except GptossHpcError as exc:
         raise LaunchNotFoundError(str(exc)) from exc
     except (ValueError, KeyError, TypeError) as exc:
         raise LaunchNotFoundError(f"{Path(run_dir) / MANIFEST} is not a valid launch manifest: {exc}") from exc
+    manifest.run_dir = str(Path(run_dir).resolve())
+    return manifest
 
 
 # -------------------------------------------------------------------------------------------- rows
@@ -180,12 +183,19 @@ def job_rows(manifest: Manifest) -> list[JobRow]:
     run_dir = Path(manifest.run_dir)
     overrides = {p.index: p.overrides for p in manifest.points}
     rows = []
+    failed_points: set[int] = set()  # local: points an earlier stage failed on (run_local skips them)
     for rec in manifest.jobs:
         if manifest.backend == "local" and len(rec.points) > 1:
-            # run_local records one comma-separated id per point it started (none for skipped points)
+            # run_local records one comma-separated id per point it started, in order, none for skipped ones
             ids = [i for i in rec.job_id.split(",") if i]
-            for n, p in enumerate(rec.points):
-                job_id = ids[n] if len(ids) == len(rec.points) else ""
+            started = [p for p in rec.points if p not in failed_points]
+            if len(started) != len(ids):
+                started = rec.points if len(ids) == len(rec.points) else []
+            by_point = dict(zip(started, ids, strict=False))
+            for p in rec.points:
+                if _local_state(run_dir, p, rec.stage) == "FAILED":
+                    failed_points.add(p)
+                job_id = by_point.get(p, "")
                 out, err = log_paths(run_dir, rec, job_id) if job_id else (Path(), Path())
                 rows.append(
                     JobRow(
@@ -249,6 +259,13 @@ def last_metrics(path: str | Path) -> tuple[int | None, float | None]:
     return step, loss
 
 
+def _local_state(run_dir: Path, point: int, stage: str) -> str | None:
+    try:
+        return str(json.loads(RunPaths(run_dir).point(point).stage_status(stage).read_text()).get("state"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _fill_local(rows: list[JobRow], run_dir: Path) -> None:
     """Local backend: states from pNNN/status/<stage>.json (missing → PENDING: not started)."""
     paths = RunPaths(run_dir)
@@ -302,8 +319,7 @@ def _fill_slurm(rows: list[JobRow], manifest: Manifest, use_sacct: bool) -> tupl
 def collect(run_dir: str | Path, *, use_sacct: bool = True) -> LaunchStatus:
     """The status of every job of the launch in run_dir (one sacct + at most one squeue call)."""
     manifest = load_manifest(run_dir)
-    rdir = Path(manifest.run_dir) if Path(manifest.run_dir).is_dir() else Path(run_dir).resolve()
-    manifest.run_dir = str(rdir)
+    rdir = Path(manifest.run_dir)
     rows = job_rows(manifest)
     if manifest.backend == "local":
         _fill_local(rows, rdir)

@@ -371,3 +371,33 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
     assert out.returncode == 2 and "unknown command" in _one_line_error(out)
     helped = cli("--help")
     assert helped.returncode == 0 and "gptoss-hpc logs" in helped.stdout and "examples" in helped.stdout
+
+
+def test_logs_of_a_local_launch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """backend local: one comma-joined id per point (submitit LocalExecutor pids), states from status files."""
+    from gptoss_hpc import logs
+
+    run = tmp_path / "loc" / "20261125-000000"
+    for i, state in enumerate(["COMPLETED", "FAILED"]):
+        (run / point_dirname(i) / "status").mkdir(parents=True)
+        (run / point_dirname(i) / "status" / "train.json").write_text(json.dumps({"state": state}))
+    (run / "slurm" / "train").mkdir(parents=True)
+    (run / "slurm" / "train" / "101_0_log.out").write_text("point 0 says hi\n")
+    (run / "slurm" / "train" / "102_0_log.err").write_text("Traceback ...\nValueError: boom\n")
+    Manifest("loc", "2026-11-25T00:00:00", "local", str(run),
+             [PointRecord(0, [], "p000"), PointRecord(1, [], "p001")],
+             [JobRecord("train", "101,102", False, [0, 1], "slurm/train"),
+              JobRecord("merge", "103", False, [0, 1], "slurm/merge")]).save()  # fmt: skip
+
+    assert logs.main([str(run)]) == 0
+    assert capsys.readouterr().out == "point 0 says hi\n"
+    assert logs.main(["102", "--err", "--run-root", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.endswith("ValueError: boom\n")
+    assert logs.main([str(run), "--point", "1", "--err", "-f"]) == 0  # FAILED: prints and ends at once
+    assert "boom" in capsys.readouterr().out
+    assert logs.main([str(run), "--stage", "merge", "--point", "1"]) == 1  # skipped: train failed
+    assert "never started" in capsys.readouterr().err
+    assert logs.main([str(run), "--stage", "merge", "--point", "0"]) == 1  # 103 ran point 0: no log yet
+    assert "103_0_log.out does not exist" in capsys.readouterr().err
+    assert logs.main([str(run), "--point", "7"]) == 2
+    assert "point 7 is not in" in capsys.readouterr().err
