@@ -160,13 +160,20 @@ def test_wandb_offline_run_when_a_key_is_set(tmp_path):
     """W&B's server is faked by WANDB_MODE=offline; the key is made up and never leaves the machine."""
     config = make_point(tmp_path, "model.tokenizer=tiny-bpe", "train.max_steps=2")
     paths = PointPaths.from_config(config)
-    proc = run_cli(config, {"WANDB_API_KEY": "f" * 40, "WANDB_MODE": "offline"})
+    secret = "hf_" + "s3cr3t" * 6
+    proc = run_cli(
+        config, {"WANDB_API_KEY": "f" * 40, "WANDB_MODE": "offline", "HF_TOKEN": secret, "PUSH_TO_HUB": "false"}
+    )
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     runs = list((paths.root / "wandb").glob("offline-run-*"))
     assert runs, f"no offline W&B run under {paths.root / 'wandb'}"
     assert "f" * 40 not in "".join(p.read_text(errors="ignore") for p in runs[0].rglob("*.yaml"))
-    assert json.loads(paths.train_metrics.read_text())["global_step"] == 2
+    m = json.loads(paths.train_metrics.read_text())
+    assert m["global_step"] == 2 and m["hub_repo"] is None  # PUSH_TO_HUB=false
+    # secrets never land on disk: not in training_args.bin, configs, W&B files, TensorBoard events ...
+    leaked = [p for p in paths.root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert not leaked, leaked
 
 
 @pytest.mark.slow
@@ -201,3 +208,46 @@ def test_sigusr2_saves_a_checkpoint_and_a_rerun_resumes(tmp_path):
     assert m["resumed_from"] == str(ckpt) and m["global_step"] == 120
     steps = [json.loads(x)["step"] for x in paths.metrics.read_text().splitlines() if '"loss"' in x]
     assert steps[-1] == 120 and min(s for s in steps if s > stopped_at) == stopped_at + 1
+
+
+def test_push_adapter_only_when_asked_with_the_env_token(tmp_path, monkeypatch):
+    """The Hub is faked: a recording stand-in for huggingface_hub.HfApi."""
+    import huggingface_hub
+
+    from gptoss_hpc.stages.train import push_adapter
+
+    calls = []
+
+    class FakeApi:
+        def whoami(self):
+            return {"name": "someone"}
+
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create_repo", repo_id, kw))
+
+        def upload_folder(self, folder_path, repo_id, **kw):
+            calls.append(("upload_folder", repo_id, folder_path))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    config = make_point(tmp_path)
+    cfg = validate(to_run_config(compose(["experiment=demo"])))
+    paths = PointPaths.from_config(config)
+    for var in ("HF_TOKEN", "HF_USER", "PUSH_TO_HUB"):
+        monkeypatch.delenv(var, raising=False)
+    assert push_adapter(cfg, paths) is None and not calls  # no token: nothing
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    monkeypatch.setenv("PUSH_TO_HUB", "false")
+    assert push_adapter(cfg, paths) is None and not calls
+    monkeypatch.delenv("PUSH_TO_HUB")
+    monkeypatch.setenv("HF_USER", "me")
+    assert push_adapter(cfg, paths) == "me/demo-p000"
+    assert calls == [
+        ("create_repo", "me/demo-p000", {"private": True, "exist_ok": True}),
+        ("upload_folder", "me/demo-p000", str(paths.adapter)),
+    ]
+    monkeypatch.delenv("HF_USER")
+    assert push_adapter(cfg, paths) == "someone/demo-p000"
+    cfg.train.hub_model_id = "org/custom"
+    assert push_adapter(cfg, paths) == "org/custom"
+    cfg.train.push_to_hub = False
+    assert push_adapter(cfg, paths) is None

@@ -64,6 +64,7 @@ def setup_distributed(cfg: RunConfig) -> dict[str, Any]:
     elif _num_tasks() > 1:
         # Slurm tasks (srun / submitit) or submitit's local executor with tasks_per_node > 1.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        os.environ["WORLD_SIZE"] = str(_num_tasks())  # the srun step's tasks, not the allocation's
         source = "submitit/slurm"
     else:
         # One process without torchrun: DeepSpeed/accelerate still want env:// values (else mpi4py).
@@ -82,10 +83,13 @@ def setup_distributed(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _num_tasks() -> int:
-    try:
-        return submitit.JobEnvironment().num_tasks
-    except RuntimeError:  # not in a submitit/Slurm job
-        return int(os.environ.get("SLURM_NTASKS", "1")) if "SLURM_PROCID" in os.environ else 1
+    env = os.environ
+    if env.get("SUBMITIT_EXECUTOR") == "local" and "SUBMITIT_LOCAL_NTASKS" in env:
+        return int(env["SUBMITIT_LOCAL_NTASKS"])
+    if "SLURM_JOB_ID" in env:
+        # srun sets SLURM_STEP_NUM_TASKS; a batch script run without srun is one process whatever --ntasks says
+        return int(env.get("SLURM_STEP_NUM_TASKS", "1"))
+    return 1
 
 
 def _free_port() -> int:
@@ -281,6 +285,7 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
             "total_params": total,
             "train_rows": len(train_ds),
             **engine,
+            "hub_repo": None,
         }
         write_atomic(paths.train_metrics, json.dumps(metrics, indent=2) + "\n")
         metrics["hub_repo"] = push_adapter(cfg, paths)
