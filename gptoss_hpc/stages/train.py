@@ -25,6 +25,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -63,9 +64,13 @@ def setup_distributed(cfg: RunConfig) -> dict[str, Any]:
         source = "env (torchrun)"
     elif _num_tasks() > 1:
         # Slurm tasks (srun / submitit) or submitit's local executor with tasks_per_node > 1.
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        os.environ["WORLD_SIZE"] = str(_num_tasks())  # the srun step's tasks, not the allocation's
-        source = "submitit/slurm"
+        if os.environ.get("SUBMITIT_EXECUTOR"):  # a submitit job (Slurm or local executor)
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+            os.environ["WORLD_SIZE"] = str(_num_tasks())  # the srun step's tasks, not the allocation's
+            source = "submitit"
+        else:  # plain `srun python -m gptoss_hpc.stages.train ...`
+            _export_srun_env()
+            source = "srun"
     else:
         # One process without torchrun: DeepSpeed/accelerate still want env:// values (else mpi4py).
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
@@ -90,6 +95,28 @@ def _num_tasks() -> int:
         # srun sets SLURM_STEP_NUM_TASKS; a batch script run without srun is one process whatever --ntasks says
         return int(env.get("SLURM_STEP_NUM_TASKS", "1"))
     return 1
+
+
+def _export_srun_env() -> None:
+    env = os.environ
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+    try:
+        hosts = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise GptossHpcError(f"cannot expand the Slurm node list {nodelist!r} with scontrol: {exc}") from exc
+    step_tasks = int(env["SLURM_STEP_NUM_TASKS"])
+    nodes = max(1, int(env.get("SLURM_STEP_NUM_NODES", "1")))
+    env.update(
+        RANK=env["SLURM_PROCID"],
+        WORLD_SIZE=str(step_tasks),
+        LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
+        LOCAL_WORLD_SIZE=str(step_tasks // nodes),
+        MASTER_ADDR=hosts[0] if hosts else "127.0.0.1",
+    )
+    # same port on every rank: derived from the job id, as submitit does
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 40000))
 
 
 def _free_port() -> int:
