@@ -251,3 +251,30 @@ def test_push_adapter_only_when_asked_with_the_env_token(tmp_path, monkeypatch):
     assert push_adapter(cfg, paths) == "org/custom"
     cfg.train.push_to_hub = False
     assert push_adapter(cfg, paths) is None
+
+
+@pytest.mark.slow
+def test_no_grad_prefix_knob_plugs_in_and_trains_the_same(tmp_path, monkeypatch):
+    """gptoss_hpc.modeling.fast's train.no_grad_below_first_lora through the real train stage: LoRA on layer 1
+    only, so layer 0 runs without autograd; the logged losses equal the stock run's."""
+    from gptoss_hpc.stages.train import main
+
+    for var in ("WANDB_API_KEY", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    losses = {}
+    for knob in ("false", "true"):
+        config = make_point(
+            tmp_path / knob,
+            "model.tokenizer=tiny-bpe",
+            "lora.expert_layers=[1]",
+            "train.max_steps=3",
+            f"train.no_grad_below_first_lora={knob}",
+        )
+        m = main(config)
+        losses[knob] = [
+            json.loads(x)["loss"]
+            for x in PointPaths.from_config(config).metrics.read_text().splitlines()
+            if '"loss"' in x
+        ]
+        assert (m["speed_knobs"] or {}).get("no_grad_layers", 0) == (1 if knob == "true" else 0)
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5, abs=1e-6)

@@ -193,6 +193,29 @@ def _callbacks(paths: PointPaths, world_size: int) -> tuple[Any, Any]:
     return MetricsCallback(), PreemptionCallback()
 
 
+def _speed_knobs_callback(cfg: RunConfig):
+    """gptoss_hpc.modeling.fast's model-level knobs (exact; off by default), applied when training begins:
+    after PEFT, gradient checkpointing and the DeepSpeed/DDP wrap are in place."""
+    m, t = cfg.model, cfg.train
+    if not (
+        getattr(m, "fused_experts", False)
+        or getattr(m, "compile_layers", False)
+        or getattr(t, "no_grad_below_first_lora", False)
+    ):
+        return None
+    from transformers import TrainerCallback
+
+    class SpeedKnobsCallback(TrainerCallback):
+        summary: dict[str, Any] | None = None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            from gptoss_hpc.modeling.fast import apply_speed_knobs
+
+            self.summary = apply_speed_knobs(model, cfg).summary()
+
+    return SpeedKnobsCallback()
+
+
 def _any_rank(flag: bool) -> bool:
     import torch
     import torch.distributed as dist
@@ -247,6 +270,11 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
     from gptoss_hpc.modeling.tokenizer import load_tokenizer
 
     rank0 = dist_info["rank"] == 0
+    if getattr(cfg.train, "loss_chunk_tokens", 0):
+        raise GptossHpcError(
+            f"train.loss_chunk_tokens={cfg.train.loss_chunk_tokens}: the chunked loss is wired into the bench "
+            "(python -m gptoss_hpc.bench train) only; the train stage uses TRL's loss. Set train.loss_chunk_tokens=0"
+        )
     paths.train.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.model)
     train_ds, _ = load_datasets(cfg, tokenizer)
@@ -266,6 +294,10 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
 
     model = load_base_model(cfg, paths, for_training=True)
     metrics_cb, preempt_cb = _callbacks(paths, dist_info["world_size"])
+    callbacks = [metrics_cb, preempt_cb]
+    knobs_cb = _speed_knobs_callback(cfg)
+    if knobs_cb is not None:
+        callbacks.append(knobs_cb)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -273,7 +305,7 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
         eval_dataset=None,
         processing_class=tokenizer,
         peft_config=build_lora_config(cfg),
-        callbacks=[metrics_cb, preempt_cb],
+        callbacks=callbacks,
     )
     trainable, total = trainer.model.get_nb_trainable_parameters()
     log.info("LoRA: %d trainable of %d parameters (%.4f%%)", trainable, total, 100 * trainable / total)
@@ -312,6 +344,7 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
             "total_params": total,
             "train_rows": len(train_ds),
             **engine,
+            "speed_knobs": knobs_cb.summary if knobs_cb is not None else None,
             "hub_repo": None,
         }
         write_atomic(paths.train_metrics, json.dumps(metrics, indent=2) + "\n")
