@@ -43,7 +43,8 @@ _STOCK = [
     "train.padding_free=false",
     "train.gradient_checkpointing=true",
     "train.per_device_train_batch_size=2",
-    "train.gradient_accumulation_steps=8",
+    # the recipe's 8; tok/s does not depend on it (the optimizer step of ~11M LoRA params is negligible)
+    "train.gradient_accumulation_steps=2",
 ]
 REFERENCE_STACKS = {
     "ref eager/eager (2025 stack)": [
@@ -75,9 +76,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         metavar="NAME=OVERRIDES",
         help="extra stack: a name and space-separated overrides on top of the config (repeatable)",
     )
-    p.add_argument("--check", action="store_true", help="loss/grad of the fast path vs the stock path")
+    p.add_argument("--check", action="store_true", help="loss/grad of each knob vs eager attention (math)")
+    p.add_argument("--check-tokens", type=int, default=1024, help="packed row length of the check batch")
     p.add_argument("--profile", type=Path, default=None, help="torch.profiler table of one configured step")
     p.add_argument("--lengths", choices=["lognormal", "full"], default="lognormal")
+    p.add_argument("--ladder", default=None, metavar="A-B", help="rows A..B of the knob ladder (e.g. 0-5)")
+    p.add_argument("--no-configured", action="store_true", help="skip the configured rows (checks still run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda")
     p.add_argument("--vocab", type=int, default=None, help="override the vocab size (CPU smoke runs)")
@@ -392,6 +396,39 @@ def run_stack(
     return row
 
 
+def ladder(cfg) -> list[tuple[str, Any]]:
+    """The configured stack built up one knob at a time from the stock stack (packed data throughout)."""
+    from dataclasses import replace
+
+    t, m = cfg.train, cfg.model
+    cur_t = replace(
+        t,
+        packing=True,
+        loss_chunk_tokens=0,
+        no_grad_below_first_lora=False,
+        gradient_checkpointing=True,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=max(1, t.per_device_train_batch_size * t.gradient_accumulation_steps // 2),
+    )
+    cur_m = replace(m, fused_experts=False, compile_layers=False)
+    steps = [("L0 stock stack, packed", {}, {})]
+    if t.loss_chunk_tokens:
+        steps.append(("L1 + chunked lm_head/CE", {"loss_chunk_tokens": t.loss_chunk_tokens}, {}))
+    if t.no_grad_below_first_lora:
+        steps.append(("L2 + no autograd below 1st LoRA layer", {"no_grad_below_first_lora": True}, {}))
+    if not t.gradient_checkpointing:
+        steps.append(("L3 + no grad checkpointing", {"gradient_checkpointing": False}, {}))
+    if m.fused_experts:
+        steps.append(("L4 + fused (compiled) experts", {}, {"fused_experts": True}))
+    if m.compile_layers:
+        steps.append(("L5 + compiled decoder layers", {}, {"compile_layers": True}))
+    out = []
+    for name, dt, dm in steps:
+        cur_t, cur_m = replace(cur_t, **dt), replace(cur_m, **dm)
+        out.append((name, replace(cfg, train=cur_t, model=cur_m)))
+    return out
+
+
 def _preset_name(cfg) -> str:
     lo = cfg.lora
     if lo.target_modules == "all-linear":
@@ -468,6 +505,70 @@ def check_experts_core(cfg, device: str, tokens: int = 4096) -> dict[str, Any]:
     return out
 
 
+def check_attention_core(device: str, tokens: int = 1024) -> dict[str, Any]:
+    """gpt-oss attention with sinks (GQA 64/8, head_dim 64, causal): transformers' eager and flex paths
+    (flex as transformers calls it: its own compiled wrapper; and inlined in a torch.compile'd region)
+    against eager attention evaluated in fp32; output and gradients of q, k, v and the sinks."""
+    import torch
+    from torch import nn
+    from torch.nn.attention.flex_attention import create_block_mask
+    from transformers.integrations.flex_attention import flex_attention_forward
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    out: dict[str, Any] = {"name": "check attention core", "tokens": tokens}
+    try:
+        torch.manual_seed(0)
+        heads, kv, hd = 64, 8, 64
+        mod = nn.Module()
+        mod.num_key_value_groups = heads // kv
+        mod.training = True
+        q0 = torch.randn(1, heads, tokens, hd, device=device, dtype=torch.bfloat16)
+        k0 = torch.randn(1, kv, tokens, hd, device=device, dtype=torch.bfloat16)
+        v0 = torch.randn(1, kv, tokens, hd, device=device, dtype=torch.bfloat16)
+        s0 = torch.randn(heads, device=device, dtype=torch.bfloat16)
+        g0 = torch.randn(1, tokens, heads, hd, device=device, dtype=torch.bfloat16)
+        idx = torch.arange(tokens, device=device)
+        add_mask = torch.where(idx[None, :] <= idx[:, None], 0.0, float("-inf"))[None, None]
+        block = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, tokens, tokens, device=device)
+
+        def flex(q, k, v, s):
+            mod.sinks = s
+            return flex_attention_forward(mod, q, k, v, block, scaling=hd**-0.5, s_aux=s)[0]
+
+        flex_inlined = torch.compile(flex, dynamic=False)
+
+        def run(kind: str):
+            q, k, v, s = (t.clone().requires_grad_(True) for t in (q0, k0, v0, s0))
+            if kind == "fp32_eager":
+                mod.sinks = s.float()
+                y = eager_attention_forward(mod, q.float(), k.float(), v.float(), add_mask.float(), scaling=hd**-0.5)[0]
+            elif kind == "eager":
+                mod.sinks = s
+                y = eager_attention_forward(mod, q, k, v, add_mask.to(q.dtype), scaling=hd**-0.5)[0]
+            elif kind == "flex":
+                y = flex(q, k, v, s)
+            else:
+                y = flex_inlined(q, k, v, s)
+            y.float().backward(g0.float())
+            return [y.detach().float(), q.grad.float(), k.grad.float(), v.grad.float(), s.grad.float()]
+
+        ref = run("fp32_eager")
+        for kind in ("eager", "flex", "flex_in_compile"):
+            got = run(kind)
+            out[kind] = {
+                lab: round(_rel(g, r), 5)
+                for lab, g, r in zip(["out", "dq", "dk", "dv", "dsinks"], got, ref, strict=True)
+            }
+        out["status"] = "ok"
+    except Exception as exc:
+        import traceback
+
+        traceback.print_exc()
+        out.update(status="error", error=f"{type(exc).__name__}: {exc}"[:300])
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def _knob_subsets(cfg) -> dict[str, Any]:
     """cfg with each configured knob alone, and all of them; keys name the subset."""
     from dataclasses import replace
@@ -506,7 +607,10 @@ def check(cfg, args, device: str) -> dict[str, Any]:
         model, knobs = prepare(stock_cfg, device, vocab_size=args.vocab)
         vocab = unwrap(model).config.vocab_size
         rng = random.Random(args.seed + 7)
-        batch = micro_batches(cfg, rng, vocab, 1, "lognormal")[0]
+        from dataclasses import replace
+
+        small = replace(cfg, train=replace(cfg.train, per_device_train_batch_size=1, max_length=args.check_tokens))
+        batch = micro_batches(small, rng, vocab, 1, "lognormal")[0]
         n_items = int((batch["labels"][..., 1:] != -100).sum())
         dev_batch = _to(batch, device)
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -519,7 +623,11 @@ def check(cfg, args, device: str) -> dict[str, Any]:
             loss.backward()
             return float(loss.detach()), {n: p.grad.detach().float().clone() for n, p in trainable.items()}
 
-        ref_loss, ref_g = grads_of(model, knobs)
+        base_model = unwrap(model)
+        flex_impl = base_model.config._attn_implementation
+        base_model.set_attn_implementation("eager")
+        ref_loss, ref_g = grads_of(model, knobs)  # the reference: eager attention, the plain math
+        base_model.set_attn_implementation(flex_impl)
         den = sum(float(ref_g[n].pow(2).sum()) for n in ref_g)
 
         def compare(loss, g):
@@ -533,9 +641,11 @@ def check(cfg, args, device: str) -> dict[str, Any]:
                 "worst_param": worst[1].replace("base_model.model.model.", ""),
             }
 
+        out["ref"] = "stock path with eager attention"
         out["ref_loss"] = ref_loss
         out["tokens"] = batch["real_tokens"]
-        out["stock_rerun"] = compare(*grads_of(model, knobs))
+        out[f"stock {flex_impl}"] = compare(*grads_of(model, knobs))
+        out[f"stock {flex_impl} rerun"] = compare(*grads_of(model, knobs))
         knobs.remove()
         for name, sub in subsets.items():
             k = apply_speed_knobs(model, sub)
@@ -639,12 +749,20 @@ def main(argv: list[str] | None = None) -> int:
     for i, preset in enumerate(p for p in args.presets.split(",") if p):
         cfg = _compose([f"lora={preset}", *base])
         prof = args.profile if i == 0 else None
-        rows.append(run_stack("configured (GPU defaults)", cfg, args, device, peak, args.steps, prof))
-        save()
+        if not args.no_configured:
+            rows.append(run_stack("configured (GPU defaults)", cfg, args, device, peak, args.steps, prof))
+            save()
         if args.check:
             if i == 0 and _cuda(device):
+                rows.append(check_attention_core(device))
                 rows.append(check_experts_core(cfg, device))
             rows.append(check(cfg, args, device))
+            save()
+    if args.ladder:
+        lo, _, hi = args.ladder.partition("-")
+        steps = ladder(_compose(base))
+        for name, cfg in steps[int(lo) : int(hi or lo) + 1]:
+            rows.append(run_stack(name, cfg, args, device, peak, args.steps))
             save()
     for name_spec in args.variant:
         name, _, spec = name_spec.partition("=")
@@ -667,6 +785,9 @@ def main(argv: list[str] | None = None) -> int:
     for c in (r for r in rows if r["name"] == "check experts core" and r.get("status") == "ok"):
         for kind in ("stock", "eager", "compiled"):
             print(f"check experts core {kind:>8} vs fp32: {c[kind]}")
+    for c in (r for r in rows if r["name"] == "check attention core" and r.get("status") == "ok"):
+        for kind in ("eager", "flex", "flex_in_compile"):
+            print(f"check attention core {kind:>15} vs fp32 eager: {c[kind]}")
     save()
     return 0 if all(r.get("status") == "ok" for r in rows) else 1
 

@@ -406,6 +406,7 @@ def fused_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     Weights are read here, outside the compiled region, so PEFT's parametrized (LoRA) expert weights reach
     the compiled core as plain tensors and their gradients flow through grouped_mm's autograd.
     """
+    _COMPILED["calls"] = _COMPILED.get("calls", 0) + 1
     args = (
         hidden_states,
         top_k_index,
@@ -453,6 +454,7 @@ class SpeedKnobs:
             "compiled_layers": len(self.compiled_layers),
             "experts_implementation": self.experts_after,
             "loss_chunk_tokens": self.loss_chunk_tokens,
+            "fused_experts_calls_so_far": _COMPILED.get("calls", 0),
         }
 
     def remove(self) -> None:
