@@ -116,7 +116,7 @@ def job_state(t: LogTarget) -> str | None:
             if row.stage == t.stage and row.job_id == t.task_id and row.points == t.row.points:
                 return row.state
         return None
-    st = slurm_query.query([t.task_id]).get(t.task_id)
+    st = slurm_query.query([t.task_id], tasks=[t.task_id]).get(t.task_id)
     return st.state if st else None
 
 

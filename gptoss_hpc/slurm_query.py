@@ -73,6 +73,7 @@ class JobState:
     reason: str = ""  # pending/failure reason from squeue (Dependency, Resources, Priority, ...)
     name: str = ""
     source: str = ""  # "sacct" | "squeue"
+    grouped: bool = False  # expanded from a sacct range line (123_[0-3]): a stale summary, see parse_sacct
 
     @property
     def terminal(self) -> bool:
@@ -93,7 +94,12 @@ class QueryResult:
     def get(self, task_id: str) -> JobState | None:
         """The state of "123_4", else that of its array's record "123" (sacct lists an array it has not
         split into tasks yet, e.g. one cancelled while pending, under the bare array job id)."""
-        return self.states.get(task_id) or self.states.get(task_id.split("_", 1)[0])
+        if task_id in self.states:
+            return self.states[task_id]
+        base = task_id.split("_", 1)[0]
+        if base == task_id or any(k.startswith(f"{base}_") for k in self.states):
+            return None
+        return self.states.get(base)
 
 
 # --------------------------------------------------------------------------------------------- parsing
@@ -129,7 +135,13 @@ def _clean(value: str) -> str:
 
 
 def parse_sacct(text: str) -> dict[str, JobState]:
-    """Parse `sacct --parsable2 --noheader --format=JobID,State,ExitCode,Elapsed,NodeList,JobName`."""
+    """Parse `sacct --parsable2 --noheader --format=JobID,State,ExitCode,Elapsed,NodeList,JobName`.
+
+    A range line (`380_[0-2]|CANCELLED`) is the array's meta record: sacct keeps printing the range it
+    was submitted with after some tasks were split off and ran (seen on 22.05: `380_0|COMPLETED` and
+    `380_[0-2]|CANCELLED` side by side when only task 2 was cancelled), and lists running tasks late.
+    So a task's own line always wins over a range line, and range states are marked `grouped`.
+    """
     states: dict[str, JobState] = {}
     for line in text.splitlines():
         if not line.strip():
@@ -142,7 +154,11 @@ def parse_sacct(text: str) -> dict[str, JobState]:
         if "." in job_id:  # steps: 123.batch, 123.extern, 123.0
             continue
         st = normalize_state(state)
-        for task in expand_task_ids(job_id):
+        tasks = expand_task_ids(job_id)
+        grouped = len(tasks) > 1 or tasks[0] != job_id
+        for task in tasks:
+            if grouped and task in states and not states[task].grouped:
+                continue
             states[task] = JobState(
                 job_id=task,
                 state=st,
@@ -151,6 +167,7 @@ def parse_sacct(text: str) -> dict[str, JobState]:
                 node=_clean(node),
                 name=name.strip(),
                 source="sacct",
+                grouped=grouped,
             )
     return states
 
@@ -277,9 +294,10 @@ def squeue(job_ids: Iterable[str]) -> dict[str, JobState]:
     return parse_squeue(proc.stdout)
 
 
-def query(job_ids: Iterable[str], *, use_sacct: bool = True) -> QueryResult:
-    """One refresh: sacct (when accounting works) then squeue, unless sacct already shows every
-    requested job finished. Keys are task ids ("123_4") and plain job ids ("124")."""
+def query(job_ids: Iterable[str], *, tasks: Iterable[str] | None = None, use_sacct: bool = True) -> QueryResult:
+    """One refresh: sacct (when accounting works) and squeue. squeue is skipped only when `tasks` (the
+    task ids the caller expects, e.g. "123_4") all have their own finished line in sacct. Keys of the
+    result are task ids ("123_4") and plain job ids ("124")."""
     ids = sorted(set(job_ids))
     if not ids:
         return QueryResult({}, "sacct" if use_sacct else "squeue")
@@ -293,18 +311,18 @@ def query(job_ids: Iterable[str], *, use_sacct: bool = True) -> QueryResult:
         except SlurmError as exc:
             sacct_error = str(exc)
             log.info("sacct unavailable, using squeue: %s", exc)
-    if from_sacct is not None and _all_terminal(ids, from_sacct):
+    if from_sacct is not None and tasks is not None and _all_final(tasks, from_sacct):
         return QueryResult(from_sacct, "sacct")
     from_squeue = squeue(ids)
     source = "sacct" if from_sacct is not None else "squeue"
     return QueryResult(merge_states(from_sacct, from_squeue), source, sacct_error)
 
 
-def _all_terminal(ids: Sequence[str], states: dict[str, JobState]) -> bool:
-    """True when every requested id (plain, or array job id with tasks) is known and finished."""
-    for job_id in ids:
-        tasks = [s for k, s in states.items() if k == job_id or k.startswith(f"{job_id}_")]
-        if not tasks or not all(s.terminal for s in tasks):
+def _all_final(tasks: Iterable[str], states: dict[str, JobState]) -> bool:
+    """True when every expected task has its own (not range) finished line."""
+    for task in tasks:
+        st = states.get(task)
+        if st is None or st.grouped or not st.terminal:
             return False
     return True
 

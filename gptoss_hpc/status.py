@@ -302,7 +302,7 @@ def _fill_local(rows: list[JobRow], run_dir: Path) -> None:
 
 
 def _fill_slurm(rows: list[JobRow], manifest: Manifest, use_sacct: bool) -> tuple[str, str]:
-    result = slurm_query.query([j.job_id for j in manifest.jobs], use_sacct=use_sacct)
+    result = slurm_query.query([j.job_id for j in manifest.jobs], tasks=[r.job_id for r in rows], use_sacct=use_sacct)
     for row in rows:
         st = result.get(row.job_id)
         if st is None:

@@ -100,6 +100,25 @@ def test_parse_sacct_final_states_and_exit_codes() -> None:
     assert "16.batch" not in states and "16.extern" not in states
 
 
+def test_task_lines_win_over_stale_range_lines() -> None:
+    """Captured: train 379 task 2 failed, so merge 380 task 2 was cancelled (aftercorr), while merge
+    tasks 0 and 1 ran. sacct keeps printing the meta record with the submitted range; while train
+    tasks 0 and 1 ran, it listed only task 2."""
+    states = parse_sacct(
+        "379_0|COMPLETED|0:0|00:00:04|vm|t\n379_1|COMPLETED|0:0|00:00:04|vm|t\n"
+        "379_2|FAILED|1:0|00:00:01|vm|t\n380_0|COMPLETED|0:0|00:00:01|vm|m\n"
+        "380_1|COMPLETED|0:0|00:00:01|vm|m\n380_[0-2]|CANCELLED|0:0|00:00:00|None assigned|m\n"
+    )
+    assert states["380_0"].state == "COMPLETED" and not states["380_0"].grouped
+    assert states["380_2"].state == "CANCELLED" and states["380_2"].grouped
+    early = parse_sacct("379_2|FAILED|1:0|00:00:01|vm|t\n380_[0-2]|CANCELLED|0:0|00:00:00|None assigned|m\n")
+    res = slurm_query.QueryResult(early, "sacct")
+    assert res.get("379_0") is None  # not "FAILED" from somewhere else: unknown until squeue says
+    live = merge_states(early, parse_squeue("379_0|RUNNING|None|0:03|vm|t\n380_0|PENDING|Dependency|0:00||m\n"))
+    assert live["379_0"].state == "RUNNING" and live["380_0"].state == "PENDING"
+    assert live["380_0"].reason == "Dependency"
+
+
 def test_parse_squeue_reasons() -> None:
     states = parse_squeue(SQUEUE_RUNNING)
     assert states["14_0"].reason == "Dependency"
@@ -167,8 +186,20 @@ def test_query_one_sacct_one_squeue_and_fallback(monkeypatch: pytest.MonkeyPatch
     # all finished per sacct: no squeue call
     calls.clear()
     monkeypatch.setattr(subprocess, "run", _fake_run({"sacct": ok([], 0, SACCT_DONE, "")}, calls))
-    assert slurm_query.query(["13", "14", "16"]).source == "sacct"
+    done = ["13_0", "13_1", "13_2", "13_3", "14_0", "14_1", "14_2", "14_3", "16"]
+    assert slurm_query.query(["13", "14", "16"], tasks=done).source == "sacct"
     assert [c[0] for c in calls] == ["sacct"]
+    # a task sacct does not list on its own line yet (it lists running array tasks late): ask squeue
+    calls.clear()
+    monkeypatch.setattr(
+        subprocess,
+        "run",
+        _fake_run(
+            {"sacct": ok([], 0, SACCT_DONE, ""), "squeue": ok([], 0, "13_4|RUNNING|None|0:01|vm|x\n", "")}, calls
+        ),
+    )
+    res = slurm_query.query(["13"], tasks=["13_0", "13_4"])
+    assert [c[0] for c in calls] == ["sacct", "squeue"] and res.states["13_4"].state == "RUNNING"
 
     # accounting disabled: squeue only, and the header can say why
     calls.clear()

@@ -244,10 +244,11 @@ def test_status_lists_running_sweep_with_dependency_reasons(launches: Launches) 
     final = json.loads(out.stdout.strip().splitlines()[-1])
     assert final["all_terminal"] and final["source"] == "sacct"
     by = {(j["stage"], j["points"][0]): j for j in final["jobs"]}
-    assert by[("train", 0)]["state"] == "COMPLETED" and by[("train", 0)]["step"] == 8
+    seen = {k: (v["state"], v["step"], v["exit_code"], v["reason"]) for k, v in by.items()}
+    assert by[("train", 0)]["state"] == "COMPLETED" and by[("train", 0)]["step"] == 8, seen
     assert by[("train", 0)]["loss"] == pytest.approx(0.25)
-    assert by[("train", 2)]["state"] == "FAILED" and by[("train", 2)]["step"] == 2
-    assert by[("merge", 0)]["state"] == "COMPLETED" and by[("merge", 1)]["state"] == "COMPLETED"
+    assert by[("train", 2)]["state"] == "FAILED" and by[("train", 2)]["step"] == 2, seen
+    assert by[("merge", 0)]["state"] == "COMPLETED" and by[("merge", 1)]["state"] == "COMPLETED", seen
     assert by[("merge", 2)]["state"] == "CANCELLED"  # aftercorr on a failed task, kill-on-invalid-dep
 
     table = cli("status", "sweep", "--run-root", str(launches.root))  # experiment name → newest launch
