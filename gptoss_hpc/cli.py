@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import sys
 from collections.abc import Sequence
 
@@ -27,6 +28,9 @@ COMMANDS = {
     "cancel": ("gptoss_hpc.cancel", "cancel every job of a launch"),
     "report": ("gptoss_hpc.report", "build a run's report"),
 }
+
+
+ENTRY_POINTS = ("main", "cli")  # gptoss_hpc.report exposes cli(argv); stages.report.main is the job body
 
 
 def _usage() -> str:
@@ -62,11 +66,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    entry = next((getattr(module, a) for a in ENTRY_POINTS if callable(getattr(module, a, None))), None)
+    if entry is None:
+        print(f"error: `gptoss-hpc {name}` is not available ({module_name} has no main())", file=sys.stderr)
+        return 2
     sys.argv = [f"gptoss-hpc {name}", *rest]  # for mains that parse sys.argv themselves (Hydra)
     try:
-        code = module.main(rest) if _takes_argv(module.main) else module.main()
+        code = entry(rest) if _takes_argv(entry) else entry()
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `gptoss-hpc ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:  # GptossHpcError from modules that do not catch their own
         from gptoss_hpc.errors import GptossHpcError
 

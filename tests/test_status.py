@@ -368,6 +368,9 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1 and "Slurm not reachable" in _one_line_error(proc)
 
+    out = cli("report", str(tmp_path / "nope"))  # delegated lazily to gptoss_hpc.report
+    assert out.returncode == 1 and "launch.json not found" in _one_line_error(out)
+
     out = cli("frobnicate")
     assert out.returncode == 2 and "unknown command" in _one_line_error(out)
     helped = cli("--help")
