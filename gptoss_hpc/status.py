@@ -454,6 +454,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _exit_for(exc)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _watch(run_dir: Path, every: float, *, as_json: bool, use_sacct: bool) -> int:
