@@ -446,7 +446,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             paths = PointPaths.from_config(config_path)
             write_status(paths, STAGE, "REQUEUED", checkpoint=exc.checkpoint, step=exc.step)
             if int(os.environ.get("RANK", "0")) != 0:
-                time.sleep(600)  # rank 0 requeues the whole job, which ends this task
+                time.sleep(120)  # rank 0 requeues the whole job, which ends this task
                 raise
             if callable(submitit_handler):
                 submitit_handler(signal.SIGUSR2, None)  # submitit: checkpoint() → requeue → sys.exit
