@@ -305,6 +305,62 @@ def pack_sequences(
     }
 
 
+def packed_sequence_masks(model: nn.Module, position_ids: torch.Tensor, dtype=None) -> dict[str, Any] | None:
+    """The attention masks of a packed row (sequence boundaries read from position_ids), one per layer type.
+
+    transformers' gpt-oss (5.17 .. 5.24) builds its masks without position_ids, so a padding-free packed row
+    attends across sequences unless the masks come prepared like this (the model takes a dict as
+    attention_mask). None when the row holds a single sequence.
+    """
+    import inspect
+
+    import torch
+    from transformers import masking_utils
+
+    base = unwrap(model)
+    if masking_utils.find_packed_sequence_indices(position_ids) is None:
+        return None
+    config = base.config
+    batch, length = position_ids.shape
+    dtype = dtype or next(base.parameters()).dtype
+    embeds = torch.empty((batch, length, 0), dtype=dtype, device=position_ids.device)
+    params = inspect.signature(masking_utils.create_causal_mask).parameters
+    kwargs: dict[str, Any] = {"config": config, "inputs_embeds": embeds, "attention_mask": None}
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            kwargs[name] = None
+    if "cache_position" in params:
+        kwargs["cache_position"] = torch.arange(length, device=position_ids.device)
+    kwargs["position_ids"] = position_ids
+    masks = {"full_attention": masking_utils.create_causal_mask(**kwargs)}
+    if "sliding_attention" in getattr(config, "layer_types", []):
+        masks["sliding_attention"] = masking_utils.create_sliding_window_causal_mask(**kwargs)
+    return masks
+
+
+def _packed_masks_hook(module, args, kwargs):
+    position_ids = kwargs.get("position_ids")
+    if kwargs.get("attention_mask") is not None or position_ids is None or position_ids.dim() != 2:
+        return None
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+        return None
+    masks = packed_sequence_masks(module, position_ids)
+    if masks is None:
+        return None
+    kwargs["attention_mask"] = masks
+    return args, kwargs
+
+
+def isolate_packed_sequences(model: nn.Module):
+    """Make the decoder keep attention within each sequence of a padding-free packed row (see
+    packed_sequence_masks); returns the hook handle. Idempotent."""
+    base = unwrap(model)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base.model
+    if getattr(decoder, "_gptoss_packed_hook", None) is None:
+        decoder._gptoss_packed_hook = decoder.register_forward_pre_hook(_packed_masks_hook, with_kwargs=True)
+    return decoder._gptoss_packed_hook
+
+
 @dataclass
 class PackingCollator:
     """Collator: features with ``input_ids`` (and optional ``labels``) -> one packed row (see pack_sequences)."""
@@ -493,6 +549,8 @@ def apply_speed_knobs(model: nn.Module, cfg: RunConfig) -> SpeedKnobs:
     without autograd; ``model.compile_layers`` compiles the decoder layers (CUDA);
     ``train.loss_chunk_tokens`` is recorded here and applied by ``causal_lm_loss`` in the loss."""
     t, m = cfg.train, cfg.model
+    if getattr(t, "packing", False) or getattr(t, "padding_free", False):
+        isolate_packed_sequences(model)  # a correctness fix, kept by remove()
     knobs = SpeedKnobs(model=model, loss_chunk_tokens=int(getattr(t, "loss_chunk_tokens", 0) or 0))
     if getattr(m, "fused_experts", False):
         knobs.experts_before = getattr(unwrap(model).config, "_experts_implementation", None)

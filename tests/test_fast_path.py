@@ -1,0 +1,187 @@
+"""The speed knobs of gptoss_hpc.modeling.fast compute the same function as the stock path.
+
+Real parts throughout: the tiny gpt-oss (gptoss_hpc/resources/tiny_gpt_oss.json, vocab cut to 384 for speed),
+PEFT LoRA from the project's builder, fp32 on CPU. The GPU-only pieces (flex_attention, torch.compile of the
+experts and layers) are checked by ``python -m gptoss_hpc.bench train --check`` on the GPU (docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from gptoss_hpc.config import compose, to_run_config  # noqa: E402
+
+VOCAB = 384
+
+
+def _cfg(*overrides: str):
+    return to_run_config(compose(["model=tiny_gpt_oss", "train.seed=3", *overrides]))
+
+
+def _model(cfg):
+    from gptoss_hpc.bench.train import prepare
+
+    return prepare(cfg, "cpu", vocab_size=VOCAB)
+
+
+def _batch(lengths, seed=0):
+    from gptoss_hpc.modeling.fast import pack_sequences
+
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+    labels = [[-100] * (n // 3) + s[n // 3 :] for s, n in zip(seqs, lengths, strict=True)]
+    return seqs, labels, pack_sequences(seqs, labels, pad_token_id=0)
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _zero(model):
+    for p in model.parameters():
+        p.grad = None
+
+
+def test_chunked_loss_matches_plain_cross_entropy():
+    from gptoss_hpc.modeling.fast import chunked_causal_lm_loss
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 37, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 37), generator=g)
+    labels[0, :5] = -100
+    labels[1, 30:] = -100
+
+    logits = hidden @ weight.t()
+    ref = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 50).float(), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    ) / int((labels[:, 1:] != -100).sum())
+    ref.backward()
+    ref_h, ref_w = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    for chunk in (7, 16, 1000):
+        loss = chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=chunk)
+        loss.backward()
+        assert abs(float(loss) - float(ref)) < 1e-5
+        assert _rel(hidden.grad, ref_h) < 1e-5
+        assert _rel(weight.grad, ref_w) < 1e-5
+        hidden.grad = weight.grad = None
+
+    # num_items_in_batch (gradient accumulation) divides the sum instead of the local count
+    loss = chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=9, num_items_in_batch=1000)
+    assert abs(float(loss) * 1000 - float(ref) * int((labels[:, 1:] != -100).sum())) < 1e-3
+
+
+def test_chunked_model_loss_matches_transformers_loss():
+    from gptoss_hpc.modeling.fast import causal_lm_loss
+
+    model, _ = _model(_cfg())
+    _, _, batch = _batch([40, 23, 57])
+    ref = model(**{k: batch[k] for k in ("input_ids", "labels", "position_ids")}).loss
+    ref.backward()
+    ref_g = _grads(model)
+    _zero(model)
+    loss = causal_lm_loss(model, batch, chunk_tokens=32)
+    loss.backward()
+    assert abs(float(loss) - float(ref)) < 1e-5 * abs(float(ref))
+    for n, g in _grads(model).items():
+        assert _rel(g, ref_g[n]) < 1e-4, n
+
+
+def test_no_grad_below_first_lora_layer_gives_the_full_backward_grads():
+    from gptoss_hpc.modeling.fast import decoder_layers, freeze_below_first_trainable_layer, lowest_trainable_layer
+
+    # LoRA on the experts of layer 1 only: layer 0 is the frozen prefix
+    model, _ = _model(_cfg("lora.expert_layers=[1]", "lora=all_linear", "lora.target_modules=[]"))
+    assert lowest_trainable_layer(model) == 1
+    _, _, batch = _batch([50, 30])
+    inputs = {k: batch[k] for k in ("input_ids", "labels", "position_ids")}
+    model(**inputs).loss.backward()
+    ref_g = _grads(model)
+    _zero(model)
+
+    changed = freeze_below_first_trainable_layer(model)
+    assert changed == [decoder_layers(model)[0]]
+    seen = []
+    hook = decoder_layers(model)[1].register_forward_pre_hook(lambda m, a, k: seen.append((a, k)), with_kwargs=True)
+    model(**inputs).loss.backward()
+    hook.remove()
+    for n, g in _grads(model).items():
+        assert _rel(g, ref_g[n]) < 1e-6, n
+    # the hidden state entering the first trainable layer carries no autograd history
+    args, kwargs = seen[0]
+    entering = args[0] if args else kwargs["hidden_states"]
+    assert not entering.requires_grad
+
+
+def test_packing_with_per_sequence_positions_equals_separate_sequences():
+    # train.packing applies isolate_packed_sequences: transformers' gpt-oss builds its attention masks
+    # without position_ids, so without it a packed row attends across its sequences.
+    model, _ = _model(_cfg("train.packing=true"))
+    lengths = [20, 33, 11]
+    seqs, labels, batch = _batch(lengths, seed=5)
+    assert batch["position_ids"][0].tolist() == [i for n in lengths for i in range(n)]
+    assert batch["labels"][0, 20].item() == -100  # no prediction across a sequence boundary
+    n_items = int((batch["labels"][:, 1:] != -100).sum())
+    packed = model(**{k: batch[k] for k in ("input_ids", "labels", "position_ids")}, num_items_in_batch=n_items)
+    packed.loss.backward()
+    packed_g = _grads(model)
+    _zero(model)
+
+    total = 0.0
+    start = 0
+    for seq, lab in zip(seqs, labels, strict=True):
+        ids = torch.tensor([seq])
+        out = model(input_ids=ids, labels=torch.tensor([lab]), num_items_in_batch=n_items)
+        out.loss.backward()
+        total += float(out.loss)
+        # logits of the packed row equal the separate sequence's
+        assert torch.allclose(packed.logits[0, start : start + len(seq)], out.logits[0], atol=1e-4)
+        start += len(seq)
+    assert abs(total - float(packed.loss)) < 1e-5
+    for n, g in _grads(model).items():
+        assert _rel(g, packed_g[n]) < 1e-4, n
+
+
+def test_fused_experts_core_matches_transformers_experts():
+    from gptoss_hpc.modeling.fast import apply_speed_knobs
+
+    cfg = _cfg("model.fused_experts=true")
+    model, knobs = _model(cfg)  # prepare applies the knobs of cfg: the fused core runs
+    assert knobs.summary()["experts_implementation"] == "fused_grouped_mm"
+    _, _, batch = _batch([30, 25])
+    inputs = {k: batch[k] for k in ("input_ids", "labels", "position_ids")}
+    fused = model(**inputs).loss
+    fused.backward()
+    fused_g = _grads(model)
+    _zero(model)
+    knobs.remove()
+    ref = model(**inputs).loss
+    ref.backward()
+    assert abs(float(fused) - float(ref)) < 1e-5
+    for n, g in _grads(model).items():
+        assert _rel(g, fused_g[n]) < 1e-4, n
+    again = apply_speed_knobs(model, cfg)
+    assert again.summary()["experts_implementation"] == "fused_grouped_mm"
+    again.remove()
+
+
+def test_pack_greedy_and_collator():
+    from gptoss_hpc.modeling.fast import PackingCollator, pack_greedy
+
+    bins = pack_greedy([5, 9, 3, 7, 1], 10)
+    assert sorted(i for b in bins for i in b) == [0, 1, 2, 3, 4]
+    assert all(sum([5, 9, 3, 7, 1][i] for i in b) <= 10 for b in bins)
+    out = PackingCollator(pad_token_id=7, pad_to_multiple_of=8)([{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}])
+    assert out["input_ids"].tolist() == [[1, 2, 3, 4, 5, 7, 7, 7]]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert out["labels"].tolist() == [[-100, 2, 3, -100, 5, -100, -100, -100]]
+    with pytest.raises(ValueError):
+        pack_greedy([11], 10)
