@@ -271,3 +271,53 @@ def test_eval_without_merged_model_fails_with_status(tmp_path: Path):
         eval_stage.main(paths.config)
     status = json.loads(paths.stage_status("eval").read_text())
     assert status["state"] == "FAILED" and "no merged model" in status["error"]
+
+
+def _bf16_adapter_model(paths: PointPaths):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(paths.base), dtype=torch.bfloat16)
+    return PeftModel.from_pretrained(base, str(paths.adapter)).eval()
+
+
+def _probe():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 3000, (48,), generator=g).tolist() for _ in range(2)]
+
+
+@pytest.mark.slow
+def test_bf16_merge_check_uses_rounding_noise_and_restores_weights(trained_point: PointPaths):
+    import torch
+
+    from gptoss_hpc.stages.merge import _logits, adapted_parameters, merge_and_check, rounding_noise
+
+    model = _bf16_adapter_model(trained_point)
+    targets = adapted_parameters(model)
+    assert len(targets) == 8  # q_proj/v_proj and experts gate_up_proj/down_proj, both layers
+    merged, check = merge_and_check(model, _probe(), "bfloat16")
+    print("bf16 merge check:", json.dumps(check))
+    assert check["passed"] and check["rounding_noise_max_abs"] > 0
+    assert check["mean_abs_diff"] <= check["mean_tolerance"]
+    # the check can tell a lost adapter (merged == base) apart from rounding
+    assert check["adapter_effect_mean_abs"] > 5 * check["mean_tolerance"]
+    before = _logits(merged, _probe())
+    rounding_noise(merged, targets, _probe())
+    after = _logits(merged, _probe())
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+@pytest.mark.slow
+def test_bf16_merge_check_catches_a_lost_adapter(trained_point: PointPaths):
+    from gptoss_hpc.stages.merge import MergeError, merge_and_check
+
+    model = _bf16_adapter_model(trained_point)
+    model.merge_and_unload = model.unload  # a broken merge: drops the adapter instead of folding it in
+    with pytest.raises(MergeError, match="tolerance") as err:
+        merge_and_check(model, _probe(), "bfloat16")
+    check = err.value.check
+    assert check is not None and not check["passed"]
+    assert check["mean_abs_diff"] > 5 * check["mean_tolerance"]
