@@ -225,6 +225,19 @@ def test_hub_push_needs_token_flag_and_env(trained_point: PointPaths):
     assert not should_push(cfg, {"HF_TOKEN": "x"})
 
 
+def test_hub_repo_names(trained_point: PointPaths):
+    from gptoss_hpc.stages.merge import MergeError, hub_repo_id
+
+    cfg, paths = _cfg_paths(trained_point)
+    cfg.train.hub_model_id = None
+    assert hub_repo_id(cfg, paths, {"HF_USER": "alice"}) == "alice/demo-p000-merged"
+    assert hub_repo_id(cfg, paths, {}, whoami=lambda: "bob") == "bob/demo-p000-merged"
+    with pytest.raises(MergeError, match="HF_USER"):
+        hub_repo_id(cfg, paths, {})
+    cfg.train.hub_model_id = "org/gptoss-demo"
+    assert hub_repo_id(cfg, paths, {}) == "org/gptoss-demo-merged"  # one point: no point suffix
+
+
 @pytest.mark.slow
 def test_eval_writes_both_models_loss_and_metrics(merged_point: PointPaths):
     from gptoss_hpc.stages import eval as eval_stage

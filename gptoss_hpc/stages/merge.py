@@ -65,20 +65,21 @@ def should_push(cfg: RunConfig, env: Mapping[str, str]) -> bool:
     return bool(env.get("HF_TOKEN")) and cfg.train.push_to_hub and env.get("PUSH_TO_HUB", "").lower() != "false"
 
 
-def hub_repo_id(cfg: RunConfig, paths: PointPaths, env: Mapping[str, str]) -> str:
-    """<train.hub_model_id>-merged, else <HF_USER>/gptoss-<name>-<point>-merged."""
+def hub_repo_id(cfg: RunConfig, paths: PointPaths, env: Mapping[str, str], whoami: Any = None) -> str:
+    """The adapter's repo name (as the train stage pushes it) + "-merged": <train.hub_model_id>[-<point> in
+    a sweep]-merged, else <HF_USER or the token's user>/<name>-<point>-merged."""
     if cfg.train.hub_model_id:
         base = cfg.train.hub_model_id
         if _num_points(paths) > 1:  # a sweep: one repo per point
             base = f"{base}-{paths.root.name}"
         return f"{base}-merged"
-    user = env.get("HF_USER")
+    user = env.get("HF_USER") or (whoami() if whoami is not None else None)
     if not user:
         raise MergeError(
             "train.push_to_hub is on but neither train.hub_model_id nor HF_USER is set; set one, "
             "or export PUSH_TO_HUB=false"
         )
-    return f"{user}/gptoss-{cfg.name}-{paths.root.name}-merged"
+    return f"{user}/{cfg.name}-{paths.root.name}-merged"
 
 
 def _num_points(paths: PointPaths) -> int:
@@ -326,18 +327,31 @@ def body(cfg: RunConfig, paths: PointPaths) -> Path:
     log.info("merged model saved to %s", paths.merged)
 
     if should_push(cfg, os.environ):
-        push_to_hub(paths.merged, hub_repo_id(cfg, paths, os.environ))
+        repo_id = push_to_hub(cfg, paths)
+        log.info("pushed the merged model to https://huggingface.co/%s", repo_id)
     return paths.merged
 
 
-def push_to_hub(folder: Path, repo_id: str) -> None:
-    """Upload the merged folder; huggingface_hub reads HF_TOKEN from the environment itself."""
+def push_to_hub(cfg: RunConfig, paths: PointPaths) -> str:
+    """Upload merged/ as a private repo; huggingface_hub reads HF_TOKEN from the environment itself."""
     from huggingface_hub import HfApi
 
+    from gptoss_hpc.modeling.hub import unreachable
+
     api = HfApi()
-    log.info("pushing %s to the Hub as %s (private)", folder, repo_id)
-    api.create_repo(repo_id, private=True, exist_ok=True, repo_type="model")
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model")
+    repo_id = None
+    try:
+        repo_id = hub_repo_id(cfg, paths, os.environ, whoami=lambda: api.whoami()["name"])
+        log.info("pushing %s to the Hub as %s (private)", paths.merged, repo_id)
+        api.create_repo(repo_id, private=True, exist_ok=True, repo_type="model")
+        api.upload_folder(folder_path=str(paths.merged), repo_id=repo_id, commit_message=f"{cfg.name} merged model")
+    except MergeError:
+        raise
+    except Exception as exc:
+        raise unreachable(
+            "Hub repo", repo_id or "<HF_USER>/…", None, exc, "check HF_TOKEN has write access, or PUSH_TO_HUB=false"
+        ) from exc
+    return repo_id
 
 
 def main(config_path: str | os.PathLike[str]) -> Path:
