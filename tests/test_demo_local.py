@@ -37,7 +37,9 @@ def test_demo_runs_every_stage_locally(tmp_path: Path) -> None:
     losses = [json.loads(line)["loss"] for line in point.metrics.read_text().splitlines() if '"loss"' in line]
     assert len(losses) >= 2 and losses[-1] < losses[0], losses
     # The embedded default must use the real gpt-oss tokenizer (201,088 tokens), not the small test BPE.
-    tokenizer_cfg = json.loads((point.adapter / "tokenizer_config.json").read_text())
-    vocab = json.loads((point.adapter / "tokenizer.json").read_text())["model"]["vocab"]
-    assert len(vocab) + len(tokenizer_cfg.get("added_tokens_decoder", {})) >= 200_000
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(point.adapter)
+    assert len(tokenizer) == 201_088
+    assert tokenizer.convert_tokens_to_ids(["<|start|>", "<|channel|>", "<|return|>"]) == [200006, 200005, 200002]
     assert (RunPaths(manifest_path.parent).report / "report.md").is_file()
