@@ -24,8 +24,6 @@ import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -37,6 +35,7 @@ import submitit
 from gptoss_hpc.config import RunConfig
 from gptoss_hpc.config.io import write_atomic
 from gptoss_hpc.errors import GptossHpcError
+from gptoss_hpc.modeling.distributed import DIST_ENV, any_rank, setup_distributed, shutdown_distributed
 from gptoss_hpc.paths import PointPaths
 from gptoss_hpc.stages.common import run_stage, write_status
 
@@ -44,7 +43,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "train"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # Set by the SIGUSR2 handler (or TrainJob.checkpoint); read by the trainer callback at each step end.
 PREEMPT = threading.Event()
 
@@ -55,74 +53,6 @@ class Preempted(GptossHpcError):
     def __init__(self, checkpoint: str | None, step: int) -> None:
         self.checkpoint, self.step = checkpoint, step
         super().__init__(f"preempted at step {step}; checkpoint {checkpoint} saved; re-run the same command to resume")
-
-
-# ---------------------------------------------------------------------------------------------- ranks
-def setup_distributed(cfg: RunConfig) -> dict[str, Any]:
-    """Export RANK/WORLD_SIZE/MASTER_* for torch.distributed (env:// init, done by accelerate/DeepSpeed)."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        source = "env (torchrun)"
-    elif _num_tasks() > 1:
-        # Slurm tasks (srun / submitit) or submitit's local executor with tasks_per_node > 1.
-        if os.environ.get("SUBMITIT_EXECUTOR"):  # a submitit job (Slurm or local executor)
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-            os.environ["WORLD_SIZE"] = str(_num_tasks())  # the srun step's tasks, not the allocation's
-            source = "submitit"
-        else:  # plain `srun python -m gptoss_hpc.stages.train ...`
-            _export_srun_env()
-            source = "srun"
-    else:
-        # One process without torchrun: DeepSpeed/accelerate still want env:// values (else mpi4py).
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        source = "single process"
-    # ACCELERATE_USE_CPU silently turns DeepSpeed off (plain DDP); SFTConfig(use_cpu=True) is the CPU switch.
-    if os.environ.pop("ACCELERATE_USE_CPU", None) is not None:
-        log.warning("ignoring ACCELERATE_USE_CPU (it disables DeepSpeed); cluster.accelerator=cpu sets use_cpu")
-    if cfg.cluster.accelerator == "cpu":
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-    info = {"rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"]), "source": source}
-    log.info("rank %d of %d (%s)", info["rank"], info["world_size"], source)
-    return info
-
-
-def _num_tasks() -> int:
-    env = os.environ
-    if env.get("SUBMITIT_EXECUTOR") == "local" and "SUBMITIT_LOCAL_NTASKS" in env:
-        return int(env["SUBMITIT_LOCAL_NTASKS"])
-    if "SLURM_JOB_ID" in env:
-        # srun sets SLURM_STEP_NUM_TASKS; a batch script run without srun is one process whatever --ntasks says
-        return int(env.get("SLURM_STEP_NUM_TASKS", "1"))
-    return 1
-
-
-def _export_srun_env() -> None:
-    env = os.environ
-    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
-    try:
-        hosts = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True
-        ).stdout.split()
-    except (OSError, subprocess.CalledProcessError) as exc:
-        raise GptossHpcError(f"cannot expand the Slurm node list {nodelist!r} with scontrol: {exc}") from exc
-    step_tasks = int(env["SLURM_STEP_NUM_TASKS"])
-    nodes = max(1, int(env.get("SLURM_STEP_NUM_NODES", "1")))
-    env.update(
-        RANK=env["SLURM_PROCID"],
-        WORLD_SIZE=str(step_tasks),
-        LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
-        LOCAL_WORLD_SIZE=str(step_tasks // nodes),
-        MASTER_ADDR=hosts[0] if hosts else "127.0.0.1",
-    )
-    # same port on every rank: derived from the job id, as submitit does
-    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 40000))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
@@ -182,7 +112,7 @@ def _callbacks(paths: PointPaths, world_size: int) -> tuple[Any, Any]:
         def on_step_end(self, args, state, control, **kwargs):
             flag = PREEMPT.is_set()
             if world_size > 1:
-                flag = _any_rank(flag)
+                flag = any_rank(flag)
             if flag:
                 log.warning("preemption signal: saving checkpoint-%d and stopping", state.global_step)
                 self.triggered = True
@@ -216,20 +146,6 @@ def _speed_knobs_callback(cfg: RunConfig):
     return SpeedKnobsCallback()
 
 
-def _any_rank(flag: bool) -> bool:
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    device = "cpu"
-    if dist.get_backend() == "nccl":
-        device = f"cuda:{torch.cuda.current_device()}"
-    t = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def _on_usr2(signum, frame) -> None:
     log.warning("caught SIGUSR2: will checkpoint at the end of this step")
     PREEMPT.set()
@@ -243,7 +159,7 @@ def main(config_path: str | Path) -> dict[str, Any]:
 def train(cfg: RunConfig, paths: PointPaths) -> dict[str, Any]:
     from gptoss_hpc.modeling.model import check_reachable
 
-    saved_env = {k: os.environ.get(k) for k in _DIST_ENV}
+    saved_env = {k: os.environ.get(k) for k in DIST_ENV}
     dist_info = setup_distributed(cfg)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGUSR2, _on_usr2)
@@ -251,7 +167,7 @@ def train(cfg: RunConfig, paths: PointPaths) -> dict[str, Any]:
         check_reachable(cfg)  # model/tokenizer: one message before any rank loads anything heavy
         return _train(cfg, paths, dist_info)
     finally:
-        _shutdown_distributed()
+        shutdown_distributed()
         for k, v in saved_env.items():  # leave the caller's environment as it was (in-process callers)
             if v is None:
                 os.environ.pop(k, None)
@@ -388,19 +304,6 @@ def _drop_none_turn_keys(tokenizer) -> None:
         return original(conversation, *args, **kwargs)
 
     tokenizer.apply_chat_template = apply_chat_template
-
-
-def _shutdown_distributed() -> None:
-    """barrier + destroy: without it a rank sometimes aborts at exit (FACTS)."""
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        return
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
 
 
 def push_adapter(cfg: RunConfig, paths: PointPaths) -> str | None:

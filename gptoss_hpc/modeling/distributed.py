@@ -1,0 +1,116 @@
+"""Ranks for the train stage: torchrun's env, submitit (Slurm or its local executor), plain srun, or one process.
+
+torch.distributed itself is initialised by accelerate/DeepSpeed from the env:// variables exported here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+from typing import Any
+
+from gptoss_hpc.config.schema import RunConfig
+from gptoss_hpc.errors import GptossHpcError
+
+log = logging.getLogger(__name__)
+
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def setup_distributed(cfg: RunConfig) -> dict[str, Any]:
+    """Export RANK/WORLD_SIZE/MASTER_* for torch.distributed (env:// init, done by accelerate/DeepSpeed)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        source = "env (torchrun)"
+    elif _num_tasks() > 1:
+        # Slurm tasks (srun / submitit) or submitit's local executor with tasks_per_node > 1.
+        if os.environ.get("SUBMITIT_EXECUTOR"):  # a submitit job (Slurm or local executor)
+            import submitit
+
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+            os.environ["WORLD_SIZE"] = str(_num_tasks())  # the srun step's tasks, not the allocation's
+            source = "submitit"
+        else:  # plain `srun python -m gptoss_hpc.stages.train ...`
+            _export_srun_env()
+            source = "srun"
+    else:
+        # One process without torchrun: DeepSpeed/accelerate still want env:// values (else mpi4py).
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        source = "single process"
+    # ACCELERATE_USE_CPU silently turns DeepSpeed off (plain DDP); SFTConfig(use_cpu=True) is the CPU switch.
+    if os.environ.pop("ACCELERATE_USE_CPU", None) is not None:
+        log.warning("ignoring ACCELERATE_USE_CPU (it disables DeepSpeed); cluster.accelerator=cpu sets use_cpu")
+    if cfg.cluster.accelerator == "cpu":
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    info = {"rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"]), "source": source}
+    log.info("rank %d of %d (%s)", info["rank"], info["world_size"], source)
+    return info
+
+
+def _num_tasks() -> int:
+    env = os.environ
+    if env.get("SUBMITIT_EXECUTOR") == "local" and "SUBMITIT_LOCAL_NTASKS" in env:
+        return int(env["SUBMITIT_LOCAL_NTASKS"])
+    if "SLURM_JOB_ID" in env:
+        # srun sets SLURM_STEP_NUM_TASKS; a batch script run without srun is one process whatever --ntasks says
+        return int(env.get("SLURM_STEP_NUM_TASKS", "1"))
+    return 1
+
+
+def _export_srun_env() -> None:
+    env = os.environ
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+    try:
+        hosts = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise GptossHpcError(f"cannot expand the Slurm node list {nodelist!r} with scontrol: {exc}") from exc
+    step_tasks = int(env["SLURM_STEP_NUM_TASKS"])
+    nodes = max(1, int(env.get("SLURM_STEP_NUM_NODES", "1")))
+    env.update(
+        RANK=env["SLURM_PROCID"],
+        WORLD_SIZE=str(step_tasks),
+        LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
+        LOCAL_WORLD_SIZE=str(step_tasks // nodes),
+        MASTER_ADDR=hosts[0] if hosts else "127.0.0.1",
+    )
+    # same port on every rank: derived from the job id, as submitit does
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 40000))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on any rank (a tiny all-reduce; the flag itself where not distributed)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    device = "cpu"
+    if dist.get_backend() == "nccl":
+        device = f"cuda:{torch.cuda.current_device()}"
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def shutdown_distributed() -> None:
+    """barrier + destroy: without it a rank sometimes aborts at exit (FACTS)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
