@@ -405,3 +405,35 @@ def test_logs_of_a_local_launch(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "103_0_log.out does not exist" in capsys.readouterr().err
     assert logs.main([str(run), "--point", "7"]) == 2
     assert "point 7 is not in" in capsys.readouterr().err
+
+
+def test_follow_waits_for_a_late_file_and_rereads_a_truncated_one(tmp_path: Path) -> None:
+    """Plain `sbatch` truncates the log of a requeued job (seen here: 139 → 38 bytes, same inode);
+    submitit appends (--open-mode=append). follow() must handle both, and a file that appears late."""
+    import io
+    import threading
+
+    from gptoss_hpc.logs import follow
+
+    log = tmp_path / "1_0_log.out"
+    state = {"now": "PENDING"}
+    out, notes = io.StringIO(), []
+
+    def writer() -> None:
+        time.sleep(0.3)
+        log.write_text("attempt 0\ntick 0\ntick 1\n")
+        state["now"] = "RUNNING"
+        time.sleep(0.4)
+        log.write_text("attempt 1\n")  # requeued: truncated and rewritten
+        time.sleep(0.4)
+        with open(log, "a") as f:
+            f.write("tick 0\n")
+        state["now"] = "COMPLETED"
+
+    t = threading.Thread(target=writer)
+    t.start()
+    final = follow(log, lambda: state["now"], out, poll_s=0.05, state_every_s=0.1, notice=notes.append)
+    t.join()
+    assert final == "COMPLETED"
+    assert out.getvalue() == "attempt 0\ntick 0\ntick 1\nattempt 1\ntick 0\n"
+    assert any("truncated" in n for n in notes)
