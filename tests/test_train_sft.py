@@ -278,3 +278,16 @@ def test_no_grad_prefix_knob_plugs_in_and_trains_the_same(tmp_path, monkeypatch)
         ]
         assert (m["speed_knobs"] or {}).get("no_grad_layers", 0) == (1 if knob == "true" else 0)
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-5, abs=1e-6)
+
+
+def test_rerunning_a_finished_point_does_not_train_again(tmp_path):
+    """A finished point re-run by hand (or a requeue racing the end) keeps its adapter and step count."""
+    from gptoss_hpc.stages.train import main
+
+    config = make_point(tmp_path, "model.tokenizer=tiny-bpe", "train.max_steps=3", "train.save_steps=3")
+    first = main(config)
+    adapter = PointPaths.from_config(config).adapter / "adapter_model.safetensors"
+    before = adapter.stat().st_mtime_ns
+    again = main(config)
+    assert again["global_step"] == first["global_step"] == 3
+    assert adapter.stat().st_mtime_ns == before

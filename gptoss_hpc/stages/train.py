@@ -191,6 +191,11 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
             f"train.loss_chunk_tokens={cfg.train.loss_chunk_tokens}: the chunked loss is wired into the bench "
             "(python -m gptoss_hpc.bench train) only; the train stage uses TRL's loss. Set train.loss_chunk_tokens=0"
         )
+    if paths.train_metrics.is_file() and (paths.adapter / "adapter_config.json").is_file():
+        # train_metrics.json is written only after a finished run: re-running a finished point (by hand, or a
+        # requeue that raced the end) must not train one step past max_steps from the last checkpoint.
+        log.info("%s already holds a finished adapter; delete %s to train again", paths.root, paths.train_metrics)
+        return json.loads(paths.train_metrics.read_text())
     paths.train.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.model)
     train_ds, _ = load_datasets(cfg, tokenizer)
