@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from gptoss_hpc.config.schema import RunConfig, register_configs
 from gptoss_hpc.errors import ConfigError
+from gptoss_hpc.fileio import write_atomic
 
 _REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -93,14 +93,3 @@ def load_run_config(path: str | os.PathLike[str]) -> RunConfig:
     merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
     assert isinstance(merged, DictConfig)
     return to_run_config(merged)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from gptoss_hpc.config import RunConfig, load_run_config
-from gptoss_hpc.config.io import write_atomic
+from gptoss_hpc.fileio import write_atomic
 from gptoss_hpc.paths import PointPaths
 
 T = TypeVar("T")

@@ -33,8 +33,8 @@ from typing import Any
 import submitit
 
 from gptoss_hpc.config import RunConfig
-from gptoss_hpc.config.io import write_atomic
 from gptoss_hpc.errors import GptossHpcError
+from gptoss_hpc.fileio import write_atomic
 from gptoss_hpc.modeling.distributed import DIST_ENV, any_rank, setup_distributed, shutdown_distributed
 from gptoss_hpc.paths import PointPaths
 from gptoss_hpc.stages.common import run_stage, write_status

@@ -10,8 +10,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from gptoss_hpc.config.io import write_atomic
 from gptoss_hpc.errors import GptossHpcError
+from gptoss_hpc.fileio import write_atomic
 
 MANIFEST = "launch.json"
 

@@ -231,6 +231,7 @@ def run_local(launch: Launch) -> tuple[Manifest, dict[tuple[str, int], str]]:
              "`python -m gptoss_hpc.serve RUN_DIR/p000/merged` instead"]
         )  # fmt: skip
     manifest = _new_manifest(launch, "local")
+    manifest.save()  # status can see the launch while its first stage runs
     states: dict[tuple[str, int], str] = {}
     failed: set[int] = set()
     for stage in launch.stages:
