@@ -77,7 +77,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         help="extra stack: a name and space-separated overrides on top of the config (repeatable)",
     )
     p.add_argument("--check", action="store_true", help="loss/grad of each knob vs eager attention (math)")
-    p.add_argument("--check-tokens", type=int, default=1024, help="packed row length of the check batch")
+    p.add_argument("--check-tokens", type=int, default=2048, help="packed row length of the check batch")
+    p.add_argument("--check-layers", type=int, default=8, help="decoder layers of the checked model")
+    p.add_argument("--check-presets", default=None, help="presets to --check (default: all of --presets)")
     p.add_argument("--profile", type=Path, default=None, help="torch.profiler table of one configured step")
     p.add_argument("--lengths", choices=["lognormal", "full"], default="lognormal")
     p.add_argument("--ladder", default=None, metavar="A-B", help="rows A..B of the knob ladder (e.g. 0-5)")
@@ -592,42 +594,47 @@ def _knob_subsets(cfg) -> dict[str, Any]:
 
 
 def check(cfg, args, device: str) -> dict[str, Any]:
-    """Loss and LoRA gradients of each configured knob (alone, then all) vs the stock path, same weights and
-    batch; plus the stock path run twice (its own run-to-run noise)."""
+    """Loss and LoRA gradients of the stock bf16 stacks and of each configured knob (alone, then all) against
+    the same model evaluated in fp32 with eager attention and eager experts (the plain math), on one packed
+    batch. The model is cut to --check-layers layers so that an fp32 copy fits beside it. A knob passes when
+    its error is of the size of the stock bf16 path's own error."""
+    import copy
     import random
+    from dataclasses import replace
 
     import torch
 
-    from gptoss_hpc.modeling.fast import apply_speed_knobs, unwrap
+    from gptoss_hpc.modeling.fast import apply_speed_knobs, set_experts_implementation, unwrap
 
     out: dict[str, Any] = {"name": "check fast vs stock", "lora": _preset_name(cfg)}
-    model = knobs = None
+    model = knobs = ref_model = None
     try:
-        stock_cfg, subsets = _knob_subsets(cfg)
+        small = replace(cfg, model=replace(cfg.model, num_hidden_layers=args.check_layers))
+        small = replace(small, train=replace(small.train, per_device_train_batch_size=1, max_length=args.check_tokens))
+        stock_cfg, subsets = _knob_subsets(small)
         model, knobs = prepare(stock_cfg, device, vocab_size=args.vocab)
-        vocab = unwrap(model).config.vocab_size
-        rng = random.Random(args.seed + 7)
-        from dataclasses import replace
-
-        small = replace(cfg, train=replace(cfg.train, per_device_train_batch_size=1, max_length=args.check_tokens))
-        batch = micro_batches(small, rng, vocab, 1, "lognormal")[0]
+        base_model = unwrap(model)
+        vocab = base_model.config.vocab_size
+        batch = micro_batches(small, random.Random(args.seed + 7), vocab, 1, "lognormal")[0]
         n_items = int((batch["labels"][..., 1:] != -100).sum())
         dev_batch = _to(batch, device)
-        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
         def grads_of(model, knobs):
-            for p in trainable.values():
+            params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            for p in params.values():
                 p.grad = None
-            torch.manual_seed(args.seed)  # same LoRA-dropout masks in both paths
+            torch.manual_seed(args.seed)  # same LoRA-dropout masks in every path
             loss = loss_of(model, knobs, dev_batch, n_items)
             loss.backward()
-            return float(loss.detach()), {n: p.grad.detach().float().clone() for n, p in trainable.items()}
+            return float(loss.detach()), {n: p.grad.detach().double().clone() for n, p in params.items()}
 
-        base_model = unwrap(model)
-        flex_impl = base_model.config._attn_implementation
-        base_model.set_attn_implementation("eager")
-        ref_loss, ref_g = grads_of(model, knobs)  # the reference: eager attention, the plain math
-        base_model.set_attn_implementation(flex_impl)
+        ref_model = copy.deepcopy(model).float()
+        unwrap(ref_model).set_attn_implementation("eager")
+        set_experts_implementation(ref_model, "eager")
+        ref_loss, ref_g = grads_of(ref_model, knobs)
+        del ref_model
+        ref_model = None
+        gc.collect()
         den = sum(float(ref_g[n].pow(2).sum()) for n in ref_g)
 
         def compare(loss, g):
@@ -641,11 +648,13 @@ def check(cfg, args, device: str) -> dict[str, Any]:
                 "worst_param": worst[1].replace("base_model.model.model.", ""),
             }
 
-        out["ref"] = "stock path with eager attention"
-        out["ref_loss"] = ref_loss
-        out["tokens"] = batch["real_tokens"]
-        out[f"stock {flex_impl}"] = compare(*grads_of(model, knobs))
-        out[f"stock {flex_impl} rerun"] = compare(*grads_of(model, knobs))
+        out.update(ref="fp32, eager attention, eager experts", ref_loss=ref_loss, tokens=batch["real_tokens"])
+        out["layers"] = args.check_layers
+        flex_impl = base_model.config._attn_implementation
+        base_model.set_attn_implementation("eager")
+        out["stock bf16 eager attention"] = compare(*grads_of(model, knobs))
+        base_model.set_attn_implementation(flex_impl)
+        out[f"stock bf16 {flex_impl}"] = compare(*grads_of(model, knobs))
         knobs.remove()
         for name, sub in subsets.items():
             k = apply_speed_knobs(model, sub)
@@ -658,7 +667,7 @@ def check(cfg, args, device: str) -> dict[str, Any]:
         traceback.print_exc()
         out.update(status="error", error=f"{type(exc).__name__}: {exc}"[:300])
     finally:
-        del model, knobs
+        del model, knobs, ref_model
         gc.collect()
         if _cuda(device):
             torch.cuda.empty_cache()
@@ -752,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_configured:
             rows.append(run_stack("configured (GPU defaults)", cfg, args, device, peak, args.steps, prof))
             save()
-        if args.check:
+        if args.check and (args.check_presets is None or preset in args.check_presets.split(",")):
             if i == 0 and _cuda(device):
                 rows.append(check_attention_core(device))
                 rows.append(check_experts_core(cfg, device))
