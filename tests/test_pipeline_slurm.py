@@ -120,6 +120,9 @@ def test_four_point_sweep_is_one_array_per_stage_and_completes_without_leaking_s
         assert evaluation, f"empty eval.json for point {i}"
     report = json.loads((paths.report / "report.json").read_text())
     assert len(report["points"]) == 4
+    assert all(p["state"] == "ok" for p in report["points"])
+    assert all((paths.report / png).is_file() for png in ("loss_curves.png", "eval_vs_lora_r.png"))
+    _merged_equals_base_plus_adapter(paths.point(3))
 
     leaks = []
     for root in (run_dir, tmp_path / "logs"):
@@ -128,6 +131,25 @@ def test_four_point_sweep_is_one_array_per_stage_and_completes_without_leaking_s
                 data = path.read_bytes()
                 leaks += [f"{path}: {name}" for name, v in CANARIES.items() if v.encode() in data]
     assert not leaks, leaks
+
+
+def _merged_equals_base_plus_adapter(point) -> None:
+    """The merged model, loaded with plain from_pretrained, gives base+adapter's logits (and the adapter
+    is not a no-op)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(point.merged).eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(point.base), point.adapter).eval()
+    ids = torch.randint(0, merged.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged_logits = merged(ids).logits
+        adapted_logits = adapted(ids).logits
+        with adapted.disable_adapter():
+            base_logits = adapted(ids).logits
+    assert (merged_logits - adapted_logits).abs().max().item() < 1e-4
+    assert (adapted_logits - base_logits).abs().max().item() > 1e-6
 
 
 def test_a_point_that_fails_at_run_time_cancels_only_its_dependents(tmp_path: Path) -> None:
