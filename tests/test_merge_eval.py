@@ -315,6 +315,7 @@ def test_bf16_merge_check_uses_rounding_noise_and_restores_weights(trained_point
     print("bf16 merge check:", json.dumps(check))
     assert check["passed"] and check["rounding_noise_max_abs"] > 0
     assert check["mean_abs_diff"] <= check["mean_tolerance"]
+    assert check["conclusive"]
     # the check can tell a lost adapter (merged == base) apart from rounding
     assert check["adapter_effect_mean_abs"] > 5 * check["mean_tolerance"]
     before = _logits(merged, _probe())

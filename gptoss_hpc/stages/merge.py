@@ -154,12 +154,15 @@ def rounding_noise(model: Any, targets: Sequence[tuple[Any, str]], samples: Sequ
 
     reference = _logits(model, samples)
     saved = []
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    generators: dict[str, Any] = {}
     with torch.no_grad():
         for module, name in targets:
             param = getattr(module, name)
             saved.append((param, param.detach().to("cpu", copy=True)))
-            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32).to(param.device)
+            key = str(param.device)
+            if key not in generators:
+                generators[key] = torch.Generator(device=param.device).manual_seed(seed)
+            noise = torch.randn(param.shape, generator=generators[key], dtype=torch.float32, device=param.device)
             param.copy_((param.float() * (1.0 + NOISE_REL * noise)).to(param.dtype))
             del noise
     try:
@@ -217,6 +220,8 @@ def merge_and_check(peft_model: Any, samples: Sequence[Sequence[int]], dtype_nam
         "adapter_effect_mean_abs": effect_mean,
         "rounding_noise_max_abs": noise_max,
         "rounding_noise_mean_abs": noise_mean,
+        # False: the adapter's effect is within the rounding noise, so a lost adapter would also pass
+        "conclusive": mean_tol is None or effect_mean > mean_tol,
         "adapted_parameters": len(targets),
         "probe_samples": len(samples),
         "probe_tokens": n_tokens,
