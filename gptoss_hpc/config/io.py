@@ -89,6 +89,8 @@ def save_run_config(cfg: RunConfig, path: str | os.PathLike[str]) -> Path:
 
 
 def load_run_config(path: str | os.PathLike[str]) -> RunConfig:
+    if not Path(path).is_file():
+        raise ConfigError([f"{path} does not exist; pass a point's config.yaml (logs/<name>/<ts>/pNNN/config.yaml)"])
     register_configs()
     merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
     assert isinstance(merged, DictConfig)

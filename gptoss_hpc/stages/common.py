@@ -6,13 +6,15 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 from gptoss_hpc.config import RunConfig, load_run_config
+from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.fileio import write_atomic
 from gptoss_hpc.paths import PointPaths
 
@@ -53,3 +55,20 @@ def run_stage(stage: str, config_path: str | Path, body: Callable[[RunConfig, Po
         raise
     write_status(paths, stage, "COMPLETED")
     return result
+
+
+def stage_cli(stage: str, main: Callable[[str], object], argv: Sequence[str] | None, usage: str) -> int:
+    """`python -m gptoss_hpc.stages.<stage> CONFIG`: one error line and exit 1 on a known failure, the
+    stage's result (a path or metrics) on stdout otherwise."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1 or args[0] in ("-h", "--help"):
+        print(usage, file=sys.stderr)
+        return 2
+    try:
+        result = main(args[0])
+    except GptossHpcError as exc:
+        print(f"{stage} failed: {exc}", file=sys.stderr)
+        return 1
+    if result:
+        print(json.dumps(result, indent=2) if isinstance(result, dict) else result)
+    return 0

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from gptoss_hpc.harmony import (
     requested_language,
 )
 from gptoss_hpc.paths import PointPaths
-from gptoss_hpc.stages.common import run_stage
+from gptoss_hpc.stages.common import run_stage, stage_cli
 
 log = logging.getLogger(__name__)
 
@@ -314,19 +313,5 @@ def main(config_path: str | os.PathLike[str]) -> Path:
     return run_stage("eval", config_path, body)
 
 
-def _cli(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        print("usage: python -m gptoss_hpc.stages.eval <point config.yaml>", file=sys.stderr)
-        return 2
-    try:
-        out = main(args[0])
-    except GptossHpcError as exc:
-        print(f"eval failed: {exc}", file=sys.stderr)
-        return 1
-    print(out)
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(_cli())
+    raise SystemExit(stage_cli("eval", main, None, "usage: python -m gptoss_hpc.stages.eval <point config.yaml>"))

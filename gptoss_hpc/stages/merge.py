@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +25,7 @@ from gptoss_hpc.config import RunConfig
 from gptoss_hpc.config.io import write_atomic
 from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.paths import PointPaths
-from gptoss_hpc.stages.common import run_stage
+from gptoss_hpc.stages.common import run_stage, stage_cli
 
 log = logging.getLogger(__name__)
 
@@ -366,19 +365,5 @@ def main(config_path: str | os.PathLike[str]) -> Path:
     return run_stage("merge", config_path, body)
 
 
-def _cli(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        print("usage: python -m gptoss_hpc.stages.merge <point config.yaml>", file=sys.stderr)
-        return 2
-    try:
-        out = main(args[0])
-    except GptossHpcError as exc:
-        print(f"merge failed: {exc}", file=sys.stderr)
-        return 1
-    print(out)
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(_cli())
+    raise SystemExit(stage_cli("merge", main, None, "usage: python -m gptoss_hpc.stages.merge <point config.yaml>"))

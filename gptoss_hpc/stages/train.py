@@ -37,7 +37,7 @@ from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.fileio import write_atomic
 from gptoss_hpc.modeling.distributed import DIST_ENV, any_rank, setup_distributed, shutdown_distributed
 from gptoss_hpc.paths import PointPaths
-from gptoss_hpc.stages.common import run_stage, write_status
+from gptoss_hpc.stages.common import run_stage, stage_cli, write_status
 
 log = logging.getLogger(__name__)
 
@@ -366,19 +366,5 @@ class TrainJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(TrainJob(), config_path)
 
 
-def _cli(argv: list[str]) -> int:
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 2
-    try:
-        metrics = main(argv[0])
-    except GptossHpcError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if metrics:
-        print(json.dumps(metrics, indent=2))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(_cli(sys.argv[1:]))
+    sys.exit(stage_cli("train", main, None, __doc__ or ""))
