@@ -120,6 +120,8 @@ def compile_decoder_layers(model: nn.Module) -> list[nn.Module]:
     parametrization is registered inside the forward, which dynamo cannot trace); those keep the eager layer
     with the compiled experts core. Identical layers share the compiled code."""
 
+    import torch
+
     _raise_recompile_limit()
     # layer_idx / sliding_window are ints on the modules: do not compile one graph per layer for them
     torch._dynamo.config.allow_unspec_int_on_nn_module = True
@@ -438,10 +440,15 @@ def pack_greedy(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
 # Knob 4: compiled elementwise around transformers' grouped_mm experts
 # --------------------------------------------------------------------------------------------------------------
 def _grouped_mm(x, w, offs):
-    import torch
+    """transformers' grouped_mm dispatcher (torch grouped_mm for bf16 on CUDA, its own op elsewhere, e.g.
+    fp32 on CUDA for the --check reference), else torch's directly."""
+    try:
+        from transformers.integrations.moe import _grouped_mm as dispatch
+    except ImportError:
+        import torch
 
-    fn = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
-    return fn(x, w, offs=offs)
+        dispatch = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+    return dispatch(x, w, offs=offs)
 
 
 def moe_experts_core(hidden, top_k_index, top_k_weights, w_gu, b_gu, w_d, b_d, alpha: float, limit: float):
