@@ -183,3 +183,46 @@ def test_a_point_that_fails_at_run_time_cancels_only_its_dependents(tmp_path: Pa
     assert (by_index[0]["state"], by_index[1]["state"]) == ("ok", "failed")
     assert any("doomed.jsonl" in line for line in by_index[1]["errors"]), by_index[1]
     assert report["points_failed"] == 1
+
+
+def test_sbatch_errors_surface_and_a_half_submitted_launch_is_cancelled(tmp_path: Path) -> None:
+    """The second sbatch fails (a shim in front of the real one, the way a site limit would): the launcher
+    exits non-zero with sbatch's stderr, names what it had submitted and cancels it."""
+    import shutil
+
+    real = shutil.which("sbatch")
+    shim_dir = tmp_path / "bin"
+    shim_dir.mkdir()
+    count = tmp_path / "calls"
+    (shim_dir / "sbatch").write_text(
+        f'#!/bin/sh\necho x >> "{count}"\n'
+        f'if [ "$(wc -l < "{count}")" -ge 2 ]; then echo "sbatch: error: QOSMaxSubmitJobPerUserLimit" >&2; exit 1; fi\n'
+        f'exec "{real}" "$@"\n'
+    )
+    (shim_dir / "sbatch").chmod(0o755)
+    run_root = tmp_path / "logs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "gptoss_hpc.launch", *FAST, "name=halfsubmit", "+cluster.sbatch_extra.hold=",
+         f"run_root={run_root}"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PATH": f"{shim_dir}:{os.environ['PATH']}"},
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "submitting the merge stage failed" in proc.stderr
+    assert "QOSMaxSubmitJobPerUserLimit" in proc.stderr
+    train_id = proc.stderr.split("already submitted by this launch: train ")[1].split(";")[0]
+    assert "cancelled them" in proc.stderr
+    time.sleep(3)  # sacct lags a little behind scancel
+    assert _sacct([train_id])[train_id][0] == "CANCELLED"
+
+
+def test_unknown_partition_is_sbatchs_error_and_nothing_is_submitted(tmp_path: Path) -> None:
+    run_root = tmp_path / "logs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "gptoss_hpc.launch", *FAST, "cluster.partition=nosuchpartition", f"run_root={run_root}"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "submitting the train stage failed" in proc.stderr
+    assert "invalid partition" in proc.stderr.lower()
+    assert "already submitted by this launch: none" in proc.stderr
