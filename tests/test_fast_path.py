@@ -99,7 +99,14 @@ def test_no_grad_below_first_lora_layer_gives_the_full_backward_grads():
     from gptoss_hpc.modeling.fast import decoder_layers, freeze_below_first_trainable_layer, lowest_trainable_layer
 
     # LoRA on the experts of layer 1 only: layer 0 is the frozen prefix
-    model, _ = _model(_cfg("lora.expert_layers=[1]", "lora=all_linear", "lora.target_modules=[]"))
+    model, _ = _model(
+        _cfg(
+            "lora.expert_layers=[1]",
+            "lora=all_linear",
+            "lora.target_modules=[]",
+            "train.no_grad_below_first_lora=false",
+        )
+    )
     assert lowest_trainable_layer(model) == 1
     _, _, batch = _batch([50, 30])
     inputs = {k: batch[k] for k in ("input_ids", "labels", "position_ids")}

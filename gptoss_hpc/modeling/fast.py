@@ -440,13 +440,17 @@ def pack_greedy(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
 # Knob 4: compiled elementwise around transformers' grouped_mm experts
 # --------------------------------------------------------------------------------------------------------------
 def _grouped_mm(x, w, offs):
-    """transformers' grouped_mm dispatcher (torch grouped_mm for bf16 on CUDA, its own op elsewhere, e.g.
-    fp32 on CUDA for the --check reference), else torch's directly."""
+    """torch's grouped_mm for bf16 on CUDA (also under torch.compile); transformers' dispatcher otherwise (its
+    fallback op covers fp32 on CUDA, used by the bench's fp32 check, and CPU). transformers 5.17's dispatcher
+    takes the slow per-expert fallback inside torch.compile, so it is not used for bf16 on CUDA."""
+    import torch
+
+    if x.is_cuda and w.dtype == torch.bfloat16:
+        fn = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+        return fn(x.to(w.dtype), w, offs=offs)
     try:
         from transformers.integrations.moe import _grouped_mm as dispatch
     except ImportError:
-        import torch
-
         dispatch = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
     return dispatch(x, w, offs=offs)
 
