@@ -291,3 +291,30 @@ def test_rerunning_a_finished_point_does_not_train_again(tmp_path):
     again = main(config)
     assert again["global_step"] == first["global_step"] == 3
     assert adapter.stat().st_mtime_ns == before
+
+
+def test_chunked_loss_through_the_train_stage_matches_trls_loss(tmp_path, monkeypatch):
+    """train.loss_chunk_tokens (lm_head + CE in chunks, gptoss_hpc.modeling.fast) through the real SFT stage:
+    with gradient accumulation, the logged losses of 3 optimizer steps equal TRL's full-logits loss, so the
+    gradients (hence the updates) are the same too."""
+    from gptoss_hpc.stages.train import main
+
+    for var in ("WANDB_API_KEY", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    losses = {}
+    for chunk in (0, 64):
+        config = make_point(
+            tmp_path / str(chunk),
+            "model.tokenizer=tiny-bpe",
+            "train.max_steps=3",
+            "train.gradient_accumulation_steps=2",
+            f"train.loss_chunk_tokens={chunk}",
+        )
+        main(config)
+        losses[chunk] = [
+            json.loads(x)["loss"]
+            for x in PointPaths.from_config(config).metrics.read_text().splitlines()
+            if '"loss"' in x
+        ]
+    assert len(losses[0]) == 3
+    assert losses[64] == pytest.approx(losses[0], rel=1e-5, abs=1e-6)
