@@ -192,3 +192,29 @@ def test_pack_greedy_and_collator():
     assert out["labels"].tolist() == [[-100, 2, 3, -100, 5, -100, -100, -100]]
     with pytest.raises(ValueError):
         pack_greedy([11], 10)
+
+
+def test_flex_document_mask_equals_transformers_packed_mask():
+    """The flex BlockMask of a packed row (built on CPU here) allows exactly what transformers' eager packed
+    mask allows, for full and sliding-window layers."""
+    from torch.nn.attention.flex_attention import create_mask
+    from transformers import masking_utils
+
+    from gptoss_hpc.modeling.fast import _document_mask_mod
+
+    cfg = _cfg()
+    model, _ = _model(cfg)
+    config = model.get_base_model().config
+    _, _, batch = _batch([20, 33, 11, 9], seed=2)
+    pos = batch["position_ids"]
+    docs = masking_utils.find_packed_sequence_indices(pos)
+    embeds = torch.empty((1, pos.shape[1], 0))
+    kwargs = {"config": config, "inputs_embeds": embeds, "attention_mask": None, "cache": None, "position_ids": pos}
+    eager = {
+        None: masking_utils.create_causal_mask(**kwargs),
+        config.sliding_window: masking_utils.create_sliding_window_causal_mask(**kwargs),
+    }
+    for window, ref in eager.items():
+        allowed_ref = ref[0, 0] == 0 if ref.dtype != torch.bool else ref[0, 0]
+        dense = create_mask(_document_mask_mod(docs, window), 1, None, pos.shape[1], pos.shape[1], device="cpu")
+        assert torch.equal(dense[0, 0], allowed_ref), window

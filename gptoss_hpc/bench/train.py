@@ -37,6 +37,7 @@ from typing import Any
 PRESETS = ("experts", "attention", "all_linear")
 _STOCK = [
     "model.fused_experts=false",
+    "model.compile_layers=false",
     "train.no_grad_below_first_lora=false",
     "train.loss_chunk_tokens=0",
     "train.packing=false",

@@ -350,9 +350,12 @@ def packed_sequence_masks(model: nn.Module, position_ids: torch.Tensor, dtype=No
     from transformers import masking_utils
 
     base = unwrap(model)
-    if masking_utils.find_packed_sequence_indices(position_ids) is None:
+    docs = masking_utils.find_packed_sequence_indices(position_ids)
+    if docs is None:
         return None
     config = base.config
+    if getattr(config, "_attn_implementation", None) == "flex_attention" and position_ids.is_cuda:
+        return flex_document_masks(config, docs)
     batch, length = position_ids.shape
     dtype = dtype or next(base.parameters()).dtype
     embeds = torch.empty((batch, length, 0), dtype=dtype, device=position_ids.device)
@@ -367,6 +370,38 @@ def packed_sequence_masks(model: nn.Module, position_ids: torch.Tensor, dtype=No
     masks = {"full_attention": masking_utils.create_causal_mask(**kwargs)}
     if "sliding_attention" in getattr(config, "layer_types", []):
         masks["sliding_attention"] = masking_utils.create_sliding_window_causal_mask(**kwargs)
+    return masks
+
+
+def _document_mask_mod(docs, window: int | None):
+    """Causal (optionally sliding-window) attention within each document of a packed row. A plain closure
+    over the document-id tensor and an int: compiled layers see two mask structures (full, sliding), where
+    transformers' nested mask closures made torch.compile recompile the layers on every micro-batch."""
+    if window is None:
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (docs[b, q_idx] == docs[b, kv_idx])
+
+    else:
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (q_idx - kv_idx < window) & (docs[b, q_idx] == docs[b, kv_idx])
+
+    return mask_mod
+
+
+def flex_document_masks(config, docs) -> dict[str, Any]:
+    """flex_attention BlockMasks for a packed row with document ids ``docs`` [batch, T]."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, length = docs.shape
+    masks = {}
+    for kind, window in (("full_attention", None), ("sliding_attention", getattr(config, "sliding_window", None))):
+        if kind == "sliding_attention" and kind not in getattr(config, "layer_types", []):
+            continue
+        masks[kind] = create_block_mask(
+            _document_mask_mod(docs, window), batch, None, length, length, device=docs.device, _compile=True
+        )
     return masks
 
 
