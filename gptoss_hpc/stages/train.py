@@ -128,9 +128,11 @@ def _speed_knobs_callback(cfg: RunConfig):
     after PEFT, gradient checkpointing and the DeepSpeed/DDP wrap are in place."""
     m, t = cfg.model, cfg.train
     if not (
-        getattr(m, "fused_experts", False)
-        or getattr(m, "compile_layers", False)
-        or getattr(t, "no_grad_below_first_lora", False)
+        m.fused_experts or m.compile_layers or t.no_grad_below_first_lora
+        # not speed: gpt-oss builds its masks without position_ids, so packed rows would attend across their
+        # sequences; apply_speed_knobs isolates them (gptoss_hpc.modeling.fast.isolate_packed_sequences).
+        or t.packing
+        or t.padding_free
     ):
         return None
     from transformers import TrainerCallback
