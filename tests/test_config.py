@@ -107,6 +107,7 @@ BAD = {
     "stages=[train,deploy]": "stages",
     "stages=[train,eval]": "stages",
     "name=a/b": "name",
+    "train.loss_chunk_tokens=-1": "train.loss_chunk_tokens",
 }
 
 
@@ -115,6 +116,12 @@ def test_each_bad_value_names_its_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError) as err:
         validate(to_run_config(compose(["cluster=coreweave_h200", override])))
     assert any(p.startswith(key) for p in err.value.problems), err.value.problems
+
+
+def test_chunked_loss_with_several_ddp_ranks_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"train\.loss_chunk_tokens=4096 with 8 ranks needs train\.deepspeed"):
+        validate(to_run_config(compose(["cluster=coreweave_h200", "train.deepspeed=false"])))
+    validate(to_run_config(compose(["cluster=local_slurm", "experiment=demo"])))  # the README's command
 
 
 def test_partition_required_on_slurm() -> None:

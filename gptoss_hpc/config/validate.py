@@ -267,6 +267,14 @@ def _train(cfg: RunConfig) -> list[str]:
     if t.assistant_only_loss and t.packing and cfg.model.attn_implementation == "eager":
         p.append("train.packing with eager attention lets packed sequences attend to each other; "
                  "use flex_attention or packing=false")  # fmt: skip
+    ranks = derive.world_size(cfg.cluster)
+    if t.loss_chunk_tokens > 0 and ranks > 1 and not t.deepspeed:
+        p.append(
+            f"train.loss_chunk_tokens={t.loss_chunk_tokens} with {ranks} ranks needs train.deepspeed=true (the "
+            "fused loss bypasses DDP's forward, which its gradient sync needs); or set train.loss_chunk_tokens=0"
+        )
+    if t.loss_chunk_tokens < 0:
+        p.append(f"train.loss_chunk_tokens must be >= 0 (got {t.loss_chunk_tokens}); 0 = TRL's full-logits loss")
     if t.hub_model_id is not None and "/" not in t.hub_model_id:
         p.append(f"train.hub_model_id {t.hub_model_id!r} must be <user-or-org>/<name>")
     return p
