@@ -129,7 +129,7 @@ def _print_submitted(launch: pipeline.Launch, manifest) -> None:
             f"{jobs[s].job_id}_{p.index}" if jobs[s].array else jobs[s].job_id for s in launch.stages if s != "report"
         ]
         table.add_row(str(p.index), " ".join(p.overrides) or "-", str(paths.point(p.index).root), *ids)
-    console = Console()
+    console = Console(soft_wrap=True)  # commands and paths must stay copy-pasteable
     console.print(table)
     for job in manifest.jobs:
         kind = f"array of {len(job.points)}" if job.array else "job"
@@ -161,7 +161,7 @@ def _print_local(launch: pipeline.Launch, states: dict[tuple[str, int], str]) ->
     for p in launch.points:
         row = [states.get((s, p.index), "-") for s in stages]
         table.add_row(str(p.index), " ".join(p.overrides) or "-", str(paths.point(p.index).root), *row)
-    console = Console()
+    console = Console(soft_wrap=True)  # commands and paths must stay copy-pasteable
     console.print(table)
     if "report" in launch.stages:
         console.print(f"report: {states.get(('report', -1), '-')}  {paths.report}/report.md")
