@@ -57,16 +57,28 @@ def _launch(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) 
 
 
 def _sacct(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """sacct -X states by job/array-task id. Array tasks that never started (e.g. cancelled for a failed
+    dependency) may be listed only under the array's range record, `637_[0-1%2]`: expand it."""
     out = subprocess.run(
         ["sacct", "-n", "-P", "-X", "-j", ",".join(job_ids), "--format=JobID,State,JobName"],
         check=True,
         capture_output=True,
         text=True,
     ).stdout
-    rows = {}
+    rows: dict[str, tuple[str, str]] = {}
+    ranges = []
     for line in out.splitlines():
         job_id, state, name = line.split("|")
-        rows[job_id] = (state.split()[0], name)
+        if "_[" in job_id:
+            ranges.append((job_id, state.split()[0], name))
+        else:
+            rows[job_id] = (state.split()[0], name)
+    for job_id, state, name in ranges:
+        array_id, spec = job_id.split("_[", 1)
+        for part in spec.rstrip("]").split("%")[0].split(","):
+            low, _, high = part.partition("-")
+            for task in range(int(low), int(high or low) + 1):
+                rows.setdefault(f"{array_id}_{task}", (state, name))
     return rows
 
 
