@@ -1,0 +1,99 @@
+"""apply_speed_knobs: turn on the knobs a RunConfig asks for, and undo them (gptoss_hpc.modeling.fast)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from gptoss_hpc.config.schema import RunConfig
+
+from gptoss_hpc.modeling.fast.anatomy import _COMPILED, FUSED_EXPERTS, unwrap
+from gptoss_hpc.modeling.fast.experts import register_fused_experts
+from gptoss_hpc.modeling.fast.packing import isolate_packed_sequences
+from gptoss_hpc.modeling.fast.prefix import (
+    _raise_recompile_limit,
+    _restore_class,
+    compile_decoder_layers,
+    freeze_below_first_trainable_layer,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SpeedKnobs:
+    """What apply_speed_knobs changed; ``remove()`` restores the stock path (used by the bench's check)."""
+
+    model: Any
+    frozen_prefix: list[Any] = field(default_factory=list)
+    compiled_layers: list[Any] = field(default_factory=list)
+    experts_before: str | None = None
+    experts_after: str | None = None
+    loss_chunk_tokens: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "no_grad_layers": len(self.frozen_prefix),
+            "compiled_layers": len(self.compiled_layers),
+            "experts_implementation": self.experts_after,
+            "loss_chunk_tokens": self.loss_chunk_tokens,
+            "fused_experts_calls_so_far": _COMPILED.get("calls", 0),
+        }
+
+    def remove(self) -> None:
+        for layer in self.frozen_prefix:
+            _restore_class(layer)
+        self.frozen_prefix = []
+        for layer in self.compiled_layers:
+            layer._compiled_call_impl = None
+        self.compiled_layers = []
+        if self.experts_before is not None or self.experts_after is not None:
+            set_experts_implementation(self.model, self.experts_before)
+            self.experts_after = self.experts_before
+        self.loss_chunk_tokens = 0
+
+
+def _on_cuda(model: nn.Module) -> bool:
+    return next(model.parameters()).device.type == "cuda"
+
+
+def set_experts_implementation(model: nn.Module, name: str | None) -> None:
+    """Switch the experts kernel of an already built model (all layers share one config object)."""
+    if name == FUSED_EXPERTS:
+        register_fused_experts()
+    config = unwrap(model).config
+    config._experts_implementation = name
+    for module in unwrap(model).modules():
+        cfg = getattr(module, "config", None)
+        if cfg is not None and cfg is not config and hasattr(cfg, "_experts_implementation"):
+            cfg._experts_implementation = name
+
+
+def apply_speed_knobs(model: nn.Module, cfg: RunConfig) -> SpeedKnobs:
+    """Apply the knobs that ``cfg`` turns on, to a model that already has its LoRA adapters and gradient
+    checkpointing set up. ``model.fused_experts`` swaps in the compiled experts (the model is built with
+    ``experts_implementation=grouped_mm``); ``train.no_grad_below_first_lora`` runs the frozen prefix
+    without autograd; ``model.compile_layers`` compiles the decoder layers (CUDA);
+    ``train.loss_chunk_tokens`` is recorded here and applied by ``causal_lm_loss`` in the loss."""
+    t, m = cfg.train, cfg.model
+    if getattr(t, "packing", False) or getattr(t, "padding_free", False):
+        isolate_packed_sequences(model)  # a correctness fix, kept by remove()
+    knobs = SpeedKnobs(model=model, loss_chunk_tokens=int(getattr(t, "loss_chunk_tokens", 0) or 0))
+    if getattr(m, "fused_experts", False):
+        knobs.experts_before = getattr(unwrap(model).config, "_experts_implementation", None)
+        if knobs.experts_before == FUSED_EXPERTS:
+            knobs.experts_before = "grouped_mm"
+        set_experts_implementation(model, FUSED_EXPERTS)
+        knobs.experts_after = FUSED_EXPERTS
+    if getattr(t, "no_grad_below_first_lora", False):
+        knobs.frozen_prefix = freeze_below_first_trainable_layer(model)
+    if getattr(m, "compile_layers", False) and _on_cuda(model):
+        knobs.compiled_layers = compile_decoder_layers(model)
+    if knobs.experts_after or knobs.compiled_layers:
+        _raise_recompile_limit()
+    log.info("speed knobs: %s", knobs.summary())
+    return knobs

@@ -1,0 +1,86 @@
+"""Knob 1: no autograd below the first trainable layer (gptoss_hpc.modeling.fast)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+from gptoss_hpc.modeling.fast.anatomy import decoder_layers, lowest_trainable_layer
+
+log = logging.getLogger(__name__)
+
+
+_NO_GRAD_CLASSES: dict[type, type] = {}
+
+
+def _no_grad_class(cls: type) -> type:
+    """A subclass of a decoder-layer class whose forward runs under torch.no_grad. One class for all such
+    layers (not a per-layer wrapper), so a compiled layer's code is shared by all of them."""
+    if cls not in _NO_GRAD_CLASSES:
+        import torch
+
+        def forward(self, *args, **kwargs):
+            with torch.no_grad():
+                return super(sub, self).forward(*args, **kwargs)
+
+        sub = type(f"NoGrad{cls.__name__}", (cls,), {"forward": forward, "_gptoss_no_grad_base": cls})
+        _NO_GRAD_CLASSES[cls] = sub
+    return _NO_GRAD_CLASSES[cls]
+
+
+def freeze_below_first_trainable_layer(model: nn.Module) -> list[nn.Module]:
+    """Run decoder layers [0, first trainable) without autograd. Returns the changed layers.
+
+    The hidden state entering the first trainable layer then has no grad history: its backward stops there,
+    which is exact, since nothing below it trains (the input embeddings must be frozen; if they train, the
+    first trainable "layer" is 0 and nothing changes). Independent of gradient checkpointing.
+    """
+    first = lowest_trainable_layer(model)
+    changed = []
+    for layer in list(decoder_layers(model))[:first]:
+        if hasattr(type(layer), "_gptoss_no_grad_base"):
+            continue
+        layer.__class__ = _no_grad_class(type(layer))
+        changed.append(layer)
+    log.info("layers 0..%d run without autograd (first trainable layer: %d)", first - 1, first)
+    return changed
+
+
+def _restore_class(layer: nn.Module) -> None:
+    base = getattr(type(layer), "_gptoss_no_grad_base", None)
+    if base is not None:
+        layer.__class__ = base
+
+
+def compile_decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """Regional torch.compile: every decoder layer whose modules PEFT's ParamWrapper does not wrap (its
+    parametrization is registered inside the forward, which dynamo cannot trace); those keep the eager layer
+    with the compiled experts core. Identical layers share the compiled code."""
+
+    import torch
+
+    _raise_recompile_limit()
+    # layer_idx / sliding_window are ints on the modules: do not compile one graph per layer for them
+    torch._dynamo.config.allow_unspec_int_on_nn_module = True
+    compiled = []
+    for layer in decoder_layers(model):
+        if any(type(m).__name__ == "ParamWrapper" for m in layer.modules()):
+            continue
+        layer.compile(dynamic=False)
+        compiled.append(layer)
+    log.info("compiled %d decoder layers", len(compiled))
+    return compiled
+
+
+def _raise_recompile_limit(limit: int = 256) -> None:
+    """Compiled regions see a few variants (sliding/full attention, grad on/off, LoRA or not): the default
+    limit of 8 variants per code object is reached with a few micro-batch shapes, and flex_attention past it
+    falls back to an eager path that materialises [heads, T, T] scores (16 GiB at 8k tokens)."""
+    import torch
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 8 * limit)
