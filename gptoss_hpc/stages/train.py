@@ -128,7 +128,9 @@ def _speed_knobs_callback(cfg: RunConfig):
     after PEFT, gradient checkpointing and the DeepSpeed/DDP wrap are in place."""
     m, t = cfg.model, cfg.train
     if not (
-        m.fused_experts or m.compile_layers or t.no_grad_below_first_lora
+        m.fused_experts
+        or m.compile_layers
+        or t.no_grad_below_first_lora
         # not speed: gpt-oss builds its masks without position_ids, so packed rows would attend across their
         # sequences; apply_speed_knobs isolates them (gptoss_hpc.modeling.fast.isolate_packed_sequences).
         or t.packing
