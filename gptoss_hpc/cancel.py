@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from gptoss_hpc import slurm_query
 from gptoss_hpc.errors import GptossHpcError
-from gptoss_hpc.status import DEFAULT_RUN_ROOT, JobRow, LaunchNotFoundError, collect, resolve_run_dir
+from gptoss_hpc.launch_state import DEFAULT_RUN_ROOT, JobRow, LaunchNotFoundError, collect, resolve_run_dir
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import TextIO
 
 from gptoss_hpc import slurm_query
 from gptoss_hpc.errors import GptossHpcError
-from gptoss_hpc.status import (
+from gptoss_hpc.launch_state import (
     DEFAULT_RUN_ROOT,
     JobRow,
     LaunchNotFoundError,

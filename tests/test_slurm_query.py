@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from gptoss_hpc import slurm_query
+from gptoss_hpc.launch_state import JobRow, collect, last_metrics, log_paths, tail_lines
 from gptoss_hpc.slurm_query import (
     SlurmNotReachableError,
     expand_task_ids,
@@ -19,7 +20,6 @@ from gptoss_hpc.slurm_query import (
     parse_sacct,
     parse_squeue,
 )
-from gptoss_hpc.status import JobRow, collect, last_metrics, log_paths, tail_lines
 from gptoss_hpc.submission.manifest import JobRecord, Manifest, PointRecord
 
 # 2.5 s after submission: train tasks 0,1 run, 2-3 wait on the %2 throttle, merge waits on train.

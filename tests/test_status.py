@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from gptoss_hpc import slurm_query
+from gptoss_hpc.launch_state import LaunchStatus, collect
 from gptoss_hpc.paths import point_dirname
-from gptoss_hpc.status import LaunchStatus, collect
 from gptoss_hpc.submission.manifest import JobRecord, Manifest, PointRecord
 
 REPO = Path(__file__).resolve().parents[1]
