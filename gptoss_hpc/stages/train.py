@@ -36,6 +36,7 @@ from gptoss_hpc.config import RunConfig
 from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.fileio import write_atomic
 from gptoss_hpc.modeling.distributed import DIST_ENV, any_rank, setup_distributed, shutdown_distributed
+from gptoss_hpc.modeling.trainer import speed_knobs_callback, trainer_class
 from gptoss_hpc.paths import PointPaths
 from gptoss_hpc.stages.common import run_stage, stage_cli, write_status
 
@@ -123,92 +124,6 @@ def _callbacks(paths: PointPaths, world_size: int) -> tuple[Any, Any]:
     return MetricsCallback(), PreemptionCallback()
 
 
-def _speed_knobs_callback(cfg: RunConfig):
-    """gptoss_hpc.modeling.fast's model-level knobs (exact; off by default), applied when training begins:
-    after PEFT, gradient checkpointing and the DeepSpeed/DDP wrap are in place."""
-    m, t = cfg.model, cfg.train
-    if not (
-        m.fused_experts
-        or m.compile_layers
-        or t.no_grad_below_first_lora
-        # not speed: gpt-oss builds its masks without position_ids, so packed rows would attend across their
-        # sequences; apply_speed_knobs isolates them (gptoss_hpc.modeling.fast.isolate_packed_sequences).
-        or t.packing
-        or t.padding_free
-    ):
-        return None
-    from transformers import TrainerCallback
-
-    class SpeedKnobsCallback(TrainerCallback):
-        summary: dict[str, Any] | None = None
-
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            from gptoss_hpc.modeling.fast import apply_speed_knobs
-
-            self.summary = apply_speed_knobs(model, cfg).summary()
-
-    return SpeedKnobsCallback()
-
-
-def _trainer_class(base: type, cfg: RunConfig, world_size: int, deepspeed: bool) -> type:
-    """SFTTrainer, or with train.loss_chunk_tokens > 0 a subclass whose training loss is lm_head + CE in
-    chunks (gptoss_hpc.modeling.fast): the same numbers without [tokens, 201088] fp32 logits."""
-    chunk = int(getattr(cfg.train, "loss_chunk_tokens", 0) or 0)
-    if chunk <= 0:
-        return base
-    if world_size > 1 and not deepspeed:
-        # The fused loss runs the decoder module directly; DDP syncs gradients only through its own forward.
-        raise GptossHpcError(
-            f"train.loss_chunk_tokens={chunk} with {world_size} ranks needs train.deepspeed=true "
-            "(ZeRO reduces gradients by hooks; DDP would skip its sync); set train.deepspeed=true or "
-            "train.loss_chunk_tokens=0"
-        )
-
-    class ChunkedLossSFTTrainer(base):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if return_outputs or inputs.get("labels") is None:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            inner = model
-            while hasattr(inner, "module"):  # DeepSpeedEngine -> PeftModel (ZeRO-1/2 params are whole)
-                inner = inner.module
-            loss, aux = chunked_training_loss(inner, inputs, chunk, num_items_in_batch, self.aux_loss_enabled)
-            # The rest mirrors SFTTrainer.compute_loss: token-normalised CE scaled back up for DDP's gradient
-            # mean, and the MoE aux loss (a per-micro-batch mean) averaged over the accumulation steps.
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-            if aux is not None:
-                steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-                loss = loss + self.router_aux_loss_coef * aux.to(loss.device) / steps
-            return loss
-
-    return ChunkedLossSFTTrainer
-
-
-def chunked_training_loss(model, inputs: dict[str, Any], chunk_tokens: int, num_items_in_batch, with_aux: bool):
-    """(CE, MoE load-balancing loss or None) as gpt-oss's forward computes them, the CE in chunks from the
-    hidden states (gptoss_hpc.modeling.fast) so the [tokens, 201088] logits never exist."""
-    from gptoss_hpc.modeling.fast import chunked_causal_lm_loss, unwrap
-
-    base = unwrap(model)
-    kwargs = {k: inputs[k] for k in ("attention_mask", "position_ids") if inputs.get(k) is not None}
-    out = base.get_decoder()(input_ids=inputs["input_ids"], use_cache=False, output_router_logits=with_aux, **kwargs)
-    loss = chunked_causal_lm_loss(
-        out.last_hidden_state,
-        base.get_output_embeddings().weight,
-        inputs["labels"],
-        chunk_tokens=chunk_tokens,
-        num_items_in_batch=num_items_in_batch,
-    )
-    if not with_aux:
-        return loss, None
-    from transformers.models.gpt_oss.modeling_gpt_oss import load_balancing_loss_func
-
-    aux = load_balancing_loss_func(
-        out.router_logits, base.num_experts, base.num_experts_per_tok, inputs.get("attention_mask")
-    )
-    return loss, aux
-
-
 def _on_usr2(signum, frame) -> None:
     log.warning("caught SIGUSR2: will checkpoint at the end of this step")
     PREEMPT.set()
@@ -274,10 +189,10 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
     model = load_base_model(cfg, paths, for_training=True)
     metrics_cb, preempt_cb = _callbacks(paths, dist_info["world_size"])
     callbacks = [metrics_cb, preempt_cb]
-    knobs_cb = _speed_knobs_callback(cfg)
+    knobs_cb = speed_knobs_callback(cfg)
     if knobs_cb is not None:
         callbacks.append(knobs_cb)
-    trainer_cls = _trainer_class(SFTTrainer, cfg, dist_info["world_size"], "deepspeed" in kwargs)
+    trainer_cls = trainer_class(SFTTrainer, cfg, dist_info["world_size"], "deepspeed" in kwargs)
     trainer = trainer_cls(
         model=model,
         args=args,

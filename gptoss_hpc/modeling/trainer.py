@@ -1,0 +1,95 @@
+"""How the train stage plugs gptoss_hpc.modeling.fast into TRL: the model-level knobs as a callback at train
+begin, and the chunked lm_head + CE as an SFTTrainer subclass whose loss equals TRL's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gptoss_hpc.config import RunConfig
+from gptoss_hpc.errors import GptossHpcError
+
+
+def speed_knobs_callback(cfg: RunConfig):
+    """gptoss_hpc.modeling.fast's model-level knobs (exact; off by default), applied when training begins:
+    after PEFT, gradient checkpointing and the DeepSpeed/DDP wrap are in place."""
+    m, t = cfg.model, cfg.train
+    if not (
+        m.fused_experts
+        or m.compile_layers
+        or t.no_grad_below_first_lora
+        # not speed: gpt-oss builds its masks without position_ids, so packed rows would attend across their
+        # sequences; apply_speed_knobs isolates them (gptoss_hpc.modeling.fast.isolate_packed_sequences).
+        or t.packing
+        or t.padding_free
+    ):
+        return None
+    from transformers import TrainerCallback
+
+    class SpeedKnobsCallback(TrainerCallback):
+        summary: dict[str, Any] | None = None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            from gptoss_hpc.modeling.fast import apply_speed_knobs
+
+            self.summary = apply_speed_knobs(model, cfg).summary()
+
+    return SpeedKnobsCallback()
+
+
+def trainer_class(base: type, cfg: RunConfig, world_size: int, deepspeed: bool) -> type:
+    """SFTTrainer, or with train.loss_chunk_tokens > 0 a subclass whose training loss is lm_head + CE in
+    chunks (gptoss_hpc.modeling.fast): the same numbers without [tokens, 201088] fp32 logits."""
+    chunk = int(getattr(cfg.train, "loss_chunk_tokens", 0) or 0)
+    if chunk <= 0:
+        return base
+    if world_size > 1 and not deepspeed:
+        # The fused loss runs the decoder module directly; DDP syncs gradients only through its own forward.
+        raise GptossHpcError(
+            f"train.loss_chunk_tokens={chunk} with {world_size} ranks needs train.deepspeed=true "
+            "(ZeRO reduces gradients by hooks; DDP would skip its sync); set train.deepspeed=true or "
+            "train.loss_chunk_tokens=0"
+        )
+
+    class ChunkedLossSFTTrainer(base):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs or inputs.get("labels") is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            inner = model
+            while hasattr(inner, "module"):  # DeepSpeedEngine -> PeftModel (ZeRO-1/2 params are whole)
+                inner = inner.module
+            loss, aux = chunked_training_loss(inner, inputs, chunk, num_items_in_batch, self.aux_loss_enabled)
+            # The rest mirrors SFTTrainer.compute_loss: token-normalised CE scaled back up for DDP's gradient
+            # mean, and the MoE aux loss (a per-micro-batch mean) averaged over the accumulation steps.
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            if aux is not None:
+                steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+                loss = loss + self.router_aux_loss_coef * aux.to(loss.device) / steps
+            return loss
+
+    return ChunkedLossSFTTrainer
+
+
+def chunked_training_loss(model, inputs: dict[str, Any], chunk_tokens: int, num_items_in_batch, with_aux: bool):
+    """(CE, MoE load-balancing loss or None) as gpt-oss's forward computes them, the CE in chunks from the
+    hidden states (gptoss_hpc.modeling.fast) so the [tokens, 201088] logits never exist."""
+    from gptoss_hpc.modeling.fast import chunked_causal_lm_loss, unwrap
+
+    base = unwrap(model)
+    kwargs = {k: inputs[k] for k in ("attention_mask", "position_ids") if inputs.get(k) is not None}
+    out = base.get_decoder()(input_ids=inputs["input_ids"], use_cache=False, output_router_logits=with_aux, **kwargs)
+    loss = chunked_causal_lm_loss(
+        out.last_hidden_state,
+        base.get_output_embeddings().weight,
+        inputs["labels"],
+        chunk_tokens=chunk_tokens,
+        num_items_in_batch=num_items_in_batch,
+    )
+    if not with_aux:
+        return loss, None
+    from transformers.models.gpt_oss.modeling_gpt_oss import load_balancing_loss_func
+
+    aux = load_balancing_loss_func(
+        out.router_logits, base.num_experts, base.num_experts_per_tok, inputs.get("attention_mask")
+    )
+    return loss, aux
