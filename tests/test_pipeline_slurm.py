@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED"}
 CANARIES = {
-    "HF_TOKEN": "hf_CANARYtokenDoNotLeak0123456789abcdef",
+    "HF_TOKEN": "canary_hf_token_do_not_leak_0123456789",  # not hf_-shaped: no scanner mistakes it
     "WANDB_API_KEY": "0123456789abcdefcanarywandbkey0123456789",
     "HF_USER": "canary-user-gptoss",
 }
