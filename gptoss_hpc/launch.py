@@ -14,6 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
+from gptoss_hpc.config.io import dump_yaml
 from gptoss_hpc.errors import ConfigError, GptossHpcError
 from gptoss_hpc.paths import RunPaths
 from gptoss_hpc.submission import pipeline, secrets
@@ -70,7 +71,7 @@ def _dry_run(launch: pipeline.Launch) -> int:
     for point in launch.points:
         title = f"point {point.index}: {' '.join(point.overrides)}" if launch.sweep else "config"
         print(f"# ===== {title} =====")
-        print(pipeline.config_dump(point.cfg))
+        print(dump_yaml(point.cfg))
     if cfg.cluster.backend != "slurm":
         print(f"# backend {cfg.cluster.backend!r}: stages {launch.stages} would run as local processes")
     else:

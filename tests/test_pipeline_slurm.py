@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from gptoss_hpc.paths import RunPaths
+from gptoss_hpc.slurm_query import expand_task_ids
 from gptoss_hpc.submission.manifest import Manifest
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -74,11 +75,8 @@ def _sacct(job_ids: list[str]) -> dict[str, tuple[str, str]]:
         else:
             rows[job_id] = (state.split()[0], name)
     for job_id, state, name in ranges:
-        array_id, spec = job_id.split("_[", 1)
-        for part in spec.rstrip("]").split("%")[0].split(","):
-            low, _, high = part.partition("-")
-            for task in range(int(low), int(high or low) + 1):
-                rows.setdefault(f"{array_id}_{task}", (state, name))
+        for task in expand_task_ids(job_id):
+            rows.setdefault(task, (state, name))
     return rows
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from gptoss_hpc.config import RunConfig
-from gptoss_hpc.config.io import write_atomic
 from gptoss_hpc.errors import GptossHpcError
+from gptoss_hpc.fileio import write_atomic
 from gptoss_hpc.paths import PointPaths
 from gptoss_hpc.stages.common import run_stage, stage_cli
 

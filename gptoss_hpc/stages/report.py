@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gptoss_hpc.config.io import write_atomic
 from gptoss_hpc.errors import GptossHpcError
+from gptoss_hpc.fileio import write_atomic
 from gptoss_hpc.paths import PointPaths, RunPaths
 from gptoss_hpc.submission.manifest import JobRecord, Manifest
 

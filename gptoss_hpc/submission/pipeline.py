@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss_hpc.config import RunConfig, save_run_config, validate
-from gptoss_hpc.config.io import compose_sweep, dump_yaml, to_run_config
+from gptoss_hpc.config.io import compose_sweep, to_run_config
 from gptoss_hpc.config.schema import STAGES
 from gptoss_hpc.errors import ConfigError, GptossHpcError, SubmissionError
 from gptoss_hpc.paths import RunPaths, point_dirname
@@ -295,7 +295,3 @@ def _error_text(exc: BaseException) -> str:
     if stderr and stderr.strip() not in text:
         text += f"\nstderr: {stderr.strip()}"
     return text
-
-
-def config_dump(cfg: RunConfig) -> str:
-    return dump_yaml(cfg)

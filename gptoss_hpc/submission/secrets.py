@@ -20,8 +20,3 @@ def present() -> list[str]:
 def values() -> list[str]:
     """The secret values set now: for leak checks (tests, the launcher's own self-check)."""
     return [v for name in SECRET_ENV if (v := os.environ.get(name)) and len(v) >= 8]
-
-
-def find_leaks(text: str) -> list[str]:
-    """Names of the secrets whose value appears in `text`."""
-    return [name for name in SECRET_ENV if (v := os.environ.get(name)) and len(v) >= 8 and v in text]
