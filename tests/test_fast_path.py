@@ -48,15 +48,21 @@ def _zero(model):
         p.grad = None
 
 
-def test_chunked_loss_matches_plain_cross_entropy():
+@pytest.mark.parametrize("length", [37, 400])
+def test_chunked_loss_matches_plain_cross_entropy(length):
+    """37: every row goes through lm_head; 400: the prompt rows are dropped first (600 predicted rows of 800
+    padded to 768 < 800), and their hidden-state gradient must come back as zeros."""
     from gptoss_hpc.modeling.fast import chunked_causal_lm_loss
 
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(2, 37, 16, generator=g, requires_grad=True)
+    hidden = torch.randn(2, length, 16, generator=g, requires_grad=True)
     weight = torch.randn(50, 16, generator=g, requires_grad=True)
-    labels = torch.randint(0, 50, (2, 37), generator=g)
+    labels = torch.randint(0, 50, (2, length), generator=g)
     labels[0, :5] = -100
-    labels[1, 30:] = -100
+    if length < 100:
+        labels[1, 30:] = -100
+    else:
+        labels[:, : length // 4] = -100
 
     logits = hidden @ weight.t()
     ref = torch.nn.functional.cross_entropy(
@@ -180,6 +186,57 @@ def test_fused_experts_core_matches_transformers_experts():
     again.remove()
 
 
+def test_factored_expert_lora_factors_equal_peft_delta_weight():
+    """The factors the fused experts use reproduce PEFT's own delta weight of every expert, both projections."""
+    from gptoss_hpc.modeling.fast.experts import expert_lora_factors
+
+    cfg = _cfg("model.fused_experts=false")
+    model, _ = _model(cfg)
+    wrappers = [m for m in model.modules() if type(m).__name__ == "ParamWrapper"]
+    assert {w.parameter_name for w in wrappers} == {"gate_up_proj", "down_proj"}
+    for w in wrappers:
+        left, right, scale = expert_lora_factors(w, "default", torch.float32)
+        delta = w.get_delta_weight("default")
+        r = left.shape[1] // w.num_experts
+        for e in range(w.num_experts):
+            mine = scale * left[:, e * r : (e + 1) * r] @ right[e * r : (e + 1) * r]
+            assert _rel(mine, delta[e]) < 1e-6, (w.parameter_name, e)
+
+
+def test_factored_expert_lora_is_used_and_steps_aside_when_adapters_are_off():
+    """With the fused experts the LoRA'd experts run x @ W + s (x @ A) @ B (no parametrization of W); with the
+    adapter disabled (the eval stage's base loss) the call goes back to PEFT, which then adds nothing."""
+    import gptoss_hpc.modeling.fast.experts as experts_mod
+
+    cfg = _cfg("model.fused_experts=true")
+    model, knobs = _model(cfg)
+    assert knobs.summary()["factored_expert_lora"] == 2  # tiny model: LoRA on the experts of both layers
+    seen = []
+    real = experts_mod.moe_experts_core
+
+    def spy(*args):
+        seen.append(args[9] is not None and args[10] is not None)
+        return real(*args)
+
+    _, _, batch = _batch([30, 25])
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids")}
+    experts_mod.moe_experts_core = spy
+    try:
+        with torch.no_grad():
+            adapted = model(**inputs).logits
+            with model.disable_adapter():
+                base_fast = model(**inputs).logits
+    finally:
+        experts_mod.moe_experts_core = real
+    assert seen[:2] == [True, True]  # the adapted pass: both layers factored
+    assert seen[2:] == [False, False]  # adapters off: plain fused experts, no LoRA
+    knobs.remove()
+    with torch.no_grad(), model.disable_adapter():
+        base_ref = model(**inputs).logits
+    assert _rel(base_fast, base_ref) < 1e-5
+    assert _rel(adapted, base_ref) > 1e-4  # the adapter (B drawn non-zero by prepare) did change the output
+
+
 def test_pack_greedy_and_collator():
     from gptoss_hpc.modeling.fast import PackingCollator, pack_greedy
 
@@ -218,3 +275,60 @@ def test_flex_document_mask_equals_transformers_packed_mask():
         allowed_ref = ref[0, 0] == 0 if ref.dtype != torch.bool else ref[0, 0]
         dense = create_mask(_document_mask_mod(docs, window), 1, None, pos.shape[1], pos.shape[1], device="cpu")
         assert torch.equal(dense[0, 0], allowed_ref), window
+
+
+def test_compiled_layers_do_not_recompile_per_packed_micro_batch(monkeypatch):
+    """Regional compile of the decoder layers over packed micro-batches (new document masks each time): after
+    the first micro-batch no new graphs. A Python-side counter in the experts forward once made every call a
+    recompile (dynamo's limit of 256 hit on the GPU). Fakes, because CPU has no flex_attention backward: the
+    compile backend is aot_eager (guards and recompiles are decided by dynamo, before any backend), and attention
+    is a dense stand-in that evaluates the BlockMask's own mask_mod."""
+    import random
+
+    from torch._dynamo.utils import counters
+    from transformers import masking_utils
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from gptoss_hpc.bench.train import micro_batches
+    from gptoss_hpc.modeling.fast import compile_decoder_layers, flex_document_masks, unwrap
+    from gptoss_hpc.modeling.fast import packing as packing_mod
+
+    def dense_flex(module, q, k, v, attention_mask, **kwargs):
+        n = q.shape[2]
+        allowed = attention_mask.mask_mod(0, 0, torch.arange(n)[:, None], torch.arange(n)[None, :])
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return out.transpose(1, 2).contiguous(), None
+
+    def masks(model, position_ids, dtype=None):
+        docs = masking_utils.find_packed_sequence_indices(position_ids)
+        return flex_document_masks(unwrap(model).config, docs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "flex_attention", dense_flex)
+    monkeypatch.setattr(packing_mod, "packed_sequence_masks", masks)
+    cfg = _cfg(
+        "model.num_hidden_layers=6",
+        "lora.expert_layers=[2,4]",
+        "model.attn_implementation=flex_attention",
+        "model.experts_implementation=grouped_mm",
+        "model.fused_experts=true",
+        "train.no_grad_below_first_lora=true",
+        "train.packing=true",
+        "train.gradient_checkpointing=false",
+        "train.max_length=256",
+    )
+    model, knobs = _model(cfg)
+    torch._dynamo.reset()
+    try:
+        assert len(compile_decoder_layers(model, backend="aot_eager")) == 6  # the LoRA'd layers compile too
+        graphs = []
+        for mb in micro_batches(cfg, random.Random(0), VOCAB, 4, "lognormal"):
+            model(input_ids=mb["input_ids"], labels=mb["labels"], position_ids=mb["position_ids"]).loss.backward()
+            graphs.append(counters["stats"]["unique_graphs"])
+        assert graphs[0] > 0 and graphs[1:] == [graphs[0]] * 3, graphs
+    finally:
+        knobs.remove()
+        for layer in unwrap(model).model.layers:
+            layer._compiled_call_impl = None
+        torch._dynamo.reset()

@@ -82,6 +82,7 @@ GOLDEN_SFT_GPU = {
     "assistant_only_loss": True,
     "packing": False,
     "padding_free": False,
+    "pad_to_multiple_of": None,
     "use_liger_kernel": False,
     "logging_steps": 1,
     "include_num_input_tokens_seen": "non_padding",
@@ -105,6 +106,16 @@ def test_sft_kwargs_default_gpu_config():
     kwargs = build_sft_config_kwargs(cfg_of(*GPU), POINT, env={"HF_TOKEN": "hf_secret"})
     assert kwargs == GOLDEN_SFT_GPU
     assert "hub_token" not in kwargs and "hf_secret" not in json.dumps(kwargs)
+
+
+def test_sft_kwargs_pad_to_multiple_of_bounds_shapes_for_compiled_layers():
+    assert (
+        build_sft_config_kwargs(cfg_of(*GPU, "model.compile_layers=true"), POINT, env={})["pad_to_multiple_of"] == 1024
+    )
+    short = cfg_of(*GPU, "model.compile_layers=true", "train.max_length=512")
+    assert build_sft_config_kwargs(short, POINT, env={})["pad_to_multiple_of"] == 512
+    mine = cfg_of(*GPU, "model.compile_layers=true", "train.pad_to_multiple_of=64")
+    assert build_sft_config_kwargs(mine, POINT, env={})["pad_to_multiple_of"] == 64
 
 
 def test_sft_kwargs_demo_cpu_wandb_and_sweep_name(tmp_path):

@@ -273,6 +273,8 @@ def _train(cfg: RunConfig) -> list[str]:
             f"train.loss_chunk_tokens={t.loss_chunk_tokens} with {ranks} ranks needs train.deepspeed=true (the "
             "fused loss bypasses DDP's forward, which its gradient sync needs); or set train.loss_chunk_tokens=0"
         )
+    if t.pad_to_multiple_of is not None and t.pad_to_multiple_of < 1:
+        p.append(f"train.pad_to_multiple_of must be >= 1 or null (got {t.pad_to_multiple_of})")
     if t.loss_chunk_tokens < 0:
         p.append(f"train.loss_chunk_tokens must be >= 0 (got {t.loss_chunk_tokens}); 0 = TRL's full-logits loss")
     if t.hub_model_id is not None and "/" not in t.hub_model_id:

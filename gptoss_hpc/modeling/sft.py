@@ -47,6 +47,15 @@ def run_name(cfg: RunConfig, paths: PointPaths) -> str:
     return name
 
 
+def pad_to_multiple_of(cfg: RunConfig) -> int | None:
+    """train.pad_to_multiple_of, or with compiled layers (static shapes) min(max_length, 1024): a packed,
+    flattened micro-batch then takes one of a few lengths instead of a new one (and a recompile) each step."""
+    t = cfg.train
+    if t.pad_to_multiple_of is not None:
+        return t.pad_to_multiple_of
+    return min(t.max_length, 1024) if cfg.model.compile_layers else None
+
+
 def build_sft_config_kwargs(cfg: RunConfig, paths: PointPaths, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     t = cfg.train
     on_cpu = cfg.cluster.accelerator == "cpu"
@@ -74,6 +83,7 @@ def build_sft_config_kwargs(cfg: RunConfig, paths: PointPaths, env: Mapping[str,
         "assistant_only_loss": t.assistant_only_loss,
         "packing": t.packing,
         "padding_free": t.padding_free,
+        "pad_to_multiple_of": pad_to_multiple_of(cfg),
         "use_liger_kernel": t.use_liger_kernel,
         "logging_steps": t.logging_steps,
         "include_num_input_tokens_seen": "non_padding",

@@ -11,8 +11,8 @@ if TYPE_CHECKING:
 
     from gptoss_hpc.config.schema import RunConfig
 
-from gptoss_hpc.modeling.fast.anatomy import _COMPILED, FUSED_EXPERTS, unwrap
-from gptoss_hpc.modeling.fast.experts import register_fused_experts
+from gptoss_hpc.modeling.fast.anatomy import FUSED_EXPERTS, unwrap
+from gptoss_hpc.modeling.fast.experts import factor_expert_lora, register_fused_experts, unfactor_expert_lora
 from gptoss_hpc.modeling.fast.packing import isolate_packed_sequences
 from gptoss_hpc.modeling.fast.prefix import (
     _raise_recompile_limit,
@@ -31,6 +31,7 @@ class SpeedKnobs:
     model: Any
     frozen_prefix: list[Any] = field(default_factory=list)
     compiled_layers: list[Any] = field(default_factory=list)
+    factored_lora: list[Any] = field(default_factory=list)
     experts_before: str | None = None
     experts_after: str | None = None
     loss_chunk_tokens: int = 0
@@ -40,8 +41,8 @@ class SpeedKnobs:
             "no_grad_layers": len(self.frozen_prefix),
             "compiled_layers": len(self.compiled_layers),
             "experts_implementation": self.experts_after,
+            "factored_expert_lora": len(self.factored_lora),
             "loss_chunk_tokens": self.loss_chunk_tokens,
-            "fused_experts_calls_so_far": _COMPILED.get("calls", 0),
         }
 
     def remove(self) -> None:
@@ -51,6 +52,8 @@ class SpeedKnobs:
         for layer in self.compiled_layers:
             layer._compiled_call_impl = None
         self.compiled_layers = []
+        unfactor_expert_lora(self.factored_lora)
+        self.factored_lora = []
         if self.experts_before is not None or self.experts_after is not None:
             set_experts_implementation(self.model, self.experts_before)
             self.experts_after = self.experts_before
@@ -76,9 +79,10 @@ def set_experts_implementation(model: nn.Module, name: str | None) -> None:
 def apply_speed_knobs(model: nn.Module, cfg: RunConfig) -> SpeedKnobs:
     """Apply the knobs that ``cfg`` turns on, to a model that already has its LoRA adapters and gradient
     checkpointing set up. ``model.fused_experts`` swaps in the compiled experts (the model is built with
-    ``experts_implementation=grouped_mm``); ``train.no_grad_below_first_lora`` runs the frozen prefix
-    without autograd; ``model.compile_layers`` compiles the decoder layers (CUDA);
-    ``train.loss_chunk_tokens`` is recorded here and applied by ``causal_lm_loss`` in the loss."""
+    ``experts_implementation=grouped_mm``) with the expert LoRA factored into them;
+    ``train.no_grad_below_first_lora`` runs the frozen prefix without autograd; ``model.compile_layers``
+    compiles the decoder layers (CUDA); ``train.loss_chunk_tokens`` is recorded here and applied by
+    ``causal_lm_loss`` in the loss."""
     t, m = cfg.train, cfg.model
     if getattr(t, "packing", False) or getattr(t, "padding_free", False):
         isolate_packed_sequences(model)  # a correctness fix, kept by remove()
@@ -89,6 +93,7 @@ def apply_speed_knobs(model: nn.Module, cfg: RunConfig) -> SpeedKnobs:
             knobs.experts_before = "grouped_mm"
         set_experts_implementation(model, FUSED_EXPERTS)
         knobs.experts_after = FUSED_EXPERTS
+        knobs.factored_lora = factor_expert_lora(model)
     if getattr(t, "no_grad_below_first_lora", False):
         knobs.frozen_prefix = freeze_below_first_trainable_layer(model)
     if getattr(m, "compile_layers", False) and _on_cuda(model):

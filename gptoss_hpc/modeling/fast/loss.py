@@ -62,7 +62,9 @@ def _ce_chunk_fn(device_type: str):
     if "ce" not in _COMPILED:
         import torch
 
-        compiled = torch.compile(ce_chunk, dynamic=False)
+        # dynamic=None: the row count varies (prompt rows are dropped), so after the first new count dynamo
+        # compiles one kernel for any count instead of one per count
+        compiled = torch.compile(ce_chunk, dynamic=None)
 
         def safe(*args):
             try:
@@ -128,7 +130,28 @@ def chunked_causal_lm_loss(
     else:
         denom = int(num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
     scale = 1.0 / max(denom, 1)
+    h, y = _predicted_rows(h, y)
     return _linear_ce().apply(h, weight, y, int(chunk_tokens), scale)
+
+
+def _predicted_rows(h, y, multiple: int = 256):
+    """Only the rows that predict a token go through lm_head (prompt and padding rows add 0 to the loss and
+    its gradient): SFT batches mask the prompt, 30 % of the bench's tokens. The row count is padded up to a
+    ``multiple`` (with ignored rows) so the compiled CE sees few shapes."""
+    import torch
+
+    keep = (y != IGNORE_INDEX).nonzero().squeeze(1)
+    n = keep.numel()
+    if n == y.numel():
+        return h, y
+    padded = max(multiple, -(-n // multiple) * multiple)
+    if padded >= y.numel():
+        return h, y
+    idx = torch.zeros(padded, dtype=keep.dtype, device=keep.device)
+    idx[:n] = keep
+    labels = torch.full((padded,), IGNORE_INDEX, dtype=y.dtype, device=y.device)
+    labels[:n] = y[keep]
+    return h.index_select(0, idx), labels
 
 
 def causal_lm_loss(

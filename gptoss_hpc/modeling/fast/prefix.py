@@ -56,10 +56,23 @@ def _restore_class(layer: nn.Module) -> None:
         layer.__class__ = base
 
 
-def compile_decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """Regional torch.compile: every decoder layer whose modules PEFT's ParamWrapper does not wrap (its
-    parametrization is registered inside the forward, which dynamo cannot trace); those keep the eager layer
-    with the compiled experts core. Identical layers share the compiled code."""
+def _parametrizing_wrappers(layer: nn.Module) -> list[nn.Module]:
+    """PEFT ParamWrappers in ``layer`` that register a parametrization in their forward (dynamo cannot trace
+    that): all of them but those inside a factored expert-LoRA chain (fast.experts.factor_expert_lora)."""
+    factored = set()
+    for module in layer.modules():
+        if hasattr(type(module), "_gptoss_factored_base"):
+            inner = module
+            while hasattr(inner, "parameter_name"):
+                factored.add(id(inner))
+                inner = inner.base_layer
+    return [m for m in layer.modules() if hasattr(m, "parameter_name") and id(m) not in factored]
+
+
+def compile_decoder_layers(model: nn.Module, backend: str = "inductor") -> list[nn.Module]:
+    """Regional torch.compile of the decoder layers. A layer holding a PEFT ParamWrapper that parametrizes in
+    its forward stays eager (it still gets the compiled experts core); with the expert LoRA factored
+    (``model.fused_experts``) every layer compiles. Identical layers share the compiled code."""
 
     import torch
 
@@ -68,9 +81,9 @@ def compile_decoder_layers(model: nn.Module) -> list[nn.Module]:
     torch._dynamo.config.allow_unspec_int_on_nn_module = True
     compiled = []
     for layer in decoder_layers(model):
-        if any(type(m).__name__ == "ParamWrapper" for m in layer.modules()):
+        if _parametrizing_wrappers(layer):
             continue
-        layer.compile(dynamic=False)
+        layer.compile(dynamic=False, backend=backend)
         compiled.append(layer)
     log.info("compiled %d decoder layers", len(compiled))
     return compiled
