@@ -169,8 +169,9 @@ class TrainConfig:
     assistant_only_loss: bool = True
     packing: bool = False
     padding_free: bool = False
-    # TRL's collator option. None: unset, except with model.compile_layers, where each new micro-batch
-    # length would compile the layers again: then min(max_length, 1024) (gptoss_hpc.modeling.sft).
+    # TRL's collator option. None: unset, except where the layers are compiled (model.compile_layers without
+    # gradient checkpointing) and each new micro-batch length would compile them again: then
+    # min(max_length, 1024) (gptoss_hpc.modeling.sft).
     pad_to_multiple_of: int | None = None
     use_liger_kernel: bool = False
     logging_steps: int = 1

@@ -50,10 +50,12 @@ def run_name(cfg: RunConfig, paths: PointPaths) -> str:
 def pad_to_multiple_of(cfg: RunConfig) -> int | None:
     """train.pad_to_multiple_of, or with compiled layers (static shapes) min(max_length, 1024): a packed,
     flattened micro-batch then takes one of a few lengths instead of a new one (and a recompile) each step."""
+    from gptoss_hpc.modeling.fast.knobs import compiles_layers
+
     t = cfg.train
     if t.pad_to_multiple_of is not None:
         return t.pad_to_multiple_of
-    return min(t.max_length, 1024) if cfg.model.compile_layers else None
+    return min(t.max_length, 1024) if compiles_layers(cfg) else None
 
 
 def build_sft_config_kwargs(cfg: RunConfig, paths: PointPaths, env: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -76,6 +76,12 @@ def set_experts_implementation(model: nn.Module, name: str | None) -> None:
             cfg._experts_implementation = name
 
 
+def compiles_layers(cfg: RunConfig) -> bool:
+    """Whether the decoder layers get compiled: ``model.compile_layers`` without gradient checkpointing (the
+    measured setting; checkpointed layers under torch.compile were not measured)."""
+    return bool(getattr(cfg.model, "compile_layers", False)) and not getattr(cfg.train, "gradient_checkpointing", False)
+
+
 def apply_speed_knobs(model: nn.Module, cfg: RunConfig) -> SpeedKnobs:
     """Apply the knobs that ``cfg`` turns on, to a model that already has its LoRA adapters and gradient
     checkpointing set up. ``model.fused_experts`` swaps in the compiled experts (the model is built with
@@ -96,8 +102,13 @@ def apply_speed_knobs(model: nn.Module, cfg: RunConfig) -> SpeedKnobs:
         knobs.factored_lora = factor_expert_lora(model)
     if getattr(t, "no_grad_below_first_lora", False):
         knobs.frozen_prefix = freeze_below_first_trainable_layer(model)
-    if getattr(m, "compile_layers", False) and _on_cuda(model):
+    if compiles_layers(cfg) and _on_cuda(model):
         knobs.compiled_layers = compile_decoder_layers(model)
+    elif getattr(m, "compile_layers", False) and getattr(t, "gradient_checkpointing", False):
+        log.warning(
+            "model.compile_layers is skipped with train.gradient_checkpointing=true (that pair was never measured, "
+            "docs/BENCHMARKS.md); train=fast turns checkpointing off"
+        )
     if knobs.experts_after or knobs.compiled_layers:
         _raise_recompile_limit()
     log.info("speed knobs: %s", knobs.summary())
