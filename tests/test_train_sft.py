@@ -280,6 +280,39 @@ def test_no_grad_prefix_knob_plugs_in_and_trains_the_same(tmp_path, monkeypatch)
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
+def test_fused_experts_with_factored_lora_train_the_same_and_save_a_plain_adapter(tmp_path, monkeypatch):
+    """model.fused_experts (expert LoRA as x@W + s(x@A)@B, gptoss_hpc.modeling.fast) through the real train stage:
+    the logged losses of 3 optimizer steps (each after an update from the previous step's LoRA gradients) equal
+    those of PEFT's own path, and the saved adapter has the same tensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    from gptoss_hpc.stages.train import main
+
+    for var in ("WANDB_API_KEY", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    losses, adapters = {}, {}
+    for knob in ("false", "true"):
+        config = make_point(
+            tmp_path / knob,
+            "model.tokenizer=tiny-bpe",
+            "model.experts_implementation=grouped_mm",
+            "train.max_steps=3",
+            f"model.fused_experts={knob}",
+        )
+        m = main(config)
+        paths = PointPaths.from_config(config)
+        losses[knob] = [json.loads(x)["loss"] for x in paths.metrics.read_text().splitlines() if '"loss"' in x]
+        adapters[knob] = load_file(str(paths.adapter / "adapter_model.safetensors"))
+        assert (m["speed_knobs"] or {}).get("factored_expert_lora", 0) == (2 if knob == "true" else 0)
+    assert len(losses["true"]) == 3
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5, abs=1e-6)
+    assert adapters["true"].keys() == adapters["false"].keys()
+    for name, ref in adapters["false"].items():
+        assert torch.allclose(adapters["true"][name], ref, rtol=1e-4, atol=1e-6), name
+
+
 def test_rerunning_a_finished_point_does_not_train_again(tmp_path):
     """A finished point re-run by hand (or a requeue racing the end) keeps its adapter and step count."""
     from gptoss_hpc.stages.train import main

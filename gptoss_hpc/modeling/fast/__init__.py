@@ -13,7 +13,10 @@ CPU and by ``python -m gptoss_hpc.bench train --check`` on the GPU):
   sequence, so transformers' mask code keeps attention within each sequence (flex_attention document mask).
 - ``fused_experts_forward`` (``model.fused_experts: true``, with ``experts_implementation: grouped_mm``): the
   grouped_mm experts with the routing, bias, SwiGLU-with-limit and combine steps compiled by torch.compile around
-  the two grouped GEMMs (fewer passes over [tokens*top_k, 5760] tensors, fewer saved activations).
+  the two grouped GEMMs (fewer passes over [tokens*top_k, 5760] tensors, fewer saved activations), and the
+  expert LoRA as x@W + s(x@A)@B (``factor_expert_lora``) instead of PEFT's per-forward W + s·A@B.
+- ``compile_decoder_layers`` (``model.compile_layers``, without gradient checkpointing): regional torch.compile
+  of every decoder layer.
 
 ``apply_speed_knobs(model, cfg)`` applies the configured ones to a (PEFT-wrapped) model and returns a handle
 whose ``remove()`` restores the stock path; ``causal_lm_loss(model, batch, ...)`` is the loss to use in the
@@ -31,6 +34,8 @@ from gptoss_hpc.modeling.fast.anatomy import (  # noqa: F401
 from gptoss_hpc.modeling.fast.experts import (  # noqa: F401
     _compiled_core,
     _grouped_mm,
+    expert_lora_factors,
+    factor_expert_lora,
     fused_experts_forward,
     moe_experts_core,
     register_fused_experts,
@@ -39,6 +44,7 @@ from gptoss_hpc.modeling.fast.knobs import (  # noqa: F401
     SpeedKnobs,
     _on_cuda,
     apply_speed_knobs,
+    compiles_layers,
     set_experts_implementation,
 )
 from gptoss_hpc.modeling.fast.loss import (  # noqa: F401
