@@ -10,7 +10,8 @@ import json
 import math
 from typing import Any
 
-from gptoss_hpc.bench.train import _cuda, _preset_name, _to, loss_of, micro_batches, model_config_json, prepare
+from gptoss_hpc.bench.train import _cuda, _preset_name, _to, loss_of
+from gptoss_hpc.bench.train_setup import micro_batches, model_config_json, prepare
 
 
 def _rel(a, b) -> float:

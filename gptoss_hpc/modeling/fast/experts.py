@@ -1,4 +1,5 @@
-"""Knob 4: compiled elementwise around transformers' grouped_mm experts (gptoss_hpc.modeling.fast)."""
+"""Knob 4: compiled elementwise around transformers' grouped_mm experts, with the expert LoRA factored into them
+(gptoss_hpc.modeling.fast)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,152 @@
+"""The bench's model and data: the real gpt-oss architecture with random weights + the project's LoRA and speed
+knobs (as the train stage applies them), and synthetic packed or padded token batches
+(``python -m gptoss_hpc.bench train``, gptoss_hpc/bench/train.py)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model
+# ----------------------------------------------------------------------------------------------------------
+def model_config_json(cfg) -> Path:
+    from gptoss_hpc.resources import RESOURCES, tiny_config_path
+
+    m = cfg.model
+    if m.tiny:
+        return tiny_config_path(m.tiny_config)
+    name = m.name_or_path.rstrip("/").split("/")[-1].lower().replace("-", "_")
+    for size in ("120b", "20b"):
+        if size in name:
+            return RESOURCES / f"gpt_oss_{size}_config.json"
+    raise SystemExit(f"no architecture json for {m.name_or_path}: gptoss_hpc/resources/gpt_oss_*_config.json")
+
+
+def build_model(cfg, device: str, vocab_size: int | None = None):
+    import torch
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    from gptoss_hpc.modeling.model import torch_dtype
+
+    m = cfg.model
+    config = GptOssConfig.from_json_file(str(model_config_json(cfg)))
+    n = m.num_hidden_layers
+    config.num_hidden_layers = n
+    config.layer_types = list(config.layer_types[:n]) + [
+        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(len(config.layer_types), n)
+    ]
+    if vocab_size is not None:
+        config.vocab_size = vocab_size
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if getattr(config, key, None) is not None and getattr(config, key) >= vocab_size:
+                setattr(config, key, vocab_size - 1)
+    config.use_cache = False
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(m.dtype), "attn_implementation": m.attn_implementation}
+    if m.experts_implementation is not None:
+        kwargs["experts_implementation"] = m.experts_implementation
+    torch.manual_seed(cfg.train.seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    model.train()
+    return model
+
+
+def active_matmul_params(config) -> int:
+    """Weights each token multiplies with: attention, router, top-k experts, lm_head (not the embedding)."""
+    h, hd = config.hidden_size, config.head_dim
+    attn = h * config.num_attention_heads * hd * 2 + h * config.num_key_value_heads * hd * 2
+    expert = h * 2 * config.intermediate_size + config.intermediate_size * h
+    router = h * config.num_local_experts
+    per_layer = attn + router + config.num_experts_per_tok * expert
+    return config.num_hidden_layers * per_layer + config.vocab_size * h
+
+
+def prepare(cfg, device: str, *, vocab_size: int | None = None, lora_b_std: float = 0.02):
+    """Base model -> grad checkpointing -> PEFT LoRA -> speed knobs, as the train stage does it."""
+    import torch
+    from peft import get_peft_model
+
+    from gptoss_hpc.modeling.fast import apply_speed_knobs
+    from gptoss_hpc.modeling.lora import build_lora_config
+
+    model = build_model(cfg, device, vocab_size)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, build_lora_config(cfg))
+    # PEFT zero-inits lora_B, which makes every lora_A gradient zero: give B values so the check means something.
+    g = torch.Generator(device="cpu").manual_seed(cfg.train.seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_((torch.randn(p.shape, generator=g) * lora_b_std).to(p.dtype))
+    knobs = apply_speed_knobs(model, cfg)
+    return model, knobs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------------------
+def synthetic_lengths(rng, n: int, max_length: int, mode: str) -> list[int]:
+    if mode == "full":
+        return [max_length] * n
+    lo = min(256, max_length)
+    return [int(min(max(rng.lognormvariate(math.log(1024), 0.6), lo), max_length)) for _ in range(n)]
+
+
+def make_sequence(rng, length: int, vocab: int) -> tuple[list[int], list[int]]:
+    ids = [rng.randrange(vocab) for _ in range(length)]
+    prompt = int(length * 0.3)
+    return ids, [-100] * prompt + ids[prompt:]
+
+
+def micro_batches(cfg, rng, vocab: int, n: int, mode: str) -> list[dict[str, Any]]:
+    """n micro-batches of CPU tensors (input_ids, labels, position_ids|attention_mask) + token counts."""
+    import torch
+
+    from gptoss_hpc.modeling.fast import pack_greedy, pack_sequences
+
+    t = cfg.train
+    b, max_len = t.per_device_train_batch_size, t.max_length
+    out = []
+    if t.packing or t.padding_free:
+        pool_lengths = synthetic_lengths(rng, n * b * max_len // 256 + 8, max_len, mode)
+        bins = pack_greedy(pool_lengths, max_len)
+        bins.sort(key=lambda idx: -sum(pool_lengths[i] for i in idx))
+        for k in range(n):
+            rows = bins[k * b : (k + 1) * b]
+            seqs, labs = [], []
+            for row in rows:
+                for i in row:
+                    ids, lab = make_sequence(rng, pool_lengths[i], vocab)
+                    seqs.append(ids)
+                    labs.append(lab)
+            packed = pack_sequences(seqs, labs, row_tokens=b * max_len, pad_token_id=0)
+            real = packed.pop("num_tokens")
+            packed["real_tokens"] = real
+            packed["padded_tokens"] = b * max_len
+            out.append(packed)
+        return out
+    for _ in range(n):
+        lengths = synthetic_lengths(rng, b, max_len, mode)
+        width = max_len  # static shape: compiled flex_attention recompiles for every new width
+        ids = torch.zeros((b, width), dtype=torch.long)
+        labels = torch.full((b, width), -100, dtype=torch.long)
+        mask = torch.zeros((b, width), dtype=torch.long)
+        for r, n_tok in enumerate(lengths):
+            seq, lab = make_sequence(rng, n_tok, vocab)
+            ids[r, :n_tok] = torch.tensor(seq)
+            labels[r, :n_tok] = torch.tensor(lab)
+            mask[r, :n_tok] = 1
+        out.append(
+            {
+                "input_ids": ids,
+                "labels": labels,
+                "attention_mask": mask,
+                "real_tokens": sum(lengths),
+                "padded_tokens": b * width,
+            }
+        )
+    return out
