@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from gptoss_hpc import slurm_query
 from gptoss_hpc.errors import GptossHpcError
-from gptoss_hpc.launch_state import DEFAULT_RUN_ROOT, JobRow, LaunchNotFoundError, collect, resolve_run_dir
+from gptoss_hpc.launch_state import DEFAULT_RUN_ROOT, JobRow, cli_exit_status, collect, resolve_run_dir
 
 
 @dataclass
@@ -56,12 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         res = cancel_launch(str(resolve_run_dir(args.target, args.run_root)))
-    except LaunchNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except GptossHpcError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return cli_exit_status(exc)
     if not res.cancelled:
         print(f"nothing to cancel in {res.run_dir}: all {res.already_ended} jobs have ended")
         return 0

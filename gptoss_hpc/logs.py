@@ -28,6 +28,7 @@ from gptoss_hpc.launch_state import (
     DEFAULT_RUN_ROOT,
     JobRow,
     LaunchNotFoundError,
+    cli_exit_status,
     collect,
     job_rows,
     load_manifest,
@@ -224,12 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"==> job {t.task_id} ended: {final or 'unknown'}", file=sys.stderr, flush=True)
         return 0
-    except LaunchNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except GptossHpcError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return cli_exit_status(exc)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `... | head`

@@ -23,8 +23,8 @@ from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.launch_state import (
     DEFAULT_RUN_ROOT,
     JobRow,
-    LaunchNotFoundError,
     LaunchStatus,
+    cli_exit_status,
     collect,
     resolve_run_dir,
 )
@@ -153,10 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _exit_for(exc: GptossHpcError) -> int:
-    return 2 if isinstance(exc, LaunchNotFoundError) else 1
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -170,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _watch(run_dir, args.watch, as_json=args.json, use_sacct=not args.no_sacct)
     except GptossHpcError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return _exit_for(exc)
+        return cli_exit_status(exc)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `... | head`
