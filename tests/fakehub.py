@@ -82,14 +82,26 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             files = sorted(p for p in repo.rglob("*") if p.is_file())
             if filename is None:
                 body = json.dumps(
-                    {"id": repo_id, "sha": hub.sha(repo_id), "private": False, "gated": repo_id in hub.gated,
-                     "siblings": [{"rfilename": str(f.relative_to(repo))} for f in files]}  # fmt: skip
+                    {
+                        "id": repo_id,
+                        "sha": hub.sha(repo_id),
+                        "private": False,
+                        "gated": repo_id in hub.gated,
+                        "siblings": [{"rfilename": str(f.relative_to(repo))} for f in files],
+                    }
                 ).encode()
                 headers = {"Content-Type": "application/json"}
             elif filename == "/tree":
                 body = json.dumps(
-                    [{"type": "file", "path": str(f.relative_to(repo)), "size": f.stat().st_size,
-                      "oid": hashlib.sha1(f.read_bytes()).hexdigest()} for f in files]  # fmt: skip
+                    [
+                        {
+                            "type": "file",
+                            "path": str(f.relative_to(repo)),
+                            "size": f.stat().st_size,
+                            "oid": hashlib.sha1(f.read_bytes()).hexdigest(),
+                        }
+                        for f in files
+                    ]
                 ).encode()
                 headers = {"Content-Type": "application/json"}
             else:
