@@ -93,6 +93,11 @@ def _dry_run(launch: pipeline.Launch) -> int:
             kind = f"array of {len(launch.points)}" if launch.sweep and stage != "report" else "job"
             print(f"# ===== sbatch: {stage} ({kind}) =====")
             print(script)
+    if cfg.cluster.hf_home:
+        from gptoss_hpc.modeling.hub import hub_resources
+
+        repos = ", ".join(f"{what} {repo}" for what, _, repo, _, _ in hub_resources(cfg)) or "nothing (all local)"
+        print(f"# a launch pre-fetches into {cfg.cluster.hf_home} before sbatch: {repos}; jobs run offline")
     print(f"# dry run: nothing submitted ({len(launch.points)} point(s), stages {launch.stages})")
     return 0
 

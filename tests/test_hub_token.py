@@ -17,6 +17,7 @@ def test_token_file_named_by_hf_token_path_enables_the_push(tmp_path: Path) -> N
     assert secrets.hf_token(env) == "hf_from_a_file_0123456789"
     assert should_push(cfg, env)
     assert not should_push(cfg, {"HF_TOKEN_PATH": str(tmp_path / "missing"), "HF_HOME": str(tmp_path)})
+    assert not should_push(cfg, {**env, "HF_HUB_OFFLINE": "1"})  # cluster.hf_home jobs cannot reach the Hub
 
 
 def test_huggingface_hubs_own_login_file_is_found(tmp_path: Path) -> None:

@@ -51,6 +51,12 @@ def hf_token(env: Mapping[str, str] | None = None) -> str | None:
     return path.read_text().strip() if path else None
 
 
+def hub_offline(env: Mapping[str, str] | None = None) -> bool:
+    """HF_HUB_OFFLINE set (jobs of a launch with cluster.hf_home): nothing can be pushed from here."""
+    env = os.environ if env is None else env
+    return env.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def values() -> list[str]:
     """The secret values set now: for leak checks (tests, the launcher's own self-check)."""
     found = [v for name in SECRET_ENV if (v := os.environ.get(name)) and len(v) >= 8]
