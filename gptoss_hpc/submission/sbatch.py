@@ -121,7 +121,8 @@ def job_env(c: ClusterConfig) -> dict[str, str]:
     """
     env = {str(k): str(v) for k, v in c.env.items()}
     if c.hf_home:
-        env.setdefault("HF_HOME", c.hf_home)
+        # Quoted in the script, so no shell expands `~` there: expand it here, where the prefetch does.
+        env.setdefault("HF_HOME", str(Path(c.hf_home).expanduser().absolute()))
         env.setdefault("HF_HUB_OFFLINE", "1")
         # A new HF_HOME would hide the user's saved token ($HF_HOME/token): name the file instead (a path, no secret).
         token_file = secrets.token_file()
