@@ -123,3 +123,12 @@ def test_flaky_sbatch_ends_with_exactly_one_job_per_stage(tmp_path: Path) -> Non
         ids = [j for tag_ids in _squeue_by_comment(f"gptoss_hpc:{manifest.launch_id}:").values() for j in tag_ids]
         if ids:
             subprocess.run(["scancel", *ids], check=False)
+
+
+def test_total_backoff_must_stay_under_submitits_pickle_wait() -> None:
+    from gptoss_hpc.errors import ConfigError
+    from gptoss_hpc.submission import pipeline
+
+    pipeline.compose_launch(["cluster=coreweave_h200"])  # the defaults (3 x 5 s = 35 s) pass
+    with pytest.raises(ConfigError, match=r"cluster\.sbatch_retries=5 .* waits up to 155 s"):
+        pipeline.compose_launch(["cluster=coreweave_h200", "cluster.sbatch_retries=5"])
