@@ -4,8 +4,11 @@
     python -m gptoss_hpc.launch cluster=coreweave_h200 lora.r=8        # one run on Slurm
     python -m gptoss_hpc.launch -m lora.r=8,16 train.learning_rate=1e-4,2e-4   # a sweep = one job array
     python -m gptoss_hpc.launch cluster=coreweave_h200 dry_run=true   # print configs + sbatch, submit nothing
+    python -m gptoss_hpc.launch --config-dir ~/gptoss-conf cluster=mysite   # ~/gptoss-conf/cluster/mysite.yaml
 
 Overrides use Hydra's grammar (conf/ holds the groups: cluster, model, lora, data, train, experiment).
+Options: -m/--multirun (a sweep), --config-dir DIR (a folder of your own config groups, searched before
+the shipped ones; repeatable), -h/--help. A dry run needs no Slurm client installed.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import logging
 import sys
 from pathlib import Path
 
-from gptoss_hpc.config.io import dump_yaml
+from gptoss_hpc import provenance
+from gptoss_hpc.config.io import dump_yaml, searchpath_override
 from gptoss_hpc.errors import ConfigError, GptossHpcError
+from gptoss_hpc.fileio import write_atomic
 from gptoss_hpc.paths import RunPaths
 from gptoss_hpc.submission import pipeline, secrets
 
@@ -26,17 +31,26 @@ USAGE = __doc__
 
 def _parse_argv(argv: list[str]) -> tuple[list[str], bool]:
     multirun = False
-    overrides = []
-    for arg in argv:
+    overrides: list[str] = []
+    config_dirs: list[str] = []
+    args = iter(argv)
+    for arg in args:
         if arg in ("-m", "--multirun"):
             multirun = True
+        elif arg == "--config-dir" or arg.startswith("--config-dir="):
+            value = arg.partition("=")[2] if "=" in arg else next(args, "")
+            if not value:
+                raise ConfigError(["--config-dir needs a directory: --config-dir ~/gptoss-conf"])
+            config_dirs.append(value)
         elif arg in ("-h", "--help"):
             print(USAGE)
             raise SystemExit(0)
         elif arg.startswith("-"):
-            raise ConfigError([f"unknown option {arg!r}; options are -m/--multirun and -h/--help"])
+            raise ConfigError([f"unknown option {arg!r}; options are -m/--multirun, --config-dir DIR and -h/--help"])
         else:
             overrides.append(arg)
+    if config_dirs:
+        overrides.insert(0, searchpath_override(config_dirs))
     return overrides, multirun
 
 
@@ -79,16 +93,30 @@ def _dry_run(launch: pipeline.Launch) -> int:
             kind = f"array of {len(launch.points)}" if launch.sweep and stage != "report" else "job"
             print(f"# ===== sbatch: {stage} ({kind}) =====")
             print(script)
+    if cfg.cluster.hf_home:
+        from gptoss_hpc.modeling.hub import hub_resources
+
+        repos = ", ".join(f"{what} {repo}" for what, _, repo, _, _ in hub_resources(cfg)) or "nothing (all local)"
+        print(f"# a launch pre-fetches into {cfg.cluster.hf_home} before sbatch: {repos}; jobs run offline")
     print(f"# dry run: nothing submitted ({len(launch.points)} point(s), stages {launch.stages})")
     return 0
 
 
 def _launch(launch: pipeline.Launch) -> int:
+    if launch.cfg.cluster.hf_home:
+        from gptoss_hpc.modeling.hub import prefetch
+
+        prefetch(launch.cfg)  # before anything is written or submitted: an unreachable repo stops here
+    launch.provenance = provenance.collect()
     launch.run_dir = pipeline.make_run_dir(launch.cfg)
     pipeline.write_configs(launch)
+    write_atomic(launch.run_dir / "environment.txt", "\n".join(provenance.installed_distributions()) + "\n")
     inherited = secrets.present()
     if inherited:
         log.info("jobs inherit from this shell's environment: %s (values are never written)", ", ".join(inherited))
+    token_file = secrets.token_file()
+    if token_file:
+        log.info("Hub token: jobs read the token file %s (HF_TOKEN_PATH), not an environment variable", token_file)
     if launch.cfg.cluster.backend == "slurm":
         manifest = pipeline.submit_slurm(launch)
         _check_no_secret_written(launch.run_dir)

@@ -16,11 +16,28 @@ from gptoss_hpc.errors import ConfigError
 from gptoss_hpc.fileio import write_atomic
 
 _REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
+# A wheel (`pip install .`) carries conf/ as gptoss_hpc/conf (setup.py's package_dir mapping).
+_PACKAGED_CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def conf_dir() -> Path:
-    """The Hydra config tree: $GPTOSS_HPC_CONF, else the repo's conf/ next to the package."""
-    return Path(os.environ.get("GPTOSS_HPC_CONF", _REPO_CONF)).resolve()
+    """The Hydra config tree: $GPTOSS_HPC_CONF, else the installed package's conf/, else the repo's conf/.
+
+    Site configs of your own go in a directory of the same layout (cluster/<site>.yaml ...) passed with
+    `--config-dir DIR` (Hydra's `hydra.searchpath`), so an installed package needs no edits.
+    """
+    default = _PACKAGED_CONF if (_PACKAGED_CONF / "config.yaml").is_file() else _REPO_CONF
+    return Path(os.environ.get("GPTOSS_HPC_CONF", default)).resolve()
+
+
+def searchpath_override(config_dirs: Sequence[str | os.PathLike[str]]) -> str:
+    """The Hydra override that adds user config dirs ahead of the shipped tree (`--config-dir`)."""
+    missing = [str(d) for d in config_dirs if not Path(d).expanduser().is_dir()]
+    if missing:
+        raise ConfigError([f"--config-dir {d} is not a directory; give a folder holding e.g. cluster/<site>.yaml"
+                           for d in missing])  # fmt: skip
+    paths = ",".join(f"'file://{Path(d).expanduser().resolve()}'" for d in config_dirs)
+    return f"hydra.searchpath=[{paths}]"
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:

@@ -66,6 +66,13 @@ class ClusterConfig:
     # Seconds before the time limit at which Slurm sends USR2 so training checkpoints and requeues.
     signal_delay_s: int = 300
     max_requeues: int = 3
+    # Shared Hugging Face cache (HF_HOME) on a filesystem the compute nodes mount. Set: the launcher
+    # downloads model, tokenizer and dataset there before sbatch, and jobs run with HF_HUB_OFFLINE=1.
+    hf_home: str | None = None
+    # sbatch retries on transient controller errors ("Socket timed out" ...), waiting
+    # sbatch_retry_delay_s, then twice that ...; a job the failed sbatch did create is adopted, not duplicated.
+    sbatch_retries: int = 3
+    sbatch_retry_delay_s: float = 5.0
 
 
 @dataclass

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from gptoss_hpc.config import derive
 from gptoss_hpc.config.schema import STAGES, RunConfig
+from gptoss_hpc.config.site import site_problems
 from gptoss_hpc.errors import ConfigError
 
 BACKENDS = ("local", "slurm")
@@ -140,9 +141,17 @@ def _cluster(cfg: RunConfig) -> list[str]:
                 f"cluster.env.{name} is a secret and would be written into files; export it in your shell "
                 "instead (jobs inherit it at submission, see README 'Secrets')"
             )
-    for name in c.sbatch_extra:
-        if name in ("array", "dependency", "job-name", "output", "error"):
-            p.append(f"cluster.sbatch_extra.{name} is set by gptoss_hpc itself; remove it")
+    p += _at_least("cluster.sbatch_retries", c.sbatch_retries, 0, "0 = no retry of a failed sbatch")
+    if c.sbatch_retry_delay_s < 0:
+        p.append(f"cluster.sbatch_retry_delay_s must be >= 0 (got {c.sbatch_retry_delay_s})")
+    backoff = c.sbatch_retry_delay_s * (2 ** max(c.sbatch_retries, 0) - 1)
+    if backoff >= 50:
+        # A job that a failed sbatch did create waits 60 s (submitit) for its pickle, written once it is adopted.
+        p.append(
+            f"cluster.sbatch_retries={c.sbatch_retries} with cluster.sbatch_retry_delay_s={c.sbatch_retry_delay_s} "
+            f"waits up to {backoff:g} s in all; keep it under 50 s (e.g. 3 retries x 5 s = 35 s)"
+        )
+    p += site_problems(cfg)  # values rendered into job scripts: no injection (gptoss_hpc.config.site)
     return p
 
 

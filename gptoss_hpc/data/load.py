@@ -156,12 +156,27 @@ def sample_path() -> Path:
     return path
 
 
+def _offline_snapshot(name: str, revision: str | None) -> str | None:
+    """With HF_HUB_OFFLINE=1, the dataset's folder in the Hub cache (the launcher's prefetch put it there).
+
+    datasets' own offline mode reads only its processed cache, not a hub snapshot, so it is loaded as a folder.
+    """
+    from huggingface_hub import constants, snapshot_download
+
+    if not constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        return snapshot_download(name, repo_type="dataset", revision=revision, local_files_only=True)
+    except Exception:
+        return None  # not prefetched: datasets raises its own offline error, turned into the fix below
+
+
 def load_hub_dataset(name: str, split: str, revision: str | None) -> Any:
     """datasets.load_dataset, with offline / gated / not-found turned into ResourceNotReachableError."""
     import datasets
 
     try:
-        return datasets.load_dataset(name, split=split, revision=revision)
+        return datasets.load_dataset(_offline_snapshot(name, revision) or name, split=split, revision=revision)
     except Exception as e:  # DatasetNotFoundError, GatedRepoError, ConnectionError, OfflineModeIsEnabled ...
         raise ResourceNotReachableError(
             f"dataset {name!r} (split={split!r}, revision={revision or 'default'}) could not be loaded: "

@@ -1,11 +1,18 @@
-"""Turn Hugging Face Hub failures (offline, gated, missing) into one ResourceNotReachableError with the fix."""
+"""Hugging Face Hub access: failures (offline, gated, missing) as one error with the fix; the launch-time prefetch."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from gptoss_hpc.errors import ResourceNotReachableError
+
+if TYPE_CHECKING:
+    from gptoss_hpc.config.schema import RunConfig
+
+log = logging.getLogger(__name__)
 
 
 def is_local(name_or_path: str) -> bool:
@@ -16,8 +23,19 @@ def unreachable(what: str, name: str, revision: str | None, exc: BaseException, 
     """One message naming what failed, why, and what to do next."""
     reason = _reason(exc)
     at = f"@{revision}" if revision else ""
-    token = "HF_TOKEN is set" if os.environ.get("HF_TOKEN") else "HF_TOKEN is not set"
+    token = _token_state()
     return ResourceNotReachableError(f"{what} {name}{at} is not reachable ({reason}; {token}). Fix: {fix}")
+
+
+def _token_state() -> str:
+    from gptoss_hpc.submission.secrets import token_file, token_path
+
+    if os.environ.get("HF_TOKEN"):
+        return "HF_TOKEN is set"
+    path = token_file()
+    if path:
+        return f"token from the file {path}"
+    return f"no token: HF_TOKEN is not set and {token_path()} does not exist"
 
 
 def _reason(exc: BaseException) -> str:
@@ -70,3 +88,62 @@ def _in_local_cache(name: str, revision: str | None) -> bool:
     except Exception:
         return False
     return isinstance(hit, str)
+
+
+# The gpt-oss repos also carry the original checkpoint and Metal weights: not what transformers loads.
+_MODEL_IGNORE = ["original/*", "metal/*"]
+_TOKENIZER_FILES = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+_LOCAL_TOKENIZERS = ("auto", "offline", "tiny-bpe")
+
+
+def hub_resources(cfg: RunConfig) -> list[tuple[str, str, str, str | None, dict[str, Any]]]:
+    """(what, repo type, repo id, revision, snapshot_download filters) of every Hub repo the jobs will read."""
+    out: list[tuple[str, str, str, str | None, dict[str, Any]]] = []
+    m = cfg.model
+    if not m.tiny and not is_local(m.name_or_path):
+        out.append(("model", "model", m.name_or_path, m.revision, {"ignore_patterns": _MODEL_IGNORE}))
+    if m.tokenizer not in _LOCAL_TOKENIZERS and not is_local(m.tokenizer):
+        out.append(("tokenizer", "model", m.tokenizer, None, {"allow_patterns": _TOKENIZER_FILES}))
+    if cfg.data.source == "hub" and cfg.data.name:
+        out.append(("dataset", "dataset", cfg.data.name, cfg.data.revision, {}))
+    return out
+
+
+def prefetch(cfg: RunConfig) -> list[str]:
+    """Download every Hub repo of this launch into cluster.hf_home, on the submitting host, before sbatch.
+
+    Jobs then read them with HF_HUB_OFFLINE=1 (gptoss_hpc.submission.sbatch.job_env): compute nodes need no
+    internet and ranks do not download concurrently after the queue wait. A gated, missing or unreachable
+    repo raises ResourceNotReachableError naming it and the fix, so nothing is submitted. Returns the
+    local snapshot folders.
+    """
+    from huggingface_hub import snapshot_download
+
+    from gptoss_hpc.submission.secrets import hf_token
+
+    hf_home = Path(str(cfg.cluster.hf_home)).expanduser()
+    cache = hf_home / "hub"
+    token = hf_token()  # HF_TOKEN, or the token file (HF_TOKEN_PATH / huggingface_hub's saved login)
+    folders = []
+    for what, repo_type, repo_id, revision, filters in hub_resources(cfg):
+        log.info("prefetching %s %s%s into %s", what, repo_id, f"@{revision}" if revision else "", cache)
+        try:
+            folder = snapshot_download(
+                repo_id, repo_type=repo_type, revision=revision, cache_dir=cache, token=token or None, **filters
+            )
+        except Exception as exc:
+            local_key = {"model": "model.name_or_path", "tokenizer": "model.tokenizer"}.get(what, "data.path")
+            fix = (
+                f"accept the repo's terms on the Hub and give a token (HF_TOKEN, or `hf auth login` / HF_TOKEN_PATH);"
+                f" check the name and that this host reaches {_endpoint()}; or download it yourself and point "
+                f"{local_key} at the local copy"
+            )
+            raise unreachable(f"{what} (prefetch into cluster.hf_home)", repo_id, revision, exc, fix) from exc
+        folders.append(folder)
+    return folders
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT

@@ -63,8 +63,12 @@ def tolerance(dtype_name: str, logits_scale: float) -> float:
 
 
 def should_push(cfg: RunConfig, env: Mapping[str, str]) -> bool:
-    """Hub push only with a token in the environment, push_to_hub on, and PUSH_TO_HUB not "false"."""
-    return bool(env.get("HF_TOKEN")) and cfg.train.push_to_hub and env.get("PUSH_TO_HUB", "").lower() != "false"
+    """Hub push only with a token (HF_TOKEN or the token file), push_to_hub on, and PUSH_TO_HUB not "false"."""
+    from gptoss_hpc.submission.secrets import hf_token, hub_offline
+
+    if hub_offline(env):  # jobs of a cluster.hf_home launch run offline: push from the login node
+        return False
+    return bool(hf_token(env)) and cfg.train.push_to_hub and env.get("PUSH_TO_HUB", "").lower() != "false"
 
 
 def hub_repo_id(cfg: RunConfig, paths: PointPaths, env: Mapping[str, str], whoami: Any = None) -> str:

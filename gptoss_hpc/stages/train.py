@@ -287,7 +287,12 @@ def _drop_none_turn_keys(tokenizer) -> None:
 
 def push_adapter(cfg: RunConfig, paths: PointPaths) -> str | None:
     """Upload adapter/ to the Hub with the env's HF_TOKEN (never written anywhere); None when not asked."""
-    if not (os.environ.get("HF_TOKEN") and cfg.train.push_to_hub):
+    from gptoss_hpc.submission.secrets import hf_token, hub_offline
+
+    if not (hf_token() and cfg.train.push_to_hub):  # HF_TOKEN, or the token file (HF_TOKEN_PATH)
+        return None
+    if hub_offline():  # cluster.hf_home: jobs run offline; push from the login node
+        log.warning("HF_HUB_OFFLINE=1: adapter not pushed; upload it with `hf upload <repo> %s`", paths.adapter)
         return None
     if os.environ.get("PUSH_TO_HUB", "").lower() == "false":
         return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.fileio import write_atomic
@@ -45,6 +46,9 @@ class Manifest:
     run_dir: str  # absolute
     points: list[PointRecord] = field(default_factory=list)
     jobs: list[JobRecord] = field(default_factory=list)
+    launch_id: str = ""  # the tag every job carries in its sbatch --comment
+    # package version, git SHA, sha256 of the installed distributions (gptoss_hpc.provenance)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def save(self) -> Path:
         path = Path(self.run_dir) / MANIFEST
@@ -64,6 +68,8 @@ class Manifest:
             run_dir=raw["run_dir"],
             points=[PointRecord(**p) for p in raw.get("points", [])],
             jobs=[JobRecord(**j) for j in raw.get("jobs", [])],
+            launch_id=raw.get("launch_id", ""),
+            provenance=raw.get("provenance", {}),
         )
 
     def job(self, stage: str) -> JobRecord | None:

@@ -11,10 +11,14 @@ A single run uses plain jobs chained with afterok. The local backend runs the sa
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
+import os
 import subprocess
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,7 @@ from gptoss_hpc.config.schema import STAGES
 from gptoss_hpc.errors import ConfigError, GptossHpcError, SubmissionError
 from gptoss_hpc.paths import RunPaths, point_dirname
 from gptoss_hpc.submission import sbatch
+from gptoss_hpc.submission.executor import RenderOnlyExecutor, TaggedSlurmExecutor, job_tag
 from gptoss_hpc.submission.manifest import JobRecord, Manifest, PointRecord
 
 log = logging.getLogger(__name__)
@@ -45,6 +50,10 @@ class Launch:
     points: list[Point]
     sweep: bool
     run_dir: Path = field(default_factory=Path)
+    # Unique per launch; tags every job (sbatch --comment) so a retried sbatch can find what it created.
+    launch_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # What code launched it (gptoss_hpc.provenance), recorded in launch.json.
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def cfg(self) -> RunConfig:
@@ -145,27 +154,32 @@ def _dependency(launch: Launch, stage: str, submitted: dict[str, str]) -> str | 
     return f"{'aftercorr' if launch.sweep else 'afterok'}:{submitted[parent]}"
 
 
-def _slurm_executor(launch: Launch, stage: str, dependency: str | None) -> Any:
-    import submitit
-
+def _slurm_executor(launch: Launch, stage: str, dependency: str | None, render_only: bool = False) -> Any:
     cfg = launch.cfg
-    executor = submitit.SlurmExecutor(
-        folder=RunPaths(launch.run_dir).slurm(stage),
+    executor = (RenderOnlyExecutor if render_only else TaggedSlurmExecutor)(
+        RunPaths(launch.run_dir).slurm(stage),
         max_num_timeout=cfg.cluster.max_requeues,
         python=sbatch.python_command(cfg.cluster),
+        retries=cfg.cluster.sbatch_retries,
+        retry_delay_s=cfg.cluster.sbatch_retry_delay_s,
     )
-    params = sbatch.slurm_parameters(cfg, stage, target=_shown_target(launch, stage), dependency=dependency)
+    tag = job_tag(launch.launch_id, stage)
+    params = sbatch.slurm_parameters(cfg, stage, target=_shown_target(launch, stage), dependency=dependency, tag=tag)
     executor.update_parameters(**params)
     return executor
 
 
 def render_scripts(launch: Launch, run_dir: Path) -> list[tuple[str, str]]:
-    """The exact sbatch text submitit would submit for each stage (dependencies shown as placeholders)."""
+    """The exact sbatch text submitit would submit for each stage (dependencies shown as placeholders).
+
+    Needs no Slurm client on PATH: a dry run is prepared where Slurm may not be installed.
+    """
     launch.run_dir = run_dir
+    launch = dataclasses.replace(launch, launch_id="<launch-id>")  # the real one is drawn at submission
     scripts = []
     placeholders = {s: f"<{s}-job-id>" for s in launch.stages}
     for stage in launch.stages:
-        executor = _slurm_executor(launch, stage, _dependency(launch, stage, placeholders))
+        executor = _slurm_executor(launch, stage, _dependency(launch, stage, placeholders), render_only=True)
         if _is_array(launch, stage):
             executor.parameters["map_count"] = len(launch.points)
         text = executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
@@ -221,10 +235,6 @@ def run_local(launch: Launch) -> tuple[Manifest, dict[tuple[str, int], str]]:
     A failed stage stops only that point's later stages; the report runs if any point got that far.
     Returns the manifest and the final state of every (stage, point).
     """
-    import submitit
-
-    from gptoss_hpc.submission.jobs import stage_callable
-
     if "serve" in launch.stages:
         raise ConfigError(
             ["stages has serve on the local backend, where it never returns; run "
@@ -234,6 +244,31 @@ def run_local(launch: Launch) -> tuple[Manifest, dict[tuple[str, int], str]]:
     manifest.save()  # status can see the launch while its first stage runs
     states: dict[tuple[str, int], str] = {}
     failed: set[int] = set()
+    with _job_environment(sbatch.job_env(launch.cfg.cluster)):
+        _run_local_stages(launch, manifest, states, failed)
+    return manifest, states
+
+
+@contextmanager
+def _job_environment(env: dict[str, str]) -> Iterator[None]:
+    """Local jobs inherit this process's environment: give them what an sbatch script would export."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_local_stages(launch: Launch, manifest: Manifest, states: dict[tuple[str, int], str], failed: set[int]) -> None:
+    import submitit
+
+    from gptoss_hpc.submission.jobs import stage_callable
+
     for stage in launch.stages:
         executor = submitit.LocalExecutor(folder=RunPaths(launch.run_dir).slurm(stage))
         executor.update_parameters(**sbatch.local_parameters(launch.cfg, stage))
@@ -264,7 +299,6 @@ def run_local(launch: Launch) -> tuple[Manifest, dict[tuple[str, int], str]]:
             )
         )
         manifest.save()
-    return manifest, states
 
 
 def _new_manifest(launch: Launch, backend: str) -> Manifest:
@@ -274,6 +308,8 @@ def _new_manifest(launch: Launch, backend: str) -> Manifest:
         backend=backend,
         run_dir=str(launch.run_dir),
         points=[PointRecord(p.index, p.overrides, point_dirname(p.index)) for p in launch.points],
+        launch_id=launch.launch_id,
+        provenance=launch.provenance,
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from gptoss_hpc.config import derive
 from gptoss_hpc.config.schema import ClusterConfig, RunConfig
+from gptoss_hpc.submission import secrets
 
 STAGE_MODULES = {
     "train": "gptoss_hpc.stages.train",
@@ -41,17 +42,21 @@ def python_command(cluster: ClusterConfig) -> str:
     c = cluster.container
     if c.kind == "apptainer":
         binds = [f"--bind={shlex.quote(m)}" for m in c.mounts]
-        return " ".join(["apptainer", "exec", "--nv", *binds, *c.extra_args, shlex.quote(str(c.image)), "python"])
+        extra = [shlex.quote(a) for a in c.extra_args]
+        return " ".join(["apptainer", "exec", "--nv", *binds, *extra, shlex.quote(str(c.image)), "python"])
     if c.kind == "pyxis":
         return "python"
     return python
 
 
-def slurm_parameters(cfg: RunConfig, stage: str, *, target: str, dependency: str | None = None) -> dict[str, Any]:
+def slurm_parameters(
+    cfg: RunConfig, stage: str, *, target: str, dependency: str | None = None, tag: str | None = None
+) -> dict[str, Any]:
     """submitit SlurmExecutor.update_parameters() kwargs for one stage of this config.
 
     `target` is the config path (or, for arrays, its pattern with $SLURM_ARRAY_TASK_ID) shown in the
-    script so a reader sees which stage runs and how to re-run it by hand.
+    script so a reader sees which stage runs and how to re-run it by hand. `tag` becomes the job's
+    comment: the launch's unique id, which an sbatch retry looks up (gptoss_hpc.submission.executor).
     """
     c = cfg.cluster
     params: dict[str, Any] = {
@@ -62,6 +67,7 @@ def slurm_parameters(cfg: RunConfig, stage: str, *, target: str, dependency: str
         "constraint": c.constraint,
         "array_parallelism": c.array_parallelism,
         "signal_delay_s": c.signal_delay_s,
+        "comment": tag,
     }
     if stage == "train":
         params.update(
@@ -95,7 +101,7 @@ def slurm_parameters(cfg: RunConfig, stage: str, *, target: str, dependency: str
         params["additional_parameters"] = extra
 
     setup = [f"# gptoss_hpc stage {stage}: {stage_command(stage, target)}  (run below by submitit's _submit)"]
-    setup += [f"export {k}={shlex.quote(str(v))}" for k, v in sorted(c.env.items())]
+    setup += [f"export {k}={shlex.quote(str(v))}" for k, v in sorted(job_env(c).items())]
     setup += list(c.setup)
     params["setup"] = setup
     if c.container.kind == "pyxis":
@@ -104,6 +110,25 @@ def slurm_parameters(cfg: RunConfig, stage: str, *, target: str, dependency: str
             srun.append(f"--container-mounts={','.join(c.container.mounts)}")
         params["srun_args"] = srun + list(c.container.extra_args)
     return {k: v for k, v in params.items() if v is not None}
+
+
+def job_env(c: ClusterConfig) -> dict[str, str]:
+    """The environment a job gets on top of the inherited one: cluster.env, plus the shared Hub cache.
+
+    With cluster.hf_home the launcher has already downloaded model, tokenizer and dataset there
+    (gptoss_hpc.modeling.hub.prefetch), so jobs run offline: compute nodes need no internet, and no rank
+    downloads anything after the queue wait.
+    """
+    env = {str(k): str(v) for k, v in c.env.items()}
+    if c.hf_home:
+        # Quoted in the script, so no shell expands `~` there: expand it here, where the prefetch does.
+        env.setdefault("HF_HOME", str(Path(c.hf_home).expanduser().absolute()))
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        # A new HF_HOME would hide the user's saved token ($HF_HOME/token): name the file instead (a path, no secret).
+        token_file = secrets.token_file()
+        if token_file is not None:
+            env.setdefault("HF_TOKEN_PATH", str(token_file.resolve()))
+    return env
 
 
 def local_parameters(cfg: RunConfig, stage: str) -> dict[str, Any]:
