@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -86,9 +85,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         ]
     },
     "empty-contents": {"messages": [t("user", ""), t("assistant", "", "Nothing was asked.")]},
-    "empty-thinking-and-system": {
-        "messages": [t("system", ""), t("user", "Hi"), t("assistant", "Hello.", "")]
-    },
+    "empty-thinking-and-system": {"messages": [t("system", ""), t("user", "Hi"), t("assistant", "Hello.", "")]},
     "reasoning-language-column": {
         "reasoning_language": "Italian",
         "messages": [t("user", "Capital of France?"), t("assistant", "Paris.", "La capitale è Parigi.")],
@@ -142,7 +139,8 @@ def harmony_conversation(row: dict[str, Any], *, reasoning_language_field: str =
             prompt.append(Message.from_role_and_content(Role.ASSISTANT, x["content"]).with_channel("final"))
     completion = []
     if turns[last].get("thinking"):
-        completion.append(Message.from_role_and_content(Role.ASSISTANT, turns[last]["thinking"]).with_channel("analysis"))
+        analysis = Message.from_role_and_content(Role.ASSISTANT, turns[last]["thinking"]).with_channel("analysis")
+        completion.append(analysis)
     completion.append(Message.from_role_and_content(Role.ASSISTANT, turns[last]["content"]).with_channel("final"))
     return prompt, completion
 
@@ -294,7 +292,8 @@ def test_eval_builds_prompts_and_loss_labels_as_harmony(offline_tokenizer, harmo
     from gptoss_hpc.harmony import prompt_ids
     from gptoss_hpc.stages.eval import assistant_labels, build_prompts
 
-    cfg = to_run_config(compose(["experiment=demo", "eval.prompts=[{system: 'reasoning language: French', developer: 'Be brief.', user: 'Bonjour ?'}]"]))
+    spec = "{system: 'reasoning language: French', developer: 'Be brief.', user: 'Bonjour ?'}"
+    cfg = to_run_config(compose(["experiment=demo", f"eval.prompts=[{spec}]"]))
     rows = [SHAPES["two-turns"]["messages"]]
     prompts = build_prompts(cfg, rows)
     assert [p.id for p in prompts] == ["default-0", "data-english", "config-0"]

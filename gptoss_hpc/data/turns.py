@@ -38,7 +38,9 @@ def control_token_pattern(extra: Iterable[str] = ()) -> re.Pattern[str]:
     return re.compile("|".join([CONTROL_TOKEN_RE.pattern, *map(re.escape, others)]))
 
 
-def control_token_problem(turns: Sequence[Mapping[str, Any]], pattern: re.Pattern[str] = CONTROL_TOKEN_RE) -> str | None:
+def control_token_problem(
+    turns: Sequence[Mapping[str, Any]], pattern: re.Pattern[str] = CONTROL_TOKEN_RE
+) -> str | None:
     """The first control-token string found in any turn's text, as a reason line, or None."""
     for i, turn in enumerate(turns):
         for key in ("content", "thinking"):
