@@ -198,7 +198,28 @@ def prepared(tmp_path_factory) -> dict[str, dict[str, list[int]]]:
         processing_class=tokenizer,
     )
     rows = trainer.train_dataset
-    return {sid: {"input_ids": rows[i]["input_ids"], "labels": rows[i]["labels"]} for i, sid in enumerate(SHAPES)}
+    out = {sid: {"input_ids": rows[i]["input_ids"], "labels": rows[i]["labels"]} for i, sid in enumerate(SHAPES)}
+    # train.packing (train=fast): the same rows, packed best-fit-decreasing into max_length sequences
+    kwargs.update(packing=True, output_dir=str(tmp / "out-packed"))
+    packed = SFTTrainer(
+        model=load_base_model(cfg, paths, for_training=True),
+        args=SFTConfig(**kwargs),
+        train_dataset=sft_dataset(train_ds),
+        processing_class=tokenizer,
+    ).train_dataset
+    out["_packed"] = [{k: packed[i][k] for k in ("input_ids", "labels", "seq_lengths")} for i in range(len(packed))]
+    return out
+
+
+def test_packing_keeps_each_rows_tokens_and_labels(prepared) -> None:
+    segments = []
+    for row in prepared["_packed"]:
+        start = 0
+        for n in row["seq_lengths"]:
+            segments.append((row["input_ids"][start : start + n], row["labels"][start : start + n]))
+            start += n
+    want = [(prepared[s]["input_ids"], prepared[s]["labels"]) for s in SHAPES]
+    assert sorted(segments) == sorted(want)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
