@@ -99,9 +99,22 @@ def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
         if is_gptoss_template(tok.chat_template):
             log.info("tokenizer %s: the released gpt-oss chat template replaced by gptoss_hpc's (Harmony)", name)
             tok.chat_template = gptoss_chat_template()
+        elif _other_gptoss_template(tok.chat_template):
+            log.warning(
+                "tokenizer %s carries a gpt-oss chat template that is not the released one: kept as it is, "
+                'so its renders are not the ones checked against openai-harmony (README "Data")',
+                name,
+            )
     if tok.pad_token is None:
         tok.pad_token = PAD if PAD in tok.get_vocab() else tok.eos_token
     return tok
+
+
+def _other_gptoss_template(template: object) -> bool:
+    """A Harmony-looking template that is neither the released one nor ours (a user's own edit)."""
+    return (
+        isinstance(template, str) and "<|channel|>final<|message|>" in template and template != gptoss_chat_template()
+    )
 
 
 def _from_pretrained(name: str, revision: str | None, trust_remote_code: bool) -> PreTrainedTokenizerBase:
