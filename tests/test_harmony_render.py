@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -165,9 +166,8 @@ def harmony():
     return harmony_encoding()
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> dict[str, dict[str, list[int]]]:
-    """Every shape through the train stage's data path, once: shape id -> {input_ids, labels}."""
+def train_stage_rows(tmp: Path, rows: list[dict[str, Any]], *overrides: str) -> list[dict[str, list[int]]]:
+    """``rows`` through the train stage's data path: {input_ids, labels(, seq_lengths when packed)} per row."""
     from trl import SFTConfig, SFTTrainer
 
     from gptoss_hpc.data import load_datasets
@@ -177,38 +177,49 @@ def prepared(tmp_path_factory) -> dict[str, dict[str, list[int]]]:
     from gptoss_hpc.paths import PointPaths
     from gptoss_hpc.stages.train import _drop_none_turn_keys
 
-    tmp = tmp_path_factory.mktemp("harmony")
     data = tmp / "rows.jsonl"
-    data.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in SHAPES.values()), encoding="utf-8")
-    overrides = ["experiment=demo", "data=local", f"data.path={data}", "data.eval_fraction=0", "train.max_length=4096"]
-    cfg = to_run_config(compose([*overrides, "data.reasoning_language_field=reasoning_language"]))
+    data.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    base = ["experiment=demo", "data=local", f"data.path={data}", "data.eval_fraction=0", "train.max_length=4096"]
+    cfg = to_run_config(compose([*base, "data.reasoning_language_field=reasoning_language", *overrides]))
     assert cfg.model.tokenizer == "offline"
     paths = PointPaths(tmp / "run" / "p000")
     tokenizer = load_tokenizer(cfg.model)
     train_ds, held = load_datasets(cfg, tokenizer)
-    assert held is None and len(train_ds) == len(SHAPES)
+    assert held is None
     _drop_none_turn_keys(tokenizer)
     kwargs = build_sft_config_kwargs(cfg, paths, env={})
     assert kwargs["assistant_only_loss"] and kwargs["completion_only_loss"]
     kwargs.update(output_dir=str(tmp / "out"), report_to=[], dataset_num_proc=None)
-    trainer = SFTTrainer(
-        model=load_base_model(cfg, paths, for_training=True),
-        args=SFTConfig(**kwargs),
-        train_dataset=sft_dataset(train_ds),
-        processing_class=tokenizer,
-    )
-    rows = trainer.train_dataset
-    out = {sid: {"input_ids": rows[i]["input_ids"], "labels": rows[i]["labels"]} for i, sid in enumerate(SHAPES)}
-    # train.packing (train=fast): the same rows, packed best-fit-decreasing into max_length sequences
-    kwargs.update(packing=True, output_dir=str(tmp / "out-packed"))
-    packed = SFTTrainer(
+    prepared = SFTTrainer(
         model=load_base_model(cfg, paths, for_training=True),
         args=SFTConfig(**kwargs),
         train_dataset=sft_dataset(train_ds),
         processing_class=tokenizer,
     ).train_dataset
-    out["_packed"] = [{k: packed[i][k] for k in ("input_ids", "labels", "seq_lengths")} for i in range(len(packed))]
+    keys = [k for k in ("input_ids", "labels", "seq_lengths") if k in prepared.column_names]
+    return [{k: prepared[i][k] for k in keys} for i in range(len(prepared))]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> dict[str, Any]:
+    """Every shape through the train stage's data path, once: shape id -> {input_ids, labels}; and packed."""
+    rows = train_stage_rows(tmp_path_factory.mktemp("harmony"), list(SHAPES.values()))
+    assert len(rows) == len(SHAPES)
+    out: dict[str, Any] = dict(zip(SHAPES, rows, strict=True))
+    # train.packing (train=fast): the same rows, packed best-fit-decreasing into max_length sequences
+    out["_packed"] = train_stage_rows(tmp_path_factory.mktemp("packed"), list(SHAPES.values()), "train.packing=true")
     return out
+
+
+def test_multi_turn_split_rows_each_equal_harmony(tmp_path: Path, harmony) -> None:
+    """data.multi_turn=split: one row per assistant turn, each Harmony's render of the conversation up to it."""
+    row = SHAPES["three-turns-mixed-thinking"]
+    got = train_stage_rows(tmp_path, [row], "data.multi_turn=split")
+    assert len(got) == 3
+    ends = [i for i, x in enumerate(row["messages"]) if x["role"] == "assistant"]
+    for ours, end in zip(got, ends, strict=True):
+        full, head = harmony_training_render(harmony, {"messages": row["messages"][: end + 1]})
+        assert ours["input_ids"] == full and ours["labels"] == [IGNORE] * len(head) + full[len(head) :]
 
 
 def test_packing_keeps_each_rows_tokens_and_labels(prepared) -> None:
