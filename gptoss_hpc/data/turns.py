@@ -103,10 +103,7 @@ def prompt_completion(turns: Sequence[Mapping[str, Any]]) -> dict[str, list[Turn
     last = last_assistant(turns)
     if last is None:
         raise ValueError("a training row needs an assistant turn")
-    prompt = []
-    for t in turns[:last]:
-        turn = {"role": t["role"], "content": t["content"]}
-        prompt.append(turn)
+    prompt = [{"role": t["role"], "content": t["content"]} for t in turns[:last]]
     completion = {"role": "assistant", "content": turns[last]["content"]}
     if turns[last].get("thinking"):
         completion["thinking"] = turns[last]["thinking"]
