@@ -203,6 +203,29 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
+def prompt_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The turns of an inference prompt as training renders them (gptoss_hpc.data.turns): system/developer
+    turns merged into one leading turn (the template would drop all but ``messages[0]``), no None keys.
+    Raises HarmonyFormatError on a control-token string in the text (the tokenizer would encode it as the
+    real token; Harmony as text)."""
+    from gptoss_hpc.data.rows import template_messages
+    from gptoss_hpc.data.turns import control_token_problem, merge_instructions
+
+    turns = [dict(m) for m in messages]
+    problem = control_token_problem(turns)
+    if problem:
+        raise HarmonyFormatError(problem)
+    merged, _ = merge_instructions(turns)
+    return template_messages(merged)
+
+
+def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[int]:
+    """Token ids of the generation prompt for ``messages`` (ends with ``<|start|>assistant``): what eval and
+    serve generate from, equal to openai-harmony's ``render_conversation_for_completion``."""
+    enc = tokenizer.apply_chat_template(prompt_messages(messages), add_generation_prompt=True, return_dict=True)
+    return list(enc["input_ids"])
+
+
 def generate_completion(
     model: Any,
     tokenizer: Any,
@@ -215,12 +238,9 @@ def generate_completion(
     tokens as text with special tokens kept, cut after the first stop token."""
     import torch
 
-    enc = tokenizer.apply_chat_template(
-        list(messages), add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
     device = next(model.parameters()).device
-    input_ids = enc["input_ids"].to(device)
-    attention_mask = enc["attention_mask"].to(device)
+    input_ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
+    attention_mask = torch.ones_like(input_ids)
     stops = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     with torch.inference_mode():

@@ -80,6 +80,7 @@ GOLDEN_SFT_GPU = {
     "bf16": True,
     "use_cpu": False,
     "assistant_only_loss": True,
+    "completion_only_loss": True,
     "packing": False,
     "padding_free": False,
     "pad_to_multiple_of": None,

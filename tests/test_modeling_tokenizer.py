@@ -117,3 +117,17 @@ def test_local_tokenizer_path(tmp_path, offline):
     offline.save_pretrained(tmp_path / "tok")
     tok = load_tokenizer(ModelConfig(tokenizer=str(tmp_path / "tok")))
     assert tok.encode(STRINGS[0], add_special_tokens=False) == offline.encode(STRINGS[0], add_special_tokens=False)
+
+
+def test_a_saved_tokenizer_with_the_released_template_gets_ours(tmp_path, offline, caplog):
+    from gptoss_hpc.modeling.chat_template import released_gptoss_template
+
+    offline.chat_template = released_gptoss_template()  # as openai/gpt-oss-* ship it
+    offline.save_pretrained(tmp_path / "released")
+    offline.chat_template = gptoss_chat_template().replace("Reasoning: ", "Effort: ")  # a user's own edit
+    offline.save_pretrained(tmp_path / "edited")
+    offline.chat_template = gptoss_chat_template()
+    assert load_tokenizer(ModelConfig(tokenizer=str(tmp_path / "released"))).chat_template == gptoss_chat_template()
+    with caplog.at_level("WARNING", logger="gptoss_hpc.modeling.tokenizer"):
+        edited = load_tokenizer(ModelConfig(tokenizer=str(tmp_path / "edited")))
+    assert "Effort: " in edited.chat_template and "not the released one" in caplog.text

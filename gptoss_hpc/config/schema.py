@@ -134,6 +134,9 @@ class DataConfig:
     eval_path: str | None = None
     # rows longer than train.max_length: "drop" | "truncate"
     max_length_policy: str = "drop"
+    # multi-turn rows: "last" trains the last assistant turn (earlier turns are context), "split" makes one
+    # row per assistant turn (README "Data")
+    multi_turn: str = "last"
     skip_bad_rows: bool = False
     max_rows: int | None = None
     seed: int = 42

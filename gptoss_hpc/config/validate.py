@@ -22,6 +22,7 @@ ATTN = ("eager", "flex_attention", "sdpa", "kernels-community/vllm-flash-attn3")
 EXPERTS = (None, "eager", "grouped_mm", "batched_mm")
 DATA_SOURCES = ("hub", "local", "sample")
 LENGTH_POLICIES = ("drop", "truncate")
+MULTI_TURN_POLICIES = ("last", "split")  # gptoss_hpc.data.turns (not imported: keep validate light)
 LORA_BIAS = ("none", "all", "lora_only")
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 SCHEDULERS = (
@@ -224,6 +225,7 @@ def _data(cfg: RunConfig) -> list[str]:
     if "eval" in cfg.stages and d.eval_fraction == 0.0 and not d.eval_path:
         p.append("the eval stage needs held-out rows: set data.eval_fraction>0 or data.eval_path")
     p += _one_of("data.max_length_policy", d.max_length_policy, LENGTH_POLICIES, "the data yaml")
+    p += _one_of("data.multi_turn", d.multi_turn, MULTI_TURN_POLICIES, "the data yaml")
     if d.max_rows is not None:
         p += _at_least("data.max_rows", d.max_rows, 1, "or null for all rows")
     if not d.messages_field:

@@ -127,6 +127,10 @@ def _validate(args: argparse.Namespace) -> int:
         print(bad_rows_error(result.problems, result.rows_read, where=str(args.path)), file=sys.stderr)
         return 1
     print(f"{args.path}: {result.rows_read} rows OK")
+    if result.notes:  # kept, but changed to fit Harmony (README "Data")
+        print(f"{len(result.notes)} row(s) changed:")
+        for note in result.notes[:20]:
+            print(f"  {note}")
     return 0
 
 

@@ -3,9 +3,11 @@
     train, held_out = load_datasets(cfg, tokenizer)      # datasets.Dataset with one `messages` column
 
 Order: read → validate every row (bad rows raise DataError listing ``file:row: reason``, or are skipped
-with ``data.skip_bad_rows=true``) → ``data.max_rows`` cap → held-out split (``data.eval_path`` file, else
-a seeded ``data.eval_fraction``) → ``train.max_length`` policy when a tokenizer is given. Nothing is
-written: local files are read directly (no datasets cache), and failures raise before any output.
+with ``data.skip_bad_rows=true``; extra system/developer turns are merged into the leading one, noted per
+row, see gptoss_hpc.data.turns) → ``data.max_rows`` cap → held-out split (``data.eval_path`` file, else
+a seeded ``data.eval_fraction``, by conversation) → ``data.multi_turn=split`` (one row per assistant
+turn) → ``train.max_length`` policy when a tokenizer is given. Nothing is written: local files are read
+directly (no datasets cache), and failures raise before any output.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from gptoss_hpc.data.readers import read_rows
 from gptoss_hpc.data.rows import Normalised, RawRow, bad_rows_error, normalise_rows
+from gptoss_hpc.data.turns import MULTI_TURN_POLICIES, control_token_pattern, split_assistant_turns
 from gptoss_hpc.errors import DataError, ResourceNotReachableError
 
 if TYPE_CHECKING:
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SAMPLE_FILE = "multilingual_reasoning.jsonl"
+MAX_NOTES_LOGGED = 20
 
 
 @dataclass
@@ -38,6 +42,8 @@ class LoadedData:
     eval: Dataset | None
     # rows_read, bad_rows_skipped, train_rows, eval_rows, over_max_length, dropped_too_long, truncated ...
     stats: dict[str, Any] = field(default_factory=dict)
+    # ``<file>:<row>: <change>`` for every kept row that was changed (merged system/developer turns ...)
+    notes: list[str] = field(default_factory=list)
 
 
 def load_datasets(cfg: RunConfig, tokenizer: Any = None) -> tuple[Dataset, Dataset | None]:
@@ -52,7 +58,13 @@ def load_data(cfg: RunConfig, tokenizer: Any = None) -> LoadedData:
 
     d = cfg.data
     where, raw = source_rows(d)
-    opts = {"messages_field": d.messages_field, "reasoning_language_field": d.reasoning_language_field}
+    if d.multi_turn not in MULTI_TURN_POLICIES:
+        raise DataError(f"data.multi_turn={d.multi_turn!r}: use {' or '.join(MULTI_TURN_POLICIES)}")
+    opts = {
+        "messages_field": d.messages_field,
+        "reasoning_language_field": d.reasoning_language_field,
+        "control_tokens": control_token_pattern(_special_strings(tokenizer)),
+    }
     main = normalise_rows(raw, **opts)
     held: Normalised | None = None
     if d.eval_path:
@@ -64,12 +76,18 @@ def load_data(cfg: RunConfig, tokenizer: Any = None) -> LoadedData:
         raise bad_rows_error(problems, rows_read, where=places)
     for p in problems[:5]:
         log.warning("skipped bad row %s", p)
+    notes = main.notes + (held.notes if held else [])
+    for note in notes[:MAX_NOTES_LOGGED]:
+        log.warning("changed row %s", note)
+    if len(notes) > MAX_NOTES_LOGGED:
+        log.warning("... and %d more changed rows", len(notes) - MAX_NOTES_LOGGED)
 
     stats: dict[str, Any] = {
         "source": d.source,
         "where": where,
         "rows_read": rows_read,
         "bad_rows_skipped": len(problems),
+        "rows_changed": len(notes),
     }
     rows = main.rows
     if not rows:
@@ -84,6 +102,12 @@ def load_data(cfg: RunConfig, tokenizer: Any = None) -> LoadedData:
     else:
         train_rows, eval_rows = split_rows(rows, d.eval_fraction, d.seed)
         stats["eval_from"] = f"eval_fraction={d.eval_fraction} seed={d.seed}" if eval_rows else None
+    stats["multi_turn"] = d.multi_turn
+    if d.multi_turn == "split":  # after the held-out split: a conversation's turns stay on one side
+        n_before = len(train_rows) + len(eval_rows or [])
+        train_rows = split_rows_per_assistant_turn(train_rows)
+        eval_rows = split_rows_per_assistant_turn(eval_rows) if eval_rows else eval_rows
+        stats["rows_added_by_split"] = len(train_rows) + len(eval_rows or []) - n_before
 
     if tokenizer is not None:
         from gptoss_hpc.data.length import apply_max_length
@@ -105,7 +129,21 @@ def load_data(cfg: RunConfig, tokenizer: Any = None) -> LoadedData:
     log.info("data: %s", ", ".join(f"{k}={v}" for k, v in stats.items()))
     train = Dataset.from_list(train_rows)
     held_out = Dataset.from_list(eval_rows) if eval_rows else None
-    return LoadedData(train, held_out, stats)
+    return LoadedData(train, held_out, stats, notes)
+
+
+def split_rows_per_assistant_turn(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**row, "messages": turns} for row in rows for turns in split_assistant_turns(row["messages"])]
+
+
+def _special_strings(tokenizer: Any) -> list[str]:
+    """The tokenizer's special-token strings (all of them count as control tokens in message text)."""
+    if tokenizer is None:
+        return []
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return [t.content for t in added.values() if getattr(t, "special", False)] + list(
+        getattr(tokenizer, "all_special_tokens", [])
+    )
 
 
 def split_rows(

@@ -8,10 +8,17 @@ Pure Python, no heavy imports: the validator runs before anything is tokenized o
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gptoss_hpc.data.turns import (
+    CONTROL_TOKEN_RE,
+    control_token_problem,
+    merge_instructions,
+    trim_after_last_assistant,
+)
 from gptoss_hpc.errors import DataError
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -32,13 +39,21 @@ class RawRow:
 class Normalised:
     rows: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # ``<file>:<row>: <what was changed>`` for rows kept with a change (merged instruction turns ...)
+    notes: list[str] = field(default_factory=list)
     rows_read: int = 0
 
 
 def normalise_row(
-    raw: Any, *, messages_field: str = "messages", reasoning_language_field: str | None = None
+    raw: Any,
+    *,
+    messages_field: str = "messages",
+    reasoning_language_field: str | None = None,
+    control_tokens: re.Pattern[str] = CONTROL_TOKEN_RE,
+    notes: list[str] | None = None,
 ) -> tuple[list[dict[str, Any]] | None, str | None]:
-    """(messages, None) for a good row, (None, reason) for a bad one."""
+    """(messages, None) for a good row, (None, reason) for a bad one; what was changed in a good row is
+    appended to ``notes`` (gptoss_hpc.data.turns: merged instruction turns, cut trailing turns)."""
     if not isinstance(raw, Mapping):
         return None, f"row is a {type(raw).__name__}, expected an object with a {messages_field!r} field"
     if messages_field not in raw:
@@ -70,31 +85,51 @@ def normalise_row(
         turns.append({"role": role, "content": content, "thinking": thinking or None})
     if not any(t["role"] == "assistant" for t in turns):
         return None, "no assistant turn (nothing to train on)"
+    problem = control_token_problem(turns, control_tokens)
+    if problem:
+        return None, problem
     if reasoning_language_field and not any(t["role"] == "system" for t in turns):
         lang = raw.get(reasoning_language_field)
         if isinstance(lang, str) and lang.strip():
             system = {"role": "system", "content": f"reasoning language: {lang.strip()}", "thinking": None}
             turns.insert(0, system)
+            if control_tokens.search(system["content"]):
+                return None, f"{reasoning_language_field} holds a control-token string; remove it"
+    turns, merged = merge_instructions(turns)
+    turns, trimmed = trim_after_last_assistant(turns)
+    if notes is not None:
+        notes.extend(n for n in (merged, trimmed) if n)
     return turns, None
 
 
 def normalise_rows(
-    rows: Iterable[RawRow], *, messages_field: str = "messages", reasoning_language_field: str | None = None
+    rows: Iterable[RawRow],
+    *,
+    messages_field: str = "messages",
+    reasoning_language_field: str | None = None,
+    control_tokens: re.Pattern[str] = CONTROL_TOKEN_RE,
 ) -> Normalised:
-    """Validate every row; collect all problems as ``<file>:<row>: <reason>`` (nothing is raised here)."""
+    """Validate every row; collect all problems as ``<file>:<row>: <reason>`` and changes to kept rows as
+    ``<file>:<row>: <note>`` (nothing is raised here)."""
     out = Normalised()
     for raw in rows:
         out.rows_read += 1
         if raw.error is not None:
             out.problems.append(f"{raw.label}: {raw.error}")
             continue
+        notes: list[str] = []
         messages, reason = normalise_row(
-            raw.value, messages_field=messages_field, reasoning_language_field=reasoning_language_field
+            raw.value,
+            messages_field=messages_field,
+            reasoning_language_field=reasoning_language_field,
+            control_tokens=control_tokens,
+            notes=notes,
         )
         if reason is not None:
             out.problems.append(f"{raw.label}: {reason}")
         else:
             out.rows.append({"messages": messages})
+            out.notes.extend(f"{raw.label}: {n}" for n in notes)
     return out
 
 

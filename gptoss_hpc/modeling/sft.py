@@ -58,6 +58,17 @@ def pad_to_multiple_of(cfg: RunConfig) -> int | None:
     return min(t.max_length, 1024) if compiles_layers(cfg) else None
 
 
+def sft_dataset(dataset: Any) -> Any:
+    """Rows of ``messages`` (as gptoss_hpc.data loads them) → TRL's conversational prompt-completion rows:
+    the prompt is every turn before the last assistant turn, the completion that turn, so SFTTrainer trains
+    the last assistant turn only and renders the rest as Harmony context (gptoss_hpc.data.turns)."""
+    from gptoss_hpc.data.turns import prompt_completion
+
+    return dataset.map(
+        lambda row: prompt_completion(row["messages"]), remove_columns=dataset.column_names, desc="prompt/completion"
+    )
+
+
 def build_sft_config_kwargs(cfg: RunConfig, paths: PointPaths, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     t = cfg.train
     on_cpu = cfg.cluster.accelerator == "cpu"
@@ -83,6 +94,9 @@ def build_sft_config_kwargs(cfg: RunConfig, paths: PointPaths, env: Mapping[str,
         # On CPU, use_cpu=True is what makes DeepSpeed + gloo work; ACCELERATE_USE_CPU would drop DeepSpeed.
         "use_cpu": on_cpu,
         "assistant_only_loss": t.assistant_only_loss,
+        # sft_dataset gives TRL prompt-completion rows: the loss then covers the last assistant turn only
+        # (completion mask ∩ assistant mask); assistant_only_loss=false trains on every token, as before.
+        "completion_only_loss": t.assistant_only_loss,
         "packing": t.packing,
         "padding_free": t.padding_free,
         "pad_to_multiple_of": pad_to_multiple_of(cfg),

@@ -7,9 +7,11 @@
     "tiny-bpe"  a ~3k BPE trained deterministically on the bundled sample + the same special tokens
     <path>      AutoTokenizer.from_pretrained(path)
 
-Both built tokenizers carry TRL's gpt-oss chat template (so TRL swaps in its training template for
-``assistant_only_loss``), pad <|endoftext|>, eos <|return|>, bos <|startoftext|> as gpt-oss ships them, and
-are cached under ``gptoss_hpc.vocab.cache_root()/tokenizers/`` (built in a temp dir, then renamed).
+Both built tokenizers carry our gpt-oss chat template (gptoss_hpc.modeling.chat_template: TRL's training
+variant with ``{% generation %}`` marks, rendering the developer message as openai-harmony does), pad
+<|endoftext|>, eos <|return|>, bos <|startoftext|> as gpt-oss ships them, and are cached under
+``gptoss_hpc.vocab.cache_root()/tokenizers/`` (built in a temp dir, then renamed). A Hub/path tokenizer
+that carries the released gpt-oss template gets ours instead; any other template is left as it is.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from gptoss_hpc.config.schema import ModelConfig
 from gptoss_hpc.errors import GptossHpcError
+from gptoss_hpc.modeling.chat_template import gptoss_chat_template, is_gptoss_template
 from gptoss_hpc.modeling.hub import is_local, unreachable
 from gptoss_hpc.vocab import O200K_FILE, cache_root, o200k_dir
 
@@ -81,13 +84,6 @@ def special_tokens() -> list[str]:
     return [NAMED_SPECIAL.get(i, f"<|reserved_{i}|>") for i in range(FIRST_SPECIAL, LAST_SPECIAL + 1)]
 
 
-def gptoss_chat_template() -> str:
-    """TRL's gpt-oss template, verbatim (TRL recognises it to swap in its assistant-mask variant)."""
-    from trl.chat_template_utils import gptoss_chat_template as template
-
-    return template
-
-
 def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
     kind = model_cfg.tokenizer
     if kind == "offline":
@@ -100,9 +96,25 @@ def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
         name = model_cfg.name_or_path if kind == "auto" else kind
         revision = model_cfg.revision if kind == "auto" else None
         tok = _from_pretrained(name, revision, model_cfg.trust_remote_code)
+        if is_gptoss_template(tok.chat_template):
+            log.info("tokenizer %s: the released gpt-oss chat template replaced by gptoss_hpc's (Harmony)", name)
+            tok.chat_template = gptoss_chat_template()
+        elif _other_gptoss_template(tok.chat_template):
+            log.warning(
+                "tokenizer %s carries a gpt-oss chat template that is not the released one: kept as it is, "
+                'so its renders are not the ones checked against openai-harmony (README "Data")',
+                name,
+            )
     if tok.pad_token is None:
         tok.pad_token = PAD if PAD in tok.get_vocab() else tok.eos_token
     return tok
+
+
+def _other_gptoss_template(template: object) -> bool:
+    """A Harmony-looking template that is neither the released one nor ours (a user's own edit)."""
+    return (
+        isinstance(template, str) and "<|channel|>final<|message|>" in template and template != gptoss_chat_template()
+    )
 
 
 def _from_pretrained(name: str, revision: str | None, trust_remote_code: bool) -> PreTrainedTokenizerBase:

@@ -160,7 +160,7 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
     from gptoss_hpc.modeling.deepspeed import render_deepspeed_config
     from gptoss_hpc.modeling.lora import build_lora_config
     from gptoss_hpc.modeling.model import load_base_model
-    from gptoss_hpc.modeling.sft import build_sft_config_kwargs, deepspeed_json_path, wandb_enabled
+    from gptoss_hpc.modeling.sft import build_sft_config_kwargs, deepspeed_json_path, sft_dataset, wandb_enabled
     from gptoss_hpc.modeling.tokenizer import load_tokenizer
 
     rank0 = dist_info["rank"] == 0
@@ -171,7 +171,7 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
         return json.loads(paths.train_metrics.read_text())
     paths.train.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.model)
-    train_ds, _ = load_datasets(cfg, tokenizer)
+    train_ds = sft_dataset(load_datasets(cfg, tokenizer)[0])  # loss on each row's last assistant turn
     _drop_none_turn_keys(tokenizer)
 
     kwargs = build_sft_config_kwargs(cfg, paths)
