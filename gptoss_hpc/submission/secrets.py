@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "HF_USER")
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "HF_USER", "SERVE_API_KEY")
 
 
 def present() -> list[str]:
