@@ -31,6 +31,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -258,14 +259,16 @@ def node_address() -> str:
     for address in addresses:
         if not ipaddress.ip_address(address).is_loopback:
             return address
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("192.0.2.255", 9))  # UDP connect sends nothing; it only picks the outgoing interface
-            address = s.getsockname()[0]
+    # UDP connect sends nothing; it only picks the outgoing interface. Two targets: a route may miss one.
+    for target in ("10.254.254.254", "8.8.8.8"):
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((target, 9))
+                address = s.getsockname()[0]
+        except OSError:
+            continue
         if not ipaddress.ip_address(address).is_loopback:
             return address
-    except OSError:
-        pass
     return addresses[0] if addresses else "127.0.0.1"
 
 
@@ -276,15 +279,19 @@ def serve(
     max_new_tokens_cap: int = DEFAULT_MAX_NEW_TOKENS_CAP,
     *,
     api_key: str | None = None,
+    before_run: Callable[[], None] | None = None,
     **options: Any,
 ) -> None:
     """Run uvicorn on ``host:port`` until stopped; refuses a non-loopback host without an API key.
-    ``options``: create_app's (max_queue, max_request_bytes, served_model_name)."""
+    ``options``: create_app's (max_queue, max_request_bytes, served_model_name); ``before_run`` is called
+    once the model is loaded, right before uvicorn takes over the signals."""
     import uvicorn
 
     require_key_off_loopback(host, api_key)
     app = create_app(model_dir, max_new_tokens_cap, api_key=api_key, **options)
     log.info("API key %s", "required on every path but /health" if api_key else "not required (loopback only)")
+    if before_run is not None:
+        before_run()
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
@@ -316,12 +323,31 @@ def serve_job(
         write_status(paths, "serve", "RUNNING", address=address, url=url, model=name, merged=str(paths.merged), **where)
         print(address, flush=True)
         log.info("serving %s as %r at %s; API key: %s", paths.merged, name, url, where.get("api_key_file", API_KEY_ENV))
-        # uvicorn shuts down gracefully on SIGTERM/SIGINT and then re-raises the signal; a job's normal end
-        # is scancel, so take that re-raised signal here and let the stage end as COMPLETED.
-        stopped = {sig: signal.signal(sig, _log_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        # A job's normal end is scancel. Until uvicorn runs (loading the model), SIGTERM/SIGINT stop the job
+        # here; uvicorn then handles them itself, shuts down gracefully and re-raises the signal, which is
+        # taken here. Either way the stage ends as COMPLETED.
+        serving = threading.Event()
+
+        def on_signal(sig: int, _frame: Any) -> None:
+            if not serving.is_set():
+                raise _StoppedBeforeServing(signal.Signals(sig).name)
+            log.info("server stopped by %s", signal.Signals(sig).name)
+
+        stopped = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             cap = options.pop("max_new_tokens_cap", None) or max(DEFAULT_MAX_NEW_TOKENS_CAP, cfg.eval.max_new_tokens)
-            serve(paths.merged, bind, bound_port, cap, api_key=key, served_model_name=name, **options)
+            serve(
+                paths.merged,
+                bind,
+                bound_port,
+                cap,
+                api_key=key,
+                served_model_name=name,
+                before_run=serving.set,
+                **options,
+            )
+        except _StoppedBeforeServing as stop:
+            log.info("stopped by %s before serving", stop)
         finally:
             for sig, handler in stopped.items():
                 signal.signal(sig, handler)
@@ -329,8 +355,8 @@ def serve_job(
     run_stage("serve", config_path, body)
 
 
-def _log_stop(sig: int, _frame: Any) -> None:
-    log.info("server stopped by %s", signal.Signals(sig).name)
+class _StoppedBeforeServing(BaseException):  # a BaseException: no `except Exception` in loading code eats it
+    """SIGTERM/SIGINT arrived while the job was still loading the model."""
 
 
 def build_parser() -> argparse.ArgumentParser:

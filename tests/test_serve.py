@@ -428,42 +428,45 @@ def test_api_key_sources(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_serve_job_prints_address_and_serves_a_point(model_dir: Path, tmp_path: Path):
-    """`python -m gptoss_hpc.serve <point config.yaml>` as a job runs it: a real uvicorn process."""
-    import os
+def test_serve_job_binds_the_node_and_takes_the_submitting_shells_key(model_dir: Path, tmp_path: Path):
+    """`python -m gptoss_hpc.serve <point config.yaml>` runs the job body in a real uvicorn process: it binds
+    this node's address (not loopback when the node has another), takes SERVE_API_KEY from its environment,
+    records the URL and the key's source (not the key) in status/serve.json and ends COMPLETED on SIGTERM."""
     import shutil
-    import socket
     import subprocess
     import sys
-    import time
-
-    import httpx
 
     from gptoss_hpc.config import save_run_config
     from gptoss_hpc.paths import PointPaths
+    from gptoss_hpc.serve import node_address
 
-    paths = PointPaths(tmp_path / "p000")
+    paths = PointPaths(tmp_path / "run" / "p000")
     save_run_config(to_run_config(compose(["experiment=demo", "model.tokenizer=tiny-bpe"])), paths.config)
     shutil.copytree(model_dir, paths.merged)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "GPTOSS_SERVE_HOST": "127.0.0.1", "GPTOSS_SERVE_PORT": str(port)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gptoss_hpc.serve", str(paths.config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
+    env = {k: v for k, v in os.environ.items() if k != "GPTOSS_SERVE_HOST"}
+    env |= {"GPTOSS_SERVE_PORT": str(port), "SERVE_API_KEY": KEY}
+    out, err = tmp_path / "job.out", tmp_path / "job.err"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gptoss_hpc.serve", str(paths.config)], stdout=stdout, stderr=stderr, env=env
+        )
     try:
-        assert proc.stdout is not None
-        address = proc.stdout.readline().strip()
-        assert address == f"{socket.gethostname()}:{port}"
+        deadline = time.monotonic() + 120
+        while not out.read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, err.read_text()[-2000:]
+            time.sleep(0.2)
+        address = out.read_text().splitlines()[0]
+        bound_port = int(address.rsplit(":", 1)[1])
+        assert address == f"{socket.gethostname()}:{bound_port}" and bound_port >= port
         status = json.loads(paths.stage_status("serve").read_text())
         assert status["state"] == "RUNNING" and status["address"] == address
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
+        assert status["url"] == f"http://{node_address()}:{bound_port}/v1"
+        assert status["api_key_source"] == "SERVE_API_KEY" and "api_key_file" not in status
+        assert status["model"] == f"{tmp_path.name}/p000"  # <experiment>/pNNN in logs/<experiment>/<ts>/pNNN
+        url = status["url"].removesuffix("/v1")
         while True:
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
@@ -472,10 +475,17 @@ def test_serve_job_prints_address_and_serves_a_point(model_dir: Path, tmp_path: 
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
             time.sleep(0.5)
-        r = httpx.post(f"{url}/score", json={"prompt": "hi", "max_new_tokens": 4}, timeout=60)
+        assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
+        models = httpx.get(f"{url}/v1/models", headers=AUTH, timeout=10).json()
+        assert [m["id"] for m in models["data"]] == [status["model"]]
+        r = httpx.post(f"{url}/score", json={"prompt": "hi", "max_new_tokens": 4}, headers=AUTH, timeout=60)
         assert r.status_code == 200 and "output" in r.json()
-        assert httpx.post(f"{url}/score", json={"prompt": 1}, timeout=10).status_code == 422
+        assert httpx.post(f"{url}/score", json={"prompt": 1}, headers=AUTH, timeout=10).status_code == 422
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     assert json.loads(paths.stage_status("serve").read_text())["state"] == "COMPLETED"
+    assert "POST /score" in out.read_text() + err.read_text()  # uvicorn's access log is there ...
+    leaked = [str(f) for f in tmp_path.rglob("*") if f.is_file() and KEY.encode() in f.read_bytes()]
+    assert leaked == []  # ... and the key is in no log and no file
+    assert not (paths.root / "serve").exists()
