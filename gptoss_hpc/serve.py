@@ -307,25 +307,12 @@ def serve_job(
     port from $GPTOSS_SERVE_PORT or 8000, always with an API key: --api-key-file, else $SERVE_API_KEY of the
     submitting shell, else one generated into ``pNNN/serve/api_key`` (mode 600). Prints ``host:port`` to
     the job log and records the URL and where the key is (never the key) in status/serve.json."""
-    from gptoss_hpc.stages.common import run_stage, write_status
+    from gptoss_hpc.stages.common import run_stage
 
     def body(cfg: Any, paths: Any) -> None:
-        bind = host or os.environ.get("GPTOSS_SERVE_HOST") or node_address()
-        bound_port = free_port(bind, port or int(os.environ.get("GPTOSS_SERVE_PORT", DEFAULT_PORT)))
-        if api_key_file:
-            key, where = read_key_file(api_key_file), {"api_key_source": "file", "api_key_file": str(api_key_file)}
-        else:
-            key, where = job_api_key(paths.root / "serve" / "api_key")
-        name = options.pop("served_model_name", None) or default_model_name(paths.merged)
-        address = f"{socket.gethostname()}:{bound_port}"
-        url_host = socket.gethostname() if bind in ("0.0.0.0", "::") else bind
-        url = f"http://{url_host}:{bound_port}/v1"
-        write_status(paths, "serve", "RUNNING", address=address, url=url, model=name, merged=str(paths.merged), **where)
-        print(address, flush=True)
-        log.info("serving %s as %r at %s; API key: %s", paths.merged, name, url, where.get("api_key_file", API_KEY_ENV))
-        # A job's normal end is scancel. Until uvicorn runs (loading the model), SIGTERM/SIGINT stop the job
-        # here; uvicorn then handles them itself, shuts down gracefully and re-raises the signal, which is
-        # taken here. Either way the stage ends as COMPLETED.
+        # A job's normal end is scancel. Until uvicorn runs (choosing a port, loading the model), SIGTERM and
+        # SIGINT stop the job here; uvicorn then handles them itself, shuts down gracefully and re-raises the
+        # signal, which is taken here. Either way the stage ends as COMPLETED.
         serving = threading.Event()
 
         def on_signal(sig: int, _frame: Any) -> None:
@@ -335,17 +322,7 @@ def serve_job(
 
         stopped = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            cap = options.pop("max_new_tokens_cap", None) or max(DEFAULT_MAX_NEW_TOKENS_CAP, cfg.eval.max_new_tokens)
-            serve(
-                paths.merged,
-                bind,
-                bound_port,
-                cap,
-                api_key=key,
-                served_model_name=name,
-                before_run=serving.set,
-                **options,
-            )
+            _serve_point(cfg, paths, host, port, api_key_file, serving.set, dict(options))
         except _StoppedBeforeServing as stop:
             log.info("stopped by %s before serving", stop)
         finally:
@@ -353,6 +330,34 @@ def serve_job(
                 signal.signal(sig, handler)
 
     run_stage("serve", config_path, body)
+
+
+def _serve_point(  # the job body proper, under serve_job's signal handling
+    cfg: Any,
+    paths: Any,
+    host: str | None,
+    port: int | None,
+    api_key_file: str | None,
+    before_run: Callable[[], None],
+    options: dict[str, Any],
+) -> None:
+    from gptoss_hpc.stages.common import write_status
+
+    bind = host or os.environ.get("GPTOSS_SERVE_HOST") or node_address()
+    bound_port = free_port(bind, port or int(os.environ.get("GPTOSS_SERVE_PORT", DEFAULT_PORT)))
+    if api_key_file:
+        key, where = read_key_file(api_key_file), {"api_key_source": "file", "api_key_file": str(api_key_file)}
+    else:
+        key, where = job_api_key(paths.root / "serve" / "api_key")
+    name = options.pop("served_model_name", None) or default_model_name(paths.merged)
+    address = f"{socket.gethostname()}:{bound_port}"
+    url_host = socket.gethostname() if bind in ("0.0.0.0", "::") else bind
+    url = f"http://{url_host}:{bound_port}/v1"
+    write_status(paths, "serve", "RUNNING", address=address, url=url, model=name, merged=str(paths.merged), **where)
+    print(address, flush=True)
+    log.info("serving %s as %r at %s; API key: %s", paths.merged, name, url, where.get("api_key_file", API_KEY_ENV))
+    cap = options.pop("max_new_tokens_cap", None) or max(DEFAULT_MAX_NEW_TOKENS_CAP, cfg.eval.max_new_tokens)
+    serve(paths.merged, bind, bound_port, cap, api_key=key, served_model_name=name, before_run=before_run, **options)
 
 
 class _StoppedBeforeServing(BaseException):  # a BaseException: no `except Exception` in loading code eats it

@@ -489,3 +489,34 @@ def test_serve_job_binds_the_node_and_takes_the_submitting_shells_key(model_dir:
     leaked = [str(f) for f in tmp_path.rglob("*") if f.is_file() and KEY.encode() in f.read_bytes()]
     assert leaked == []  # ... and the key is in no log and no file
     assert not (paths.root / "serve").exists()
+
+
+@pytest.mark.slow
+def test_serve_job_stopped_while_loading_ends_completed(model_dir: Path, tmp_path: Path):
+    """scancel (SIGTERM) can come before uvicorn runs: the job must end then, not load and serve forever."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    from gptoss_hpc.config import save_run_config
+    from gptoss_hpc.paths import PointPaths
+
+    paths = PointPaths(tmp_path / "p000")
+    save_run_config(to_run_config(compose(["experiment=demo", "model.tokenizer=tiny-bpe"])), paths.config)
+    shutil.copytree(model_dir, paths.merged)
+    env = {**os.environ, "GPTOSS_SERVE_HOST": "127.0.0.1", "SERVE_API_KEY": KEY}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptoss_hpc.serve", str(paths.config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    proc.stdout.readline()  # the address: printed before the model loads
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by SIGTERM" in err
+    assert json.loads(paths.stage_status("serve").read_text())["state"] == "COMPLETED"
