@@ -427,6 +427,15 @@ def test_api_key_sources(tmp_path: Path):
     assert [p.name for p in generated.parent.iterdir()] == ["api_key"]
 
 
+def test_the_key_cannot_be_put_in_a_config():
+    """cluster.env is rendered into the job script: a key there would land in a file."""
+    from gptoss_hpc.config.validate import validate
+    from gptoss_hpc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"cluster\.env\.SERVE_API_KEY is a secret"):
+        validate(to_run_config(compose(["cluster=local_slurm", "experiment=demo", "+cluster.env.SERVE_API_KEY=x"])))
+
+
 @pytest.mark.slow
 def test_serve_job_binds_the_node_and_takes_the_submitting_shells_key(model_dir: Path, tmp_path: Path):
     """`python -m gptoss_hpc.serve <point config.yaml>` runs the job body in a real uvicorn process: it binds
