@@ -318,22 +318,24 @@ def test_a_full_queue_answers_429_and_the_queued_requests_finish(model_dir: Path
             codes.append(r.status_code)
 
         threads = [threading.Thread(target=post, args=(i,)) for i in range(3)]
-        threads[0].start()
-        assert started.wait(60)  # one request is generating ...
-        for t in threads[1:]:
-            t.start()
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{url}/health").json()["queue"] != {"waiting": 2, "max_waiting": 2}:
-            assert time.monotonic() < deadline, "the two requests never reached the queue"
-            time.sleep(0.05)
-        # ... two wait: the queue is full, the next request is refused at once
-        full = httpx.post(f"{url}/score", json={"prompt": "one more"}, headers=AUTH)
-        assert full.status_code == 429 and full.headers["retry-after"] == "5"
-        assert full.json()["error"] == "server busy" and "2 request(s) already wait" in full.json()["problems"][0]
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
-        with pytest.raises(openai.RateLimitError):
-            client.chat.completions.create(model=model_dir.name, messages=[{"role": "user", "content": "hi"}])
-        release.set()
+        try:
+            threads[0].start()
+            assert started.wait(60)  # one request is generating ...
+            for t in threads[1:]:
+                t.start()
+            deadline = time.monotonic() + 60
+            while httpx.get(f"{url}/health").json()["queue"] != {"waiting": 2, "max_waiting": 2}:
+                assert time.monotonic() < deadline, "the two requests never reached the queue"
+                time.sleep(0.05)
+            # ... two wait: the queue is full, the next request is refused at once
+            full = httpx.post(f"{url}/score", json={"prompt": "one more"}, headers=AUTH)
+            assert full.status_code == 429 and full.headers["retry-after"] == "5"
+            assert full.json()["error"] == "server busy" and "2 request(s) already wait" in full.json()["problems"][0]
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+            with pytest.raises(openai.RateLimitError):
+                client.chat.completions.create(model=model_dir.name, messages=[{"role": "user", "content": "hi"}])
+        finally:
+            release.set()  # also when an assertion failed: no request left hanging on the fake
         for t in threads:
             t.join(timeout=120)
         assert codes == [200, 200, 200]
