@@ -106,6 +106,7 @@ class JobRow:
     log_err: str = ""
     stderr_tail: list[str] = field(default_factory=list)
     error: str = ""  # local backend: the error line of status/<stage>.json
+    endpoint: str = ""  # serve jobs: URL, model id and where the API key is (never the key)
 
     @property
     def terminal(self) -> bool:
@@ -310,6 +311,21 @@ def _fill_slurm(rows: list[JobRow], manifest: Manifest, use_sacct: bool) -> tupl
     return result.source, note
 
 
+def serve_endpoint(status_file: Path) -> str:
+    """'<url> · model <id> · API key: <where>' while a serve job runs (its status/serve.json); '' otherwise."""
+    try:
+        rec = json.loads(status_file.read_text())
+    except (OSError, ValueError):
+        return ""
+    if rec.get("state") != "RUNNING" or not rec.get("url"):
+        return ""
+    if rec.get("api_key_file"):
+        key = f"in {rec['api_key_file']} (mode 600)"
+    else:
+        key = f"${rec.get('api_key_source', 'SERVE_API_KEY')} of the submitting shell"
+    return f"{rec['url']} · model {rec.get('model', '?')} · API key {key}"
+
+
 def collect(run_dir: str | Path, *, use_sacct: bool = True) -> LaunchStatus:
     """The status of every job of the launch in run_dir (one sacct + at most one squeue call)."""
     manifest = load_manifest(run_dir)
@@ -325,4 +341,6 @@ def collect(run_dir: str | Path, *, use_sacct: bool = True) -> LaunchStatus:
             row.step, row.loss = last_metrics(rdir / point_dirname(row.points[0]) / "metrics.jsonl")
         if row.failed:
             row.stderr_tail = tail_lines(row.log_err)
+        if row.stage == "serve" and len(row.points) == 1:
+            row.endpoint = serve_endpoint(rdir / point_dirname(row.points[0]) / "status" / "serve.json")
     return LaunchStatus(str(rdir), manifest.name, manifest.backend, source, rows, note)

@@ -1,18 +1,25 @@
-"""Serve a merged gpt-oss model over HTTP: FastAPI + uvicorn, Harmony output split into analysis/final.
+"""Serve a merged gpt-oss model over HTTP: FastAPI + uvicorn, an OpenAI-compatible chat endpoint and the
+Azure-style ``/score``, Harmony output split into analysis/final, an API key off loopback.
 
-    python -m gptoss_hpc.serve logs/demo/20261125-081500/p000/merged --port 8000
-    python -m gptoss_hpc.serve logs/demo/20261125-081500/p000/config.yaml      # serves that point's merged/
+    python -m gptoss_hpc.serve logs/demo/20261125-081500/p000/merged --port 8000        # 127.0.0.1, no key
+    SERVE_API_KEY=$(openssl rand -hex 24) python -m gptoss_hpc.serve logs/demo/…/p000/merged --host 0.0.0.0
+    python -m gptoss_hpc.serve logs/demo/20261125-081500/p000/config.yaml   # as the Slurm stage: node address, key
 
     curl -s localhost:8000/health
-    curl -s localhost:8000/score -H 'content-type: application/json' \
+    curl -s localhost:8000/v1/models -H "Authorization: Bearer $SERVE_API_KEY"
+    curl -s localhost:8000/v1/chat/completions -H "Authorization: Bearer $SERVE_API_KEY" \
+        -H 'content-type: application/json' -d '{"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 64}'
+    curl -s localhost:8000/score -H "api-key: $SERVE_API_KEY" -H 'content-type: application/json' \
         -d '{"messages": [{"role": "system", "content": "reasoning language: German"},
                           {"role": "user", "content": "¿Cuál es el capital de Australia?"}], "max_new_tokens": 128}'
-    curl -s localhost:8000/score -H 'content-type: application/json' -d '{"prompt": "Hi!", "max_new_tokens": 64}'
 
-``POST /score`` answers ``{"output": <final channel>, "analysis": <analysis channel>, "valid": bool, ...}``;
-a completion that is not valid Harmony comes back as plain text in ``output`` with ``valid: false``.
-Malformed requests get a 4xx with a message and the server keeps serving. As a Slurm job,
-``serve_job(config_path)`` serves the point's ``merged/`` and prints ``host:port`` to its log.
+``POST /v1/chat/completions`` answers OpenAI's ``chat.completion`` with the final channel as ``content`` and
+the analysis channel as ``reasoning_content``; ``POST /score`` answers ``{"output": <final>, "analysis":
+<analysis>, "valid": bool, ...}``. A completion that is not valid Harmony comes back as plain text. Every
+path but ``/health`` needs the key when the server has one (``Authorization: Bearer`` or ``api-key``).
+Malformed or empty requests get a 4xx with a message (422), a full queue 429, a body over the limit 413,
+and the server keeps serving. As a Slurm job, ``serve_job(config_path)`` serves the point's ``merged/``,
+prints ``host:port`` to its log and records the URL and where the key is in ``status/serve.json``.
 """
 
 from __future__ import annotations
@@ -20,27 +27,33 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
-import socket
 import sys
-import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
 from gptoss_hpc.errors import GptossHpcError
+from gptoss_hpc.serving.auth import (
+    API_KEY_ENV,
+    RequestGuard,
+    ServeError,
+    error_body,
+    require_key_off_loopback,
+    resolve_api_key,
+)
+from gptoss_hpc.serving.schemas import NO_USER_CONTENT, has_user_content
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_MAX_NEW_TOKENS_CAP = 2048
 DEFAULT_PORT = 8000
+DEFAULT_MAX_QUEUE = 8  # requests waiting behind the one being generated; one more gets 429
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # 1 MiB of JSON: far more text than gpt-oss's context holds
 
-
-class ServeError(GptossHpcError):
-    """The model folder cannot be served (missing, not a model, no free port)."""
+__all__ = ["ServeError", "create_app", "load_model", "main", "serve", "serve_job"]
 
 
 class ChatMessage(BaseModel):
@@ -65,6 +78,10 @@ class ScoreRequest(BaseModel):
     def _one_input(self) -> ScoreRequest:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of 'messages' (a list of {role, content}) or 'prompt' (a string)")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("prompt is empty: give the user's text")
+        if self.messages is not None and not has_user_content(self.chat()):
+            raise ValueError(NO_USER_CONTENT)
         return self
 
     def chat(self) -> list[dict[str, Any]]:
@@ -102,20 +119,63 @@ def create_app(
     max_new_tokens_cap: int = DEFAULT_MAX_NEW_TOKENS_CAP,
     *,
     do_sample: bool = False,
+    api_key: str | None = None,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    served_model_name: str | None = None,
+    generate_for_tests: Callable[..., str] | None = None,
 ) -> Any:
-    """The FastAPI app serving ``model_dir`` (loaded now, so a bad folder fails before serving)."""
+    """The FastAPI app serving ``model_dir`` (loaded now, so a bad folder fails before serving).
+
+    ``api_key``: when set, every path but /health needs it. ``generate_for_tests`` replaces
+    harmony.generate_completion (same signature): tests only, e.g. a slow generation that fills the queue.
+    """
+    from contextlib import asynccontextmanager
+
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
-    from gptoss_hpc.harmony import generate_completion, parse_completion
+    from gptoss_hpc.harmony import generate_completion
+    from gptoss_hpc.serving.openai_api import add_openai_routes
+    from gptoss_hpc.serving.worker import GenerationFailedError, Generator, OverCapError, QueueFullError
 
+    problems = []
+    if max_queue < 1:
+        problems.append(f"--max-queue must be >= 1 (got {max_queue})")
+    if max_request_bytes < 1024:
+        problems.append(f"--max-request-bytes must be >= 1024 (got {max_request_bytes})")
+    if max_new_tokens_cap < 1:
+        problems.append(f"--max-new-tokens-cap must be >= 1 (got {max_new_tokens_cap})")
+    if problems:
+        raise ServeError("; ".join(problems))
     model, tokenizer = load_model(model_dir)
-    lock = threading.Lock()  # one generate at a time: the model is not re-entrant
-    app = FastAPI(title="gptoss_hpc serve", description=f"serving {model_dir}")
+    name = served_model_name or default_model_name(model_dir)
+    generator = Generator(
+        model,
+        tokenizer,
+        generate_for_tests or generate_completion,
+        max_new_tokens_cap=max_new_tokens_cap,
+        default_max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
+        max_waiting=max_queue,
+        do_sample=do_sample,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: Any) -> Any:
+        yield
+        generator.close()
+
+    app = FastAPI(title="gptoss_hpc serve", description=f"serving {name}", lifespan=lifespan)
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_request_bytes)
+
+    def problem(request: Request, status: int, problems: list[str], kind: str, **headers: str) -> JSONResponse:
+        return JSONResponse(
+            status_code=status, content=error_body(request.url.path, problems, kind=kind), headers=headers or None
+        )
 
     @app.exception_handler(RequestValidationError)
-    async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = []
         for err in exc.errors():
             if err.get("type") == "json_invalid":
@@ -123,99 +183,134 @@ def create_app(
                 continue
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
             problems.append(f"{where}: {err.get('msg', 'invalid')}")
-        return _problem(422, problems)
+        return problem(request, 422, problems, "invalid_request_error")
 
-    def _problem(status: int, problems: list[str]) -> JSONResponse:
-        return JSONResponse(status_code=status, content={"error": "invalid request", "problems": problems})
+    @app.exception_handler(OverCapError)
+    async def _over_cap(request: Request, exc: OverCapError) -> JSONResponse:
+        return problem(request, 422, [str(exc)], "invalid_request_error")
+
+    @app.exception_handler(QueueFullError)
+    async def _busy(request: Request, exc: QueueFullError) -> JSONResponse:
+        return problem(request, 429, [str(exc)], "rate_limit_error", **{"retry-after": "5"})
+
+    @app.exception_handler(GenerationFailedError)
+    async def _failed(request: Request, exc: GenerationFailedError) -> JSONResponse:
+        return problem(request, 400, [str(exc)], "invalid_request_error")
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "model": str(model_dir), "max_new_tokens_cap": max_new_tokens_cap}
+        return {
+            "status": "ok",
+            "model": name,
+            "max_new_tokens_cap": max_new_tokens_cap,
+            "queue": {"waiting": generator.queue.waiting, "max_waiting": max_queue},
+        }
 
-    @app.post("/score", response_model=ScoreResponse, responses={400: {}, 422: {}})
-    def score(request: ScoreRequest) -> Any:
-        n = request.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, max_new_tokens_cap)
-        if n > max_new_tokens_cap:
-            return _problem(422, [f"max_new_tokens: {n} is over this server's cap of {max_new_tokens_cap}"])
-        try:
-            with lock:
-                text = generate_completion(model, tokenizer, request.chat(), max_new_tokens=n, do_sample=do_sample)
-        except Exception as exc:  # e.g. the chat template rejecting a conversation: the client's input
-            log.warning("generation failed: %s", exc)
-            return _problem(400, [f"cannot generate for this input: {exc}"])
-        parsed = parse_completion(text)
-        if parsed.valid:
-            output = parsed.final or ""
-        else:
-            output = tokenizer.decode(tokenizer.encode(text, add_special_tokens=False), skip_special_tokens=True)
+    @app.post("/score", response_model=ScoreResponse, responses={400: {}, 401: {}, 413: {}, 422: {}, 429: {}})
+    async def score(request: ScoreRequest) -> Any:
+        n = generator.check_tokens(request.max_new_tokens, "max_new_tokens")
+        answer = await generator.answer(request.chat(), n)
         return ScoreResponse(
-            output=output, analysis=parsed.analysis, valid=parsed.valid, parse_error=parsed.error, completion=text
+            output=answer.content,
+            analysis=answer.reasoning,
+            valid=answer.valid,
+            parse_error=answer.parse_error,
+            completion=answer.completion,
         )
 
+    add_openai_routes(app, generator, name)
     return app
 
 
-def free_port(host: str, start: int = DEFAULT_PORT, tries: int = 100) -> int:
-    """The first port from ``start`` that can be bound on ``host``."""
-    for port in range(start, start + tries):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-            return port
-    raise ServeError(f"no free port in {start}..{start + tries - 1} on {host}")
+def default_model_name(model_dir: str | os.PathLike[str]) -> str:
+    """The id /v1/models lists: ``<experiment>/pNNN`` for a run's ``logs/<experiment>/<ts>/pNNN/merged``,
+    else the folder's name."""
+    folder = Path(model_dir).resolve()
+    if folder.name == "merged" and len(folder.parents) >= 3:
+        return f"{folder.parents[2].name}/{folder.parent.name}"
+    return folder.name
 
 
-def serve(model_dir: str | os.PathLike[str], host: str, port: int, max_new_tokens_cap: int) -> None:
+def serve(
+    model_dir: str | os.PathLike[str],
+    host: str,
+    port: int,
+    max_new_tokens_cap: int = DEFAULT_MAX_NEW_TOKENS_CAP,
+    *,
+    api_key: str | None = None,
+    before_run: Callable[[], None] | None = None,
+    **options: Any,
+) -> None:
+    """Run uvicorn on ``host:port`` until stopped; refuses a non-loopback host without an API key.
+    ``options``: create_app's (max_queue, max_request_bytes, served_model_name); ``before_run`` is called
+    once the model is loaded, right before uvicorn takes over the signals."""
     import uvicorn
 
-    app = create_app(model_dir, max_new_tokens_cap)
+    require_key_off_loopback(host, api_key)
+    app = create_app(model_dir, max_new_tokens_cap, api_key=api_key, **options)
+    log.info("API key %s", "required on every path but /health" if api_key else "not required (loopback only)")
+    if before_run is not None:
+        before_run()
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
-def serve_job(config_path: str | os.PathLike[str]) -> None:
-    """Job body: serve the point's merged/ on a free port (from $GPTOSS_SERVE_PORT or 8000), print
-    ``host:port`` to the job log and record it in status/serve.json. Runs until the job is cancelled."""
-    from gptoss_hpc.stages.common import run_stage, write_status
+def serve_job(config_path: str | os.PathLike[str], **options: Any) -> None:
+    """Job body (the Slurm serve stage): serve the point's merged/ on this node's address with an API key;
+    see gptoss_hpc.serving.job.serve_job."""
+    from gptoss_hpc.serving.job import serve_job as run
 
-    def body(cfg: Any, paths: Any) -> None:
-        host = os.environ.get("GPTOSS_SERVE_HOST", "0.0.0.0")
-        port = free_port(host, int(os.environ.get("GPTOSS_SERVE_PORT", DEFAULT_PORT)))
-        address = f"{socket.gethostname()}:{port}"
-        write_status(paths, "serve", "RUNNING", address=address, model=str(paths.merged))
-        print(address, flush=True)
-        log.info("serving %s at http://%s", paths.merged, address)
-        # uvicorn shuts down gracefully on SIGTERM/SIGINT and then re-raises the signal; a job's normal end
-        # is scancel, so take that re-raised signal here and let the stage end as COMPLETED.
-        stopped = {sig: signal.signal(sig, _log_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            serve(paths.merged, host, port, max(DEFAULT_MAX_NEW_TOKENS_CAP, cfg.eval.max_new_tokens))
-        finally:
-            for sig, handler in stopped.items():
-                signal.signal(sig, handler)
-
-    run_stage("serve", config_path, body)
+    run(config_path, **options)
 
 
-def _log_stop(sig: int, _frame: Any) -> None:
-    log.info("server stopped by %s", signal.Signals(sig).name)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gptoss_hpc.serve", description="Serve a merged gpt-oss model.")
+    p.add_argument("model", help="a merged model folder, or a point's config.yaml (serves its merged/ as the job does)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1; for a config.yaml: this node's address)")
+    p.add_argument("--port", type=int, help=f"default {DEFAULT_PORT} (for a config.yaml: the first free one from it)")
+    p.add_argument(
+        "--api-key-file",
+        help=f"file (mode 600) holding the API key; default ${API_KEY_ENV}. Required off loopback",
+    )
+    p.add_argument(
+        "--max-new-tokens-cap",
+        type=int,
+        help=f"most new tokens a request may ask (default {DEFAULT_MAX_NEW_TOKENS_CAP})",
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="requests that may wait for the model; more get 429"
+    )
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, help="larger bodies get 413")
+    p.add_argument(
+        "--served-model-name", help="the model id of /v1/models (default: <experiment>/pNNN or the folder name)"
+    )
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gptoss_hpc.serve", description="Serve a merged gpt-oss model.")
-    parser.add_argument("model", help="a merged model folder, or a point's config.yaml (serves its merged/)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
-    parser.add_argument("--max-new-tokens-cap", type=int, default=DEFAULT_MAX_NEW_TOKENS_CAP)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = {
+        "max_queue": args.max_queue,
+        "max_request_bytes": args.max_request_bytes,
+        "served_model_name": args.served_model_name,
+    }
     try:
         if args.model.endswith((".yaml", ".yml")):
-            serve_job(args.model)
+            serve_job(
+                args.model,
+                host=args.host,
+                port=args.port,
+                api_key_file=args.api_key_file,
+                max_new_tokens_cap=args.max_new_tokens_cap,
+                **options,
+            )
         else:
-            print(f"{args.host}:{args.port}", flush=True)
-            serve(args.model, args.host, args.port, args.max_new_tokens_cap)
+            host, port = args.host or "127.0.0.1", args.port or DEFAULT_PORT
+            api_key = resolve_api_key(args.api_key_file)
+            require_key_off_loopback(host, api_key)
+            print(f"{host}:{port}", flush=True)
+            cap = args.max_new_tokens_cap or DEFAULT_MAX_NEW_TOKENS_CAP
+            serve(args.model, host, port, cap, api_key=api_key, **options)
     except GptossHpcError as exc:
         print(f"serve failed: {exc}", file=sys.stderr)
         return 1

@@ -117,6 +117,10 @@ def render(status: LaunchStatus, *, max_failures: int = 5):  # -> rich.console.G
     table = Text("\n", no_wrap=True, overflow="ellipsis").join(lines)
     table.no_wrap, table.overflow = True, "ellipsis"
     parts = [header, table]
+    for r in status.rows:
+        if r.endpoint and r.state == "RUNNING":
+            points = ",".join(f"p{p:03d}" for p in r.points)
+            parts.append(Text(f"serve {points} ({r.job_id}): {r.endpoint}", style="cyan"))
     failed = [r for r in status.rows if r.failed and r.state != "CANCELLED"]
     for r in failed[:max_failures]:
         body = "\n".join(r.stderr_tail) if r.stderr_tail else (r.error or "(no stderr logged)")

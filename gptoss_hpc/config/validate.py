@@ -137,7 +137,7 @@ def _cluster(cfg: RunConfig) -> list[str]:
     if c.container.kind == "pyxis" and c.backend != "slurm":
         p.append("cluster.container.kind=pyxis needs backend=slurm (pyxis is an srun plugin)")
     for name in c.env:
-        if name.upper() in ("HF_TOKEN", "WANDB_API_KEY", "HUGGING_FACE_HUB_TOKEN"):
+        if name.upper() in ("HF_TOKEN", "WANDB_API_KEY", "HUGGING_FACE_HUB_TOKEN", "SERVE_API_KEY"):
             p.append(
                 f"cluster.env.{name} is a secret and would be written into files; export it in your shell "
                 "instead (jobs inherit it at submission, see README 'Secrets')"
