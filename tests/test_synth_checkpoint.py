@@ -152,3 +152,19 @@ def test_num_hidden_layers_and_seed(tmp_path: Path) -> None:
     # a tensor's values depend on (seed, name) only, not on the layer count
     assert all(torch.equal(ta[n], tb[n]) for n in ta)
     assert [p.name for p in a.iterdir() if p.suffix == ".safetensors"] == ["model-00000-of-00000.safetensors"]
+
+
+def test_model_local_errors_name_the_key(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from gptoss_hpc.config import compose, to_run_config, validate
+    from gptoss_hpc.errors import ConfigError
+    from gptoss_hpc.modeling.model import check_reachable
+
+    missing = tmp_path / "nope"
+    with pytest.raises(ConfigError, match=r"model\.num_hidden_layers"):  # nothing to read the depth from
+        validate(to_run_config(compose(["experiment=demo", "model=local", f"model.name_or_path={missing}"])))
+    cfg = to_run_config(compose(["model=local", f"model.name_or_path={missing}", "model.num_hidden_layers=2"]))
+    with pytest.raises(GptossHpcError, match="no model folder"):
+        check_reachable(cfg)
+    cfg = to_run_config(compose(["model=local", f"model.name_or_path={tiny_ckpt}", "model.num_hidden_layers=3"]))
+    with pytest.raises(GptossHpcError, match=r"set model\.num_hidden_layers=2"):
+        check_reachable(cfg)
