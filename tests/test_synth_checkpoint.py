@@ -168,3 +168,11 @@ def test_model_local_errors_name_the_key(tiny_ckpt: Path, tmp_path: Path) -> Non
     cfg = to_run_config(compose(["model=local", f"model.name_or_path={tiny_ckpt}", "model.num_hidden_layers=3"]))
     with pytest.raises(GptossHpcError, match=r"set model\.num_hidden_layers=2"):
         check_reachable(cfg)
+
+
+def test_120b_index_matches_the_hub() -> None:
+    """openai/gpt-oss-120b: 65,248,815,744 tensor bytes in 15 shards (model-00000-of-00014 .. 00014-of-00014)."""
+    specs = tensor_specs(hub_config("120b"))
+    shards = shard_plan(specs, HUB_MAX_SHARD_BYTES)
+    assert sum(s.nbytes for s in specs) == 65_248_815_744
+    assert shard_name(len(shards) - 1, len(shards)) == "model-00014-of-00014.safetensors"
