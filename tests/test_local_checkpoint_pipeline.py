@@ -49,7 +49,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         ],
         capture_output=True,
         text=True,
-        timeout=1500,
+        timeout=850,
         cwd=REPO_ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -143,7 +143,7 @@ def test_local_folder_through_the_local_slurm_with_two_ranks(launched: tuple[Pat
     (manifest_path,) = (tmp_path / "logs").glob("demo/*/launch.json")
     manifest = Manifest.load(manifest_path.parent)
     point = RunPaths(manifest_path.parent).point(0)
-    deadline = time.time() + 1500
+    deadline = time.time() + 800
     states: dict[str, str] = {}
     while time.time() < deadline:
         states = {}
