@@ -101,17 +101,15 @@ class ScoreResponse(BaseModel):
 
 def load_model(model_dir: str | os.PathLike[str]) -> tuple[Any, Any]:
     """(model, tokenizer) from a merged folder; on the GPU when there is one."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from gptoss_hpc.modeling.model import load_inference_model
 
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
         raise ServeError(f"{folder} holds no model (config.json missing): give a merged/ folder")
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto")
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    return model.eval(), tokenizer
+    return load_inference_model(folder), tokenizer
 
 
 def create_app(

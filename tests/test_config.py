@@ -20,7 +20,11 @@ from gptoss_hpc.errors import ConfigError
 
 GROUPS = ["cluster", "model", "lora", "data", "train", "experiment"]
 # Site fields a generic file leaves ??? on purpose, and what a user would pass for them.
-SITE_OVERRIDES = {("cluster", "slurm"): ["cluster.partition=gpu"], ("data", "local"): []}
+SITE_OVERRIDES = {
+    ("cluster", "slurm"): ["cluster.partition=gpu"],
+    ("data", "local"): [],
+    ("model", "local"): ["model.name_or_path=/data/gpt-oss-20b", "model.num_hidden_layers=24"],
+}
 
 
 def _options() -> list[tuple[str, str]]:

@@ -223,7 +223,22 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+def folder_num_hidden_layers(folder: str) -> int:
+    """num_hidden_layers of a local model folder's config.json (conf/model/local.yaml); 0 if unreadable, which
+    validate reports with the key to set."""
+    import json
+    from pathlib import Path
+
+    try:
+        return int(json.loads((Path(folder) / "config.json").read_text())["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def register_configs() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("gptoss_folder_layers", folder_num_hidden_layers, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RunConfig)
     cs.store(group="cluster", name="base_cluster", node=ClusterConfig)

@@ -52,6 +52,7 @@ def check_reachable(cfg: RunConfig) -> None:
 
     m = cfg.model
     if not m.tiny:
+        _check_local_folder(cfg)
         check_hub_repo("model", m.name_or_path, m.revision, _MODEL_FIX.format(name=m.name_or_path))
     if m.tokenizer == "auto" and m.tiny:
         raise ResourceNotReachableError(
@@ -67,6 +68,54 @@ def check_reachable(cfg: RunConfig) -> None:
             None,
             "give an existing local folder or Hub id in model.tokenizer, or model.tokenizer=offline",
         )
+
+
+def _check_local_folder(cfg: RunConfig) -> None:
+    """A path that is not there, or a folder whose depth differs from model.num_hidden_layers: say so now."""
+    import json
+
+    m = cfg.model
+    path = Path(m.name_or_path).expanduser()
+    looks_local = m.name_or_path.startswith(("/", "./", "../", "~")) or path.exists()
+    if looks_local and not (path / "config.json").is_file():
+        raise GptossHpcError(
+            f"model.name_or_path={m.name_or_path} is no model folder (no config.json there); give a gpt-oss folder "
+            "(`hf download openai/gpt-oss-20b --local-dir DIR`, or `python -m gptoss_hpc.synth_checkpoint --size "
+            "20b DIR` for random weights)"
+        )
+    if looks_local:
+        layers = json.loads((path / "config.json").read_text()).get("num_hidden_layers")
+        if layers is not None and layers != m.num_hidden_layers:
+            raise GptossHpcError(
+                f"model.num_hidden_layers={m.num_hidden_layers} but {path}/config.json has {layers}; "
+                f"set model.num_hidden_layers={layers}"
+            )
+
+
+def cuda_device_map() -> dict[str, int] | None:
+    """Load straight onto this process's GPU (LOCAL_RANK): MXFP4 experts are dequantized there in
+    milliseconds, and no rank holds a full host-RAM copy of the model. None on a CPU-only machine."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return {"": int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()}
+
+
+def load_inference_model(folder: str | Path, cfg: RunConfig | None = None) -> PreTrainedModel:
+    """A saved (merged, bf16/fp32) model for generation: on the GPU when there is one, loaded there directly.
+    ``cfg`` picks dtype and kernels; without it the folder's own dtype is kept."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": "auto", "device_map": cuda_device_map()}
+    if cfg is not None:
+        kwargs["dtype"] = torch_dtype(cfg.model.dtype)
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+        if cfg.model.experts_implementation is not None:
+            kwargs["experts_implementation"] = cfg.model.experts_implementation
+    model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    model.config.use_cache = True
+    return model.eval()
 
 
 def load_base_model(cfg: RunConfig, paths: PointPaths | None, *, for_training: bool) -> PreTrainedModel:
@@ -90,9 +139,14 @@ def _load_pretrained(cfg: RunConfig, for_training: bool) -> PreTrainedModel:
     }
     if m.experts_implementation is not None:
         kwargs["experts_implementation"] = m.experts_implementation
-    if m.dequantize_mxfp4:
+    device_map = cuda_device_map()
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if m.dequantize_mxfp4 and _is_mxfp4(m.name_or_path):
         from transformers import Mxfp4Config
 
+        # dequantize=True never touches the `kernels` package or the Hub's kernels: transformers converts
+        # *_blocks/*_scales with convert_moe_packed_tensors on the device the weights load to (CPU or GPU).
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     log.info("loading %s (%s)", m.name_or_path, ", ".join(f"{k}={v}" for k, v in kwargs.items()))
     try:
@@ -101,6 +155,18 @@ def _load_pretrained(cfg: RunConfig, for_training: bool) -> PreTrainedModel:
         if is_local(m.name_or_path):
             raise GptossHpcError(f"model at {m.name_or_path} could not be loaded: {exc}") from exc
         raise unreachable("model", m.name_or_path, m.revision, exc, _MODEL_FIX.format(name=m.name_or_path)) from exc
+
+
+def _is_mxfp4(name_or_path: str) -> bool:
+    """True unless a local folder's config.json says it is not MXFP4 (a merged bf16 model, say): a Hub id is
+    assumed to be gpt-oss as shipped."""
+    import json
+
+    config = Path(name_or_path).expanduser() / "config.json"
+    if not config.is_file():
+        return True
+    quant = json.loads(config.read_text()).get("quantization_config") or {}
+    return quant.get("quant_method") == "mxfp4"
 
 
 def _tiny_complete(folder: Path) -> bool:

@@ -26,12 +26,44 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+# perf_counter() when run_stage started each stage in this process: wall_s in its status records.
+_STARTED: dict[str, float] = {}
+
+
+def peak_gpu_gib() -> float | None:
+    """torch.cuda.max_memory_allocated() of this process's current GPU, in GiB; None without a GPU."""
+    if "torch" not in sys.modules:  # nothing imported torch: no GPU work, and no reason to import it now
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    if not torch.cuda.is_initialized():
+        return 0.0
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+
+
+def usage(stage: str) -> dict[str, float | None]:
+    """wall_s since the stage started (None outside run_stage) and peak_gpu_gib so far."""
+    started = _STARTED.get(stage)
+    wall = None if started is None else round(time.perf_counter() - started, 3)
+    return {"wall_s": wall, "peak_gpu_gib": peak_gpu_gib()}
+
+
 def write_status(paths: PointPaths, stage: str, state: str, **extra: object) -> None:
-    """status/<stage>.json: read by the report and status tools (rank 0 only)."""
+    """status/<stage>.json: read by the report and status tools (rank 0 only). Every record carries the
+    stage's wall_s and peak_gpu_gib so far (rank 0's GPU; null on CPU)."""
     if not is_rank_zero():
         return
     paths.status.mkdir(parents=True, exist_ok=True)
-    record = {"stage": stage, "state": state, "host": socket.gethostname(), "time": time.time(), **extra}
+    record = {
+        "stage": stage,
+        "state": state,
+        "host": socket.gethostname(),
+        "time": time.time(),
+        **usage(stage),
+        **extra,
+    }
     write_atomic(paths.stage_status(stage), json.dumps(record, indent=2) + "\n")
 
 
@@ -41,6 +73,8 @@ def run_stage(stage: str, config_path: str | Path, body: Callable[[RunConfig, Po
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     paths = PointPaths.from_config(config_path)
     cfg = load_run_config(paths.config)
+    _STARTED[stage] = time.perf_counter()
+    _reset_peak_gpu()
     write_status(paths, stage, "RUNNING")
     try:
         result = body(cfg, paths)
@@ -55,6 +89,15 @@ def run_stage(stage: str, config_path: str | Path, body: Callable[[RunConfig, Po
         raise
     write_status(paths, stage, "COMPLETED")
     return result
+
+
+def _reset_peak_gpu() -> None:
+    """A stage run in a process that did GPU work before (tests, a notebook) reports its own peak only."""
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
 
 
 def stage_cli(stage: str, main: Callable[[str], object], argv: Sequence[str] | None, usage: str) -> int:

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,17 +217,20 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def load_merged(cfg: RunConfig, paths: PointPaths) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
+    from gptoss_hpc.modeling.model import load_inference_model
 
-    kwargs: dict[str, Any] = {
-        "dtype": getattr(torch, cfg.model.dtype),
-        "attn_implementation": cfg.model.attn_implementation,
-    }
-    if cfg.model.experts_implementation:
-        kwargs["experts_implementation"] = cfg.model.experts_implementation
-    model = AutoModelForCausalLM.from_pretrained(str(paths.merged), **kwargs)
-    return model.to("cuda") if torch.cuda.is_available() else model
+    return load_inference_model(paths.merged, cfg)
+
+
+def load_base(cfg: RunConfig, paths: PointPaths) -> Any:
+    import torch
+
+    from gptoss_hpc.modeling.model import load_base_model
+
+    base = load_base_model(cfg, paths, for_training=False)
+    if torch.cuda.is_available() and next(base.parameters()).device.type == "cpu":  # the tiny model is built
+        base = base.to("cuda")
+    return base
 
 
 def _evaluate(
@@ -248,12 +251,24 @@ def _evaluate(
     return result, records
 
 
-def _release(model: Any) -> None:
+def _evaluate_one(
+    load: Callable[[], Any], tokenizer: Any, rows: list, prompts: list[Prompt], cfg: RunConfig, tag: str
+) -> tuple[dict, list]:
+    """Load, score and free one model: the base and the merged model are never on the device together (two
+    20b models would not fit one 80 GB card). Only this frame holds the model, so it is gone on return."""
+    model = load()
+    try:
+        return _evaluate(model, tokenizer, rows, prompts, cfg, tag)
+    finally:
+        del model
+        _free_device_memory()
+
+
+def _free_device_memory() -> None:
     import gc
 
     import torch
 
-    del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -263,7 +278,6 @@ def body(cfg: RunConfig, paths: PointPaths) -> Path:
     from transformers import AutoTokenizer
 
     from gptoss_hpc.data import load_datasets
-    from gptoss_hpc.modeling.model import load_base_model
 
     if not (paths.merged / "config.json").is_file():
         raise EvalError(f"no merged model at {paths.merged}: did the merge stage finish?")
@@ -277,16 +291,8 @@ def body(cfg: RunConfig, paths: PointPaths) -> Path:
     rows = [r["messages"] for r in heldout.select(range(min(len(heldout), cap) if cap else len(heldout)))]
     prompts = build_prompts(cfg, rows + [r["messages"] for r in train])
 
-    import torch
-
-    base = load_base_model(cfg, paths, for_training=False)
-    if torch.cuda.is_available() and next(base.parameters()).device.type == "cpu":
-        base = base.to("cuda")
-    base_result, base_records = _evaluate(base, tokenizer, rows, prompts, cfg, "base")
-    _release(base)
-    merged = load_merged(cfg, paths)
-    ft_result, ft_records = _evaluate(merged, tokenizer, rows, prompts, cfg, "finetuned")
-    _release(merged)
+    base_result, base_records = _evaluate_one(lambda: load_base(cfg, paths), tokenizer, rows, prompts, cfg, "base")
+    ft_result, ft_records = _evaluate_one(lambda: load_merged(cfg, paths), tokenizer, rows, prompts, cfg, "finetuned")
 
     result = {
         "split": split,
