@@ -120,8 +120,9 @@ def test_sft_kwargs_pad_to_multiple_of_bounds_shapes_for_compiled_layers():
     assert build_sft_config_kwargs(mine, POINT, env={})["pad_to_multiple_of"] == 64
     # checkpointed layers are not compiled (unmeasured pair), so nothing to bound
     reference = cfg_of(*GPU, "train=reference")
-    assert build_sft_config_kwargs(reference, POINT, env={})["pad_to_multiple_of"] is None
-    assert build_sft_config_kwargs(reference, POINT, env={})["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+    ref_kwargs = build_sft_config_kwargs(reference, POINT, env={})
+    assert ref_kwargs["pad_to_multiple_of"] is None
+    assert ref_kwargs["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
 
 
 def test_sft_kwargs_demo_cpu_wandb_and_sweep_name(tmp_path):

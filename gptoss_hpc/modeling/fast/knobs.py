@@ -12,8 +12,8 @@ if TYPE_CHECKING:
     from gptoss_hpc.config.schema import RunConfig
 
 from gptoss_hpc.modeling.fast.anatomy import FUSED_EXPERTS, unwrap
-from gptoss_hpc.modeling.fast.fallback import compile_backend
 from gptoss_hpc.modeling.fast.experts import factor_expert_lora, register_fused_experts, unfactor_expert_lora
+from gptoss_hpc.modeling.fast.fallback import compile_backend
 from gptoss_hpc.modeling.fast.packing import isolate_packed_sequences
 from gptoss_hpc.modeling.fast.prefix import (
     _raise_recompile_limit,
