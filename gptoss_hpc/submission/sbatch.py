@@ -117,10 +117,8 @@ def local_parameters(cfg: RunConfig, stage: str) -> dict[str, Any]:
     tasks = derive.tasks_per_node(c) if stage == "train" else 1
     params: dict[str, Any] = {"timeout_min": minutes, "tasks_per_node": tasks, "signal_delay_s": c.signal_delay_s}
     if c.accelerator == "gpu":
-        if stage == "train":
-            gpus = c.gpus_per_node
-        else:
-            gpus = 0 if stage == "report" else min(c.aux_gpus, c.gpus_per_node)
+        aux = 0 if stage == "report" else min(c.aux_gpus, c.gpus_per_node)
+        gpus = c.gpus_per_node if stage == "train" else aux
         if gpus > 0:
             params["gpus_per_node"] = gpus
     return params
