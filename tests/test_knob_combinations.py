@@ -39,7 +39,8 @@ def test_the_gpu_list_holds_the_shipped_configs_and_the_crash() -> None:
         for c in (default, reference)
     ]
     assert as_knobs == GPU_KNOBS[:2]
-    assert {k.lora for k in GPU_KNOBS} == {"experts", "attention", "all_linear"} and {k.ranks for k in GPU_KNOBS} == {1, 2}
+    assert {k.lora for k in GPU_KNOBS} == {"experts", "attention", "all_linear"}
+    assert {k.ranks for k in GPU_KNOBS} == {1, 2}
 
 
 def _point(tmp_path, k: Knobs, *extra: str):
@@ -163,8 +164,8 @@ def test_checkpointings_early_stop_passes_through_and_only_compile_failures_fall
         call_compiled(raises(torch.OutOfMemoryError("oom")), eager, (1,), what="experts", flag="off", state=state)
     assert state == {}
     failed = InternalTorchDynamoError("dynamo broke")  # a compile failure
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):  # as inside torch.utils.checkpoint
-        with pytest.raises(GptossHpcError, match="model.fused_experts=false"):
-            call_compiled(raises(failed), eager, (1,), what="experts", flag="off", state=state)
+    inside_checkpoint = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)  # as checkpoint does
+    with inside_checkpoint, pytest.raises(GptossHpcError, match=r"model\.fused_experts=false"):
+        call_compiled(raises(failed), eager, (1,), what="experts", flag="off", state=state)
     assert call_compiled(raises(failed), eager, (1,), what="experts", flag="off", state=state) == 2
     assert state == {"off": True}
