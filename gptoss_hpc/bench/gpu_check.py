@@ -229,9 +229,7 @@ def launch(c: Check, phase: str, name: str, overrides: list[str], *, stages: str
     tag = f"{phase}-{len(c.rows):02d}"
     runs = c.work / "runs" / tag
     cmd = [_python(), "-m", "gptoss_hpc.launch", *overrides, f"name={tag}", f"stages={stages}"]
-    r = run_sampled(
-        cmd, env=c.env(), log=c.work / "logs" / f"{tag}.log", timeout_s=c.left(), point_glob=runs / "*" / "p000"
-    )
+    r = run_sampled(cmd, env=c.env(), log=c.work / "logs" / f"{tag}.log", timeout_s=c.left(), runs=runs)
     points = sorted(runs.glob("*/p000"))
     point = points[-1] if points else runs
     rows = []

@@ -90,7 +90,7 @@ def run_sampled(
     env: dict[str, str],
     log: Path,
     timeout_s: float,
-    point_glob: Path | None = None,
+    runs: Path | None = None,
     label: str = "run",
     sample: bool = True,
 ) -> Sampled:
@@ -104,7 +104,7 @@ def run_sampled(
             mem = _gpu_memory_gib()
             if not mem:
                 continue
-            points = sorted(point_glob.parent.glob(point_glob.name)) if point_glob is not None else []
+            points = sorted(runs.glob("*/p000")) if runs is not None else []  # <run_root>/<name>/<timestamp>/p000
             stage = _running_stage(points[-1] if points else None) or label
             peaks[stage] = max(peaks.get(stage, 0.0), max(mem))
 
