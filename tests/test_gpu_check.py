@@ -23,6 +23,13 @@ def _run(tmp_path: Path, *phases: str) -> tuple[subprocess.CompletedProcess, dic
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RANK", "WORLD_SIZE", "SLURM_"))}
     env["OUT"] = str(out)  # as on the device machine
     env["PYTHON"] = sys.executable
+    # Fake: nvidia-smi (no GPU here), reporting 3 GPUs' memory.used in MiB; the check samples it each second and
+    # books the largest under the stage then RUNNING (pNNN/status/<stage>.json)
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nprintf '1024\\n3072\\n2048\\n'\n")
+    fake.chmod(0o755)
+    env["PATH"] = f"{fake.parent}:{env['PATH']}"
     proc = subprocess.run(
         ["bash", str(REPO / "launchers" / "gpu_check.sh"), "--cpu", "--work", str(tmp_path / "work"),
          "--budget-s", "1500", *phases],
@@ -45,6 +52,8 @@ def test_cpu_form_runs_the_pipeline_train_merge_eval_serve(tmp_path):
                  "serve: shipped defaults (merged model)"):  # fmt: skip
         assert rows[name]["result"] == "pass", rows[name]
         assert rows[name]["wall_s"] > 0
+    for name in ("shipped defaults", "merge: shipped defaults", "eval: shipped defaults"):
+        assert rows[name]["peak_gpu_gib"] == 3.0, rows[name]  # the fake's largest GPU, 3072 MiB
     train = rows["shipped defaults"]
     assert train["train_tok_s"] > 0 and train["global_step"] == 4
     # real tokens per optimizer step never exceed the configured maximum (demo-sized: 2 x 256 tokens)
