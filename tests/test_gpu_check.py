@@ -32,7 +32,7 @@ def _run(tmp_path: Path, *phases: str) -> tuple[subprocess.CompletedProcess, dic
     env["PATH"] = f"{fake.parent}:{env['PATH']}"
     proc = subprocess.run(
         ["bash", str(REPO / "launchers" / "gpu_check.sh"), "--cpu", "--work", str(tmp_path / "work"),
-         "--budget-s", "1500", *phases],
+         "--budget-s", "1500", "--hard-s", "2300", *phases],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=2400,
     )  # fmt: skip
     assert (out / "gpu_check.md").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -11,7 +11,8 @@
 Each phase is self-contained (the GPU machine is wiped between commands): it writes its checkpoint with
 ``python -m gptoss_hpc.synth_checkpoint`` into the work dir, then runs ``python -m gptoss_hpc.launch`` with
 ``cluster=local cluster.accelerator=gpu`` exactly as a user would. Every phase stops starting new work once
-``--budget-s`` (default 480 s) is spent; what it did not start is listed as ``not run (budget)``.
+``--budget-s`` (default 480 s) is spent, and ends a run still going at ``--hard-s`` (560 s, listed as timeout),
+so that the table is written inside a 10-minute device command; what it did not start is ``not run (budget)``.
 
 The table: stage or config, pass/fail, wall s, peak GPU GiB (the stage's own ``peak_gpu_gib`` in
 ``pNNN/status/<stage>.json`` when it records one, else the nvidia-smi peak while it ran), the trainer's tok/s
@@ -110,6 +111,7 @@ class Check:
     cpu: bool
     work: Path
     budget_s: float
+    hard_s: float
     steps: int
     warmup: int
     started: float
@@ -117,7 +119,12 @@ class Check:
     checkpoints: dict[int | None, Path]
 
     def left(self) -> float:
+        """Seconds before no new run may start."""
         return self.budget_s - (time.time() - self.started)
+
+    def hard_left(self) -> float:
+        """Seconds before a running command is ended, so the table is still written inside the device limit."""
+        return self.hard_s - (time.time() - self.started)
 
     def env(self) -> dict[str, str]:
         # the caller's environment as it is (NCCL_NVLS_ENABLE=0 and friends stay), plus quiet tokenizers
@@ -152,7 +159,9 @@ def checkpoint(c: Check, layers: int | None = None) -> Path:
     ]
     if layers:
         cmd[4:4] = ["--num-hidden-layers", str(layers)]
-    r = run_sampled(cmd, env=c.env(), log=c.work / "logs" / f"{out.name}.log", timeout_s=c.left(), label="checkpoint")
+    r = run_sampled(
+        cmd, env=c.env(), log=c.work / "logs" / f"{out.name}.log", timeout_s=c.hard_left(), label="checkpoint"
+    )
     c.rows.append(
         {
             "phase": "setup",
@@ -229,7 +238,7 @@ def launch(c: Check, phase: str, name: str, overrides: list[str], *, stages: str
     tag = f"{phase}-{len(c.rows):02d}"
     runs = c.work / "runs" / tag
     cmd = [_python(), "-m", "gptoss_hpc.launch", *overrides, f"name={tag}", f"stages={stages}"]
-    r = run_sampled(cmd, env=c.env(), log=c.work / "logs" / f"{tag}.log", timeout_s=c.left(), runs=runs)
+    r = run_sampled(cmd, env=c.env(), log=c.work / "logs" / f"{tag}.log", timeout_s=c.hard_left(), runs=runs)
     points = sorted(runs.glob("*/p000"))
     point = points[-1] if points else runs
     rows = []
@@ -302,7 +311,7 @@ def bench_for(c: Check, phase: str, overrides: list[str], row: dict[str, Any]) -
     ]
     if c.cpu:
         cmd += ["--device", "cpu", "--vocab", "4096", "--steps", "1", "--warmup", "1"]
-    r = run_sampled(cmd, env=c.env(), log=c.work / "logs" / f"{out.stem}.log", timeout_s=c.left(), label="bench")
+    r = run_sampled(cmd, env=c.env(), log=c.work / "logs" / f"{out.stem}.log", timeout_s=c.hard_left(), label="bench")
     try:
         timed = [x for x in json.loads(out.read_text())["rows"] if x["name"].startswith("configured")]
     except (OSError, ValueError, KeyError):
@@ -328,7 +337,7 @@ def phase_pipeline(c: Check) -> None:
         return
     from gptoss_hpc.bench.gpu_check_serve import serve_once
 
-    c.rows.append({"phase": "pipeline", **serve_once(merged, c.env(), c.work / "logs" / "serve.log", c.left())})
+    c.rows.append({"phase": "pipeline", **serve_once(merged, c.env(), c.work / "logs" / "serve.log", c.hard_left())})
 
 
 def phase_configs(c: Check, bench: bool) -> None:
@@ -407,6 +416,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     p.add_argument("--work", type=Path, default=None, help="scratch dir (default: a temp dir)")
     p.add_argument("--budget-s", type=float, default=480.0, help="start no new run after this (default 480)")
+    p.add_argument("--hard-s", type=float, default=560.0, help="end a run still going at this (default 560)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per train run (GPU 16, CPU 4)")
     p.add_argument("--warmup", type=int, default=None, help="steps left out of the trainer's tok/s (GPU 4, CPU 1)")
     return p.parse_args(argv)
@@ -436,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu=args.cpu,
         work=work,
         budget_s=args.budget_s,
+        hard_s=max(args.hard_s, args.budget_s),
         steps=args.steps or (4 if args.cpu else 16),
         warmup=args.warmup if args.warmup is not None else (1 if args.cpu else 4),
         started=time.time(),

@@ -53,7 +53,7 @@ def serve_once(merged: Path, env: dict[str, str], log: Path, budget_s: float) ->
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         threading.Thread(target=sampler, daemon=True).start()
         try:
-            deadline = started + max(30.0, budget_s)
+            deadline = started + max(10.0, budget_s)
             while time.time() < deadline and proc.poll() is None:
                 try:
                     if _get(f"http://127.0.0.1:{port}/health").get("status") in ("ok", "ready", True):
