@@ -10,7 +10,7 @@
 # is wiped between commands) and stops starting new runs after --budget-s (default 480 s).
 #
 # GPU-only knob list (what CPU CI cannot run; the rest runs on CPU in tests/test_knob_combinations.py), phase
-# `knobs`, entries of gptoss_hpc.bench.gpu_check.GPU_KNOBS on a 4-layer 20b-shaped checkpoint:
+# `knobs`, entries of gptoss_hpc.bench.gpu_check_knobs.GPU_KNOBS on a 4-layer 20b-shaped checkpoint:
 #   0  experts x1  fused_experts, compile_layers, packing                      (train=default)
 #   1  experts x1  fused_experts, compile_layers, gradient_checkpointing       (train=reference; the H200 crash)
 #   2  experts x1  fused_experts, gradient_checkpointing

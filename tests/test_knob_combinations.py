@@ -5,7 +5,7 @@ Real: the train stage with TRL's SFTTrainer, PEFT, the tiny gpt-oss (fp32, group
 DeepSpeed ZeRO-2 over gloo for 2 ranks. The compiled knobs really compile on CPU: GPTOSS_HPC_CPU_COMPILE_BACKEND
 =aot_eager runs them through dynamo + AOT autograd (the same graphs, guards and autograd as inductor on the GPU,
 eager kernels). Faked: the GPU (ranks on CPU). What only a GPU runs (flex_attention backward, inductor/triton) is
-the GPU knob list of launchers/gpu_check.sh (gptoss_hpc.bench.gpu_check.GPU_KNOBS).
+the GPU knob list of launchers/gpu_check.sh (gptoss_hpc.bench.gpu_check_knobs.GPU_KNOBS).
 
 The H200 crash this guards against: gradient checkpointing + fused experts failed every step with
 ``compiled experts failed (_StopRecomputationError); running them eagerly`` then ``AssertionError: Unexpected
@@ -19,7 +19,7 @@ import math
 
 import pytest
 
-from gptoss_hpc.bench.gpu_check import GPU_KNOBS, Knobs, knob_matrix
+from gptoss_hpc.bench.gpu_check_knobs import GPU_KNOBS, Knobs, knob_matrix
 from gptoss_hpc.config import compose, save_run_config, to_run_config, validate
 from gptoss_hpc.paths import PointPaths
 

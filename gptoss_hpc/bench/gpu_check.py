@@ -24,83 +24,25 @@ to ``$OUT`` (or ``--out``) as gpu_check.md + gpu_check.json, besides the logs of
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gptoss_hpc.bench.gpu_check_parts import run_sampled, stage_record, steady_train_facts, table, write_chat_rows
+from gptoss_hpc.bench.gpu_check_knobs import GPU_KNOBS, Knobs, knob_matrix  # noqa: F401  (re-exported)
+from gptoss_hpc.bench.gpu_check_parts import (
+    environment,
+    run_sampled,
+    stage_record,
+    steady_train_facts,
+    table,
+    write_chat_rows,
+    write_results,
+)
 
-
-@dataclass(frozen=True)
-class Knobs:
-    """One combination of the speed knobs (issue 13 item 1)."""
-
-    fused_experts: bool
-    compile_layers: bool
-    gradient_checkpointing: bool
-    packing: bool
-    lora: str = "experts"
-    ranks: int = 1
-
-    @property
-    def name(self) -> str:
-        on = [k for k in ("fused_experts", "compile_layers", "gradient_checkpointing", "packing") if getattr(self, k)]
-        return f"{self.lora} x{self.ranks}: " + (",".join(on) or "no knobs")
-
-    def overrides(self) -> list[str]:
-        return [
-            f"model.fused_experts={str(self.fused_experts).lower()}",
-            f"model.compile_layers={str(self.compile_layers).lower()}",
-            f"train.gradient_checkpointing={str(self.gradient_checkpointing).lower()}",
-            f"train.packing={str(self.packing).lower()}",
-            f"lora={self.lora}",
-        ]
-
-
-def knob_matrix() -> list[Knobs]:
-    """Every combination: 2^4 knob settings x 3 LoRA presets x 1-2 ranks (96). Each one validates; none is
-    refused (gptoss_hpc.config.validate, tests/test_knob_combinations.py)."""
-    b = (False, True)
-    return [
-        Knobs(f, c, g, p, lo, r)
-        for f in b
-        for c in b
-        for g in b
-        for p in b
-        for lo in ("experts", "attention", "all_linear")
-        for r in (1, 2)
-    ]
-
-
-# The GPU-only knob list: what only a GPU runs (flex_attention's backward, inductor/triton kernels, the compiled
-# experts inside the checkpointed recompute, NCCL). CPU runs the rest through the real train stage
-# (tests/test_knob_combinations.py, with torch.compile's aot_eager backend). On a 4-layer 20b-shaped checkpoint:
-# every (fused_experts, compile_layers, gradient_checkpointing) triple for `experts`, packing on and off, the two
-# shipped configs (default, reference) for the other presets, and both on 2 GPUs.
-GPU_KNOBS: list[Knobs] = [
-    Knobs(True, True, False, True),  # train=default with the GPU presets
-    Knobs(True, True, True, False),  # train=reference: the H200 crash (compiled experts under recompute)
-    Knobs(True, False, True, False),
-    Knobs(False, True, True, False),
-    Knobs(False, False, True, True),
-    Knobs(True, False, False, True),
-    Knobs(False, True, False, True),
-    Knobs(False, False, False, False),
-    Knobs(True, True, True, True),
-    Knobs(True, True, False, False),
-    Knobs(True, True, False, True, "attention"),
-    Knobs(True, True, True, False, "attention"),
-    Knobs(True, True, False, True, "all_linear"),
-    Knobs(True, True, True, False, "all_linear"),
-    Knobs(True, True, False, True, ranks=2),
-    Knobs(True, True, True, False, ranks=2),
-]
 TRAIN_CONFIGS = {"train=default": ["train=default"], "train=reference": ["train=reference"]}
 PHASES = ("pipeline", "configs", "bench", "2gpu", "knobs")
 DEFAULT_PHASES = ("pipeline", "configs", "bench", "knobs")
@@ -389,26 +331,6 @@ def _gpu_count(c: Check) -> int:
     return torch.cuda.device_count()
 
 
-def environment(cpu: bool) -> dict[str, Any]:
-    env: dict[str, Any] = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "host": platform.node(),
-        "cpu_form": cpu,
-    }
-    for mod in ("torch", "transformers", "peft", "trl", "deepspeed", "accelerate"):
-        try:
-            env[mod] = __import__(mod).__version__
-        except Exception:  # a missing package shows as absent in the record, not as a crash of the check
-            env[mod] = None
-    if not cpu:
-        import torch
-
-        env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    env["nccl_env"] = {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}
-    return env
-
-
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bash launchers/gpu_check.sh", description=__doc__.splitlines()[0])
     p.add_argument("phases", nargs="*", help=f"{', '.join(PHASES)}, knobs:A-B, or `table FILE.json ...`")
@@ -420,15 +342,6 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per train run (GPU 16, CPU 4)")
     p.add_argument("--warmup", type=int, default=None, help="steps left out of the trainer's tok/s (GPU 4, CPU 1)")
     return p.parse_args(argv)
-
-
-def write_results(out: Path | None, rows: list[dict[str, Any]], env: dict[str, Any], command: str) -> str:
-    text = f"GPU check {env.get('date')} on {env.get('gpus') or 'CPU'}: `{command}`\n\n" + table(rows)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "gpu_check.md").write_text(text)
-        (out / "gpu_check.json").write_text(json.dumps({"env": env, "command": command, "rows": rows}, indent=1))
-    return text
 
 
 def main(argv: list[str] | None = None) -> int:

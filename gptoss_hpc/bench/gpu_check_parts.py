@@ -3,10 +3,12 @@ sampling GPU memory per stage, reading what a launch recorded, and the one table
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import json
 import math
 import os
+import platform
 import random
 import signal
 import subprocess
@@ -215,3 +217,32 @@ def table(rows: list[dict[str, Any]]) -> str:
         ]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def environment(cpu: bool) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "cpu_form": cpu,
+    }
+    for mod in ("torch", "transformers", "peft", "trl", "deepspeed", "accelerate"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:  # a missing package shows as absent in the record, not as a crash of the check
+            env[mod] = None
+    if not cpu:
+        import torch
+
+        env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    env["nccl_env"] = {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}
+    return env
+
+
+def write_results(out: Path | None, rows: list[dict[str, Any]], env: dict[str, Any], command: str) -> str:
+    text = f"GPU check {env.get('date')} on {env.get('gpus') or 'CPU'}: `{command}`\n\n" + table(rows)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu_check.md").write_text(text)
+        (out / "gpu_check.json").write_text(json.dumps({"env": env, "command": command, "rows": rows}, indent=1))
+    return text
