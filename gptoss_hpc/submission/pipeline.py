@@ -247,7 +247,7 @@ def run_local(launch: Launch) -> tuple[Manifest, dict[tuple[str, int], str]]:
             ids.append(str(job.job_id))
             log.info("local %s job %s started for %s", stage, job.job_id, target)
             try:
-                job.result()
+                job.results()  # every task: a train job runs one per GPU (result() refuses several)
                 states[(stage, index)] = "COMPLETED"
             except Exception as exc:
                 states[(stage, index)] = "FAILED"
