@@ -100,7 +100,7 @@ def checkpoint(c: Check, layers: int | None = None) -> Path:
         str(out),
     ]
     if layers:
-        cmd[4:4] = ["--num-hidden-layers", str(layers)]
+        cmd[-1:-1] = ["--num-hidden-layers", str(layers)]  # before OUT_DIR
     r = run_sampled(
         cmd, env=c.env(), log=c.work / "logs" / f"{out.name}.log", timeout_s=c.hard_left(), label="checkpoint"
     )
