@@ -49,16 +49,29 @@ def test_every_shipped_yaml_composes_and_validates(group: str, option: str, tmp_
     assert text.startswith("#"), f"conf/{group}/{option}.yaml must start with a comment giving its command"
 
 
-def test_defaults_are_the_reference_recipe() -> None:
+def test_defaults_are_the_fast_setting_and_reference_is_the_cookbook_recipe() -> None:
     cfg = to_run_config(compose([]))
     t = cfg.train
-    assert (t.learning_rate, t.num_train_epochs, t.per_device_train_batch_size) == (2e-4, 10, 2)
-    assert (t.gradient_accumulation_steps, t.max_length, t.warmup_ratio) == (8, 2048, 0.03)
-    assert (t.lr_scheduler_type, t.min_lr_rate, t.gradient_checkpointing, t.bf16) == (
+    # train=default: packing, no recompute, 4 x 2048 x GA 2, compiled layers + fused experts (the 20b preset)
+    assert (t.learning_rate, t.num_train_epochs, t.per_device_train_batch_size) == (2e-4, 10, 4)
+    assert (t.gradient_accumulation_steps, t.max_length, t.warmup_ratio) == (2, 2048, 0.03)
+    assert (t.packing, t.gradient_checkpointing, t.no_grad_below_first_lora, t.loss_chunk_tokens) == (
+        True,
+        False,
+        True,
+        4096,
+    )
+    assert (cfg.model.fused_experts, cfg.model.compile_layers) == (True, True)
+    assert to_run_config(compose(["train=fast"])).train == t  # the old name of the same setting
+    ref = to_run_config(compose(["train=reference"])).train
+    assert (ref.learning_rate, ref.num_train_epochs, ref.per_device_train_batch_size) == (2e-4, 10, 2)
+    assert (ref.gradient_accumulation_steps, ref.max_length, ref.warmup_ratio) == (8, 2048, 0.03)
+    assert (ref.lr_scheduler_type, ref.min_lr_rate, ref.gradient_checkpointing, ref.bf16, ref.packing) == (
         "cosine_with_min_lr",
         0.1,
         True,
         True,
+        False,
     )
     assert (cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout) == (8, 16, 0.0)
     assert derive.target_parameters(cfg.lora, cfg.model) == [

@@ -65,9 +65,9 @@ GOLDEN_SFT_GPU = {
     "learning_rate": 2e-4,
     "num_train_epochs": 10.0,
     "max_steps": -1,
-    "per_device_train_batch_size": 2,
+    "per_device_train_batch_size": 4,
     "per_device_eval_batch_size": 2,
-    "gradient_accumulation_steps": 8,
+    "gradient_accumulation_steps": 2,
     "max_length": 2048,
     "warmup_steps": 0.03,
     "lr_scheduler_type": "cosine_with_min_lr",
@@ -75,15 +75,15 @@ GOLDEN_SFT_GPU = {
     "weight_decay": 0.0,
     "max_grad_norm": 1.0,
     "optim": "adamw_torch",
-    "gradient_checkpointing": True,
-    "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    "gradient_checkpointing": False,
+    "gradient_checkpointing_kwargs": None,
     "bf16": True,
     "use_cpu": False,
     "assistant_only_loss": True,
     "completion_only_loss": True,
-    "packing": False,
+    "packing": True,
     "padding_free": False,
-    "pad_to_multiple_of": None,
+    "pad_to_multiple_of": 8192,
     "use_liger_kernel": False,
     "logging_steps": 1,
     "include_num_input_tokens_seen": "non_padding",
@@ -110,14 +110,20 @@ def test_sft_kwargs_default_gpu_config():
 
 
 def test_sft_kwargs_pad_to_multiple_of_bounds_shapes_for_compiled_layers():
-    fast = (*GPU, "train=fast")  # model.compile_layers (GPU presets) + no checkpointing: the layers compile
-    assert build_sft_config_kwargs(cfg_of(*fast), POINT, env={})["pad_to_multiple_of"] == 1024
-    short = cfg_of(*fast, "train.max_length=512")
-    assert build_sft_config_kwargs(short, POINT, env={})["pad_to_multiple_of"] == 512
-    mine = cfg_of(*fast, "train.pad_to_multiple_of=64")
+    # model.compile_layers (GPU presets) + no checkpointing (train=default): the layers compile, so the packed,
+    # flattened micro-batch is padded to per_device_train_batch_size x max_length: one shape, no recompiles
+    assert build_sft_config_kwargs(cfg_of(*GPU), POINT, env={})["pad_to_multiple_of"] == 4 * 2048
+    short = cfg_of(*GPU, "train.max_length=512")
+    assert build_sft_config_kwargs(short, POINT, env={})["pad_to_multiple_of"] == 4 * 512
+    unpacked = cfg_of(*GPU, "train.packing=false")  # padded rows: a few lengths
+    assert build_sft_config_kwargs(unpacked, POINT, env={})["pad_to_multiple_of"] == 1024
+    mine = cfg_of(*GPU, "train.pad_to_multiple_of=64")
     assert build_sft_config_kwargs(mine, POINT, env={})["pad_to_multiple_of"] == 64
     # checkpointed layers are not compiled (unmeasured pair), so nothing to bound
-    assert build_sft_config_kwargs(cfg_of(*GPU), POINT, env={})["pad_to_multiple_of"] is None
+    reference = cfg_of(*GPU, "train=reference")
+    ref_kwargs = build_sft_config_kwargs(reference, POINT, env={})
+    assert ref_kwargs["pad_to_multiple_of"] is None
+    assert ref_kwargs["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
 
 
 def test_sft_kwargs_demo_cpu_wandb_and_sweep_name(tmp_path):

@@ -181,7 +181,8 @@ class TrainConfig:
     padding_free: bool = False
     # TRL's collator option. None: unset, except where the layers are compiled (model.compile_layers without
     # gradient checkpointing) and each new micro-batch length would compile them again: then
-    # min(max_length, 1024) (gptoss_hpc.modeling.sft).
+    # per_device_train_batch_size x max_length for packed rows (one shape), else min(max_length, 1024)
+    # (gptoss_hpc.modeling.sft).
     pad_to_multiple_of: int | None = None
     use_liger_kernel: bool = False
     logging_steps: int = 1

@@ -48,14 +48,21 @@ def run_name(cfg: RunConfig, paths: PointPaths) -> str:
 
 
 def pad_to_multiple_of(cfg: RunConfig) -> int | None:
-    """train.pad_to_multiple_of, or with compiled layers (static shapes) min(max_length, 1024): a packed,
-    flattened micro-batch then takes one of a few lengths instead of a new one (and a recompile) each step."""
+    """train.pad_to_multiple_of, or with compiled layers (static shapes) a bound on the micro-batch lengths, so
+    that a new length (and a recompile of every layer) does not come each step. Packed / padding-free micro-batches
+    are one flattened row of at most per_device_train_batch_size x max_length tokens: padded to exactly that, one
+    shape (on two H200s the default 1024 stalled 35 s at a new length with a warm inductor cache and over 5 minutes
+    with a cold one; 8192 = 4 x 2048 did not stall, FACTS). Padded rows: min(max_length, 1024)."""
     from gptoss_hpc.modeling.fast.knobs import compiles_layers
 
     t = cfg.train
     if t.pad_to_multiple_of is not None:
         return t.pad_to_multiple_of
-    return min(t.max_length, 1024) if compiles_layers(cfg) else None
+    if not compiles_layers(cfg):
+        return None
+    if t.packing or t.padding_free:
+        return t.per_device_train_batch_size * t.max_length
+    return min(t.max_length, 1024)
 
 
 def sft_dataset(dataset: Any) -> Any:

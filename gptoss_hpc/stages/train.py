@@ -157,6 +157,7 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
     from trl import SFTConfig, SFTTrainer
 
     from gptoss_hpc.data import load_datasets
+    from gptoss_hpc.modeling.batch_facts import check_batch_facts
     from gptoss_hpc.modeling.deepspeed import render_deepspeed_config
     from gptoss_hpc.modeling.lora import build_lora_config
     from gptoss_hpc.modeling.model import load_base_model
@@ -185,6 +186,8 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
         if rank0:
             (paths.root / "wandb").mkdir(exist_ok=True)
     args = SFTConfig(**kwargs)
+    # every rank: the DeepSpeed JSON, accumulation and effective batch are the config's and the same on all ranks
+    batch = check_batch_facts(cfg, args, deepspeed_json_path(paths) if "deepspeed" in kwargs else None)
 
     model = load_base_model(cfg, paths, for_training=True)
     metrics_cb, preempt_cb = _callbacks(paths, dist_info["world_size"])
@@ -240,6 +243,7 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
             "train_rows": len(train_ds),
             **engine,
             "speed_knobs": knobs_cb.summary if knobs_cb is not None else None,
+            "batch": batch,
             "hub_repo": None,
         }
         write_atomic(paths.train_metrics, json.dumps(metrics, indent=2) + "\n")

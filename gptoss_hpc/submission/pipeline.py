@@ -282,7 +282,7 @@ def _run_local_stages(launch: Launch, manifest: Manifest, states: dict[tuple[str
             ids.append(str(job.job_id))
             log.info("local %s job %s started for %s", stage, job.job_id, target)
             try:
-                job.result()
+                job.results()  # every task: a train job runs one per GPU (result() refuses several)
                 states[(stage, index)] = "COMPLETED"
             except Exception as exc:
                 states[(stage, index)] = "FAILED"

@@ -132,11 +132,21 @@ def job_env(c: ClusterConfig) -> dict[str, str]:
 
 
 def local_parameters(cfg: RunConfig, stage: str) -> dict[str, Any]:
-    """submitit LocalExecutor kwargs: the same ranks as on Slurm, as local processes."""
+    """submitit LocalExecutor kwargs: the same ranks and GPUs as on Slurm, as local processes.
+
+    submitit's LocalExecutor exports CUDA_VISIBLE_DEVICES="" unless it gets gpus_per_node: without it a GPU job
+    sees no GPU (``Your setup doesn't support bf16/gpu``). Train: one rank per GPU, each task seeing all of
+    them and picking its own by LOCAL_RANK, as under srun; merge/eval/serve: aux_gpus; report: none."""
     c = cfg.cluster
     minutes = derive.slurm_time_minutes(c.time if stage == "train" else c.aux_time) or 60
     tasks = derive.tasks_per_node(c) if stage == "train" else 1
-    return {"timeout_min": minutes, "tasks_per_node": tasks, "signal_delay_s": c.signal_delay_s}
+    params: dict[str, Any] = {"timeout_min": minutes, "tasks_per_node": tasks, "signal_delay_s": c.signal_delay_s}
+    if c.accelerator == "gpu":
+        aux = 0 if stage == "report" else min(c.aux_gpus, c.gpus_per_node)
+        gpus = c.gpus_per_node if stage == "train" else aux
+        if gpus > 0:
+            params["gpus_per_node"] = gpus
+    return params
 
 
 def array_target(run_dir: Path) -> str:

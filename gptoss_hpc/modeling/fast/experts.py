@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 from gptoss_hpc.modeling.fast.anatomy import _COMPILED, FUSED_EXPERTS
+from gptoss_hpc.modeling.fast.fallback import call_compiled, compile_backend
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +97,13 @@ def moe_experts_core(
     return out.to(hidden.dtype)
 
 
-def _compiled_core():
+def _compiled_core(backend: str = "inductor"):
     import torch
 
-    if "core" not in _COMPILED:
-        _COMPILED["core"] = torch.compile(moe_experts_core, dynamic=False)
-    return _COMPILED["core"]
+    key = "core" if backend == "inductor" else f"core:{backend}"
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(moe_experts_core, dynamic=False, backend=backend)
+    return _COMPILED[key]
 
 
 def fused_experts_forward(self, hidden_states, top_k_index, top_k_weights, lora: dict[str, Any] | None = None):
@@ -125,14 +127,14 @@ def fused_experts_forward(self, hidden_states, top_k_index, top_k_weights, lora:
         lora.get("gate_up_proj"),
         lora.get("down_proj"),
     )
-    if hidden_states.device.type != "cuda" or _COMPILED.get("disabled"):
+    backend = compile_backend(hidden_states.device.type)
+    if backend is None or _COMPILED.get("disabled"):
         return moe_experts_core(*args)
-    try:
-        return _compiled_core()(*args)
-    except Exception as exc:  # a torch.compile failure must not kill a training run: run it eagerly
-        log.warning("compiled experts failed (%s: %s); running them eagerly", type(exc).__name__, exc)
-        _COMPILED["disabled"] = True
-        return moe_experts_core(*args)
+    # Also compiled under (non-reentrant) gradient checkpointing: the recomputation runs the same compiled graph,
+    # so it saves the same tensors as the first forward; checkpointing's early stop passes through untouched.
+    return call_compiled(
+        _compiled_core(backend), moe_experts_core, args, what="experts", flag="disabled", state=_COMPILED
+    )
 
 
 def expert_lora_factors(wrapper, adapter: str, dtype):

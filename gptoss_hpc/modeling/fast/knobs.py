@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 from gptoss_hpc.modeling.fast.anatomy import FUSED_EXPERTS, unwrap
 from gptoss_hpc.modeling.fast.experts import factor_expert_lora, register_fused_experts, unfactor_expert_lora
+from gptoss_hpc.modeling.fast.fallback import compile_backend
 from gptoss_hpc.modeling.fast.packing import isolate_packed_sequences
 from gptoss_hpc.modeling.fast.prefix import (
     _raise_recompile_limit,
@@ -102,12 +103,13 @@ def apply_speed_knobs(model: nn.Module, cfg: RunConfig) -> SpeedKnobs:
         knobs.factored_lora = factor_expert_lora(model)
     if getattr(t, "no_grad_below_first_lora", False):
         knobs.frozen_prefix = freeze_below_first_trainable_layer(model)
-    if compiles_layers(cfg) and _on_cuda(model):
-        knobs.compiled_layers = compile_decoder_layers(model)
+    backend = compile_backend(next(model.parameters()).device.type)
+    if compiles_layers(cfg) and backend is not None:
+        knobs.compiled_layers = compile_decoder_layers(model, backend=backend)
     elif getattr(m, "compile_layers", False) and getattr(t, "gradient_checkpointing", False):
         log.warning(
-            "model.compile_layers is skipped with train.gradient_checkpointing=true (that pair was never measured, "
-            "docs/BENCHMARKS.md); train=fast turns checkpointing off"
+            "model.compile_layers leaves the layers eager with train.gradient_checkpointing=true (that pair was never "
+            "measured, docs/BENCHMARKS.md); train=default turns checkpointing off"
         )
     if knobs.experts_after or knobs.compiled_layers:
         _raise_recompile_limit()

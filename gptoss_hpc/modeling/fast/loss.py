@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 
 
 from gptoss_hpc.modeling.fast.anatomy import _COMPILED, IGNORE_INDEX, unwrap
+from gptoss_hpc.modeling.fast.fallback import call_compiled, compile_backend
 
 log = logging.getLogger(__name__)
 
@@ -56,26 +57,24 @@ def ce_chunk(logits, labels, scale):
 
 
 def _ce_chunk_fn(device_type: str):
-    """ce_chunk, compiled on CUDA (one fused pass instead of ~8 over a [chunk, 201088] fp32 tensor)."""
-    if device_type != "cuda" or _COMPILED.get("ce_disabled"):
+    """ce_chunk, compiled on CUDA (one fused pass instead of ~8 over a [chunk, 201088] fp32 tensor). Only a
+    compile failure falls back to eager (gptoss_hpc.modeling.fast.fallback); an OOM or any other error propagates."""
+    backend = compile_backend(device_type)
+    if backend is None or _COMPILED.get("ce_disabled"):
         return ce_chunk
-    if "ce" not in _COMPILED:
+    key = "ce" if backend == "inductor" else f"ce:{backend}"
+    if key not in _COMPILED:
         import torch
 
         # dynamic=None: the row count varies (prompt rows are dropped), so after the first new count dynamo
         # compiles one kernel for any count instead of one per count
-        compiled = torch.compile(ce_chunk, dynamic=None)
+        compiled = torch.compile(ce_chunk, dynamic=None, backend=backend)
 
         def safe(*args):
-            try:
-                return compiled(*args)
-            except Exception as exc:
-                log.warning("compiled CE failed (%s: %s); running it eagerly", type(exc).__name__, exc)
-                _COMPILED["ce_disabled"] = True
-                return ce_chunk(*args)
+            return call_compiled(compiled, ce_chunk, args, what="cross-entropy", flag="ce_disabled", state=_COMPILED)
 
-        _COMPILED["ce"] = safe
-    return _COMPILED["ce"]
+        _COMPILED[key] = safe
+    return _COMPILED[key]
 
 
 def _make_linear_ce_function():

@@ -1,0 +1,396 @@
+"""The GPU check: the real pipeline on a synthetic gpt-oss-20b checkpoint, as a user runs it, in selectable phases.
+
+    bash launchers/gpu_check.sh                       # every phase that fits one GPU (pipeline configs bench knobs)
+    bash launchers/gpu_check.sh pipeline              # train -> merge -> eval -> serve, shipped defaults, cluster=local
+    bash launchers/gpu_check.sh configs bench         # train=default and train=reference (stage + bench tok/s)
+    bash launchers/gpu_check.sh 2gpu                  # train=default on 2 GPUs: one rank per GPU, as on Slurm
+    bash launchers/gpu_check.sh knobs:0-7             # GPU knob list, entries 0..7 (GPU_KNOBS below)
+    bash launchers/gpu_check.sh --cpu pipeline        # CI-sized: tiny checkpoint, CPU ranks (tests/test_gpu_check.py)
+    python -m gptoss_hpc.bench.gpu_check table A.json B.json   # one table from several phases' JSON
+
+Each phase is self-contained (the GPU machine is wiped between commands): it writes its checkpoint with
+``python -m gptoss_hpc.synth_checkpoint`` into the work dir, then runs ``python -m gptoss_hpc.launch`` with
+``cluster=local cluster.accelerator=gpu`` exactly as a user would. Every phase stops starting new work once
+``--budget-s`` (default 480 s) is spent, and ends a run still going at ``--hard-s`` (560 s, listed as timeout),
+so that the table is written inside a 10-minute device command; what it did not start is ``not run (budget)``.
+
+The table: stage or config, pass/fail, wall s, peak GPU GiB (the stage's own ``peak_gpu_gib`` in
+``pNNN/status/<stage>.json`` when it records one, else the nvidia-smi peak while it ran), the trainer's tok/s
+(real, non-padding tokens, steady state: from step ``--warmup`` on, so the compiling steps are out) beside
+``python -m gptoss_hpc.bench train``'s for the same overrides, and tokens per optimizer step (real; max). Written
+to ``$OUT`` (or ``--out``) as gpu_check.md + gpu_check.json, besides the logs of failed runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gptoss_hpc.bench.gpu_check_knobs import GPU_KNOBS, Knobs, knob_matrix  # noqa: F401  (re-exported)
+from gptoss_hpc.bench.gpu_check_parts import (
+    environment,
+    run_sampled,
+    stage_record,
+    steady_train_facts,
+    table,
+    write_chat_rows,
+    write_results,
+)
+
+TRAIN_CONFIGS = {"train=default": ["train=default"], "train=reference": ["train=reference"]}
+PHASES = ("pipeline", "configs", "bench", "2gpu", "knobs")
+DEFAULT_PHASES = ("pipeline", "configs", "bench", "knobs")
+
+
+@dataclass
+class Check:
+    cpu: bool
+    work: Path
+    budget_s: float
+    hard_s: float
+    steps: int
+    warmup: int
+    started: float
+    rows: list[dict[str, Any]]
+    checkpoints: dict[int | None, Path]
+
+    def left(self) -> float:
+        """Seconds before no new run may start."""
+        return self.budget_s - (time.time() - self.started)
+
+    def hard_left(self) -> float:
+        """Seconds before a running command is ended, so the table is still written inside the device limit."""
+        return self.hard_s - (time.time() - self.started)
+
+    def env(self) -> dict[str, str]:
+        # the caller's environment as it is (NCCL_NVLS_ENABLE=0 and friends stay), plus quiet tokenizers
+        return {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+
+    def skip(self, phase: str, name: str) -> bool:
+        if self.left() > 30:
+            return False
+        self.rows.append({"phase": phase, "name": name, "result": "not run (budget)"})
+        return True
+
+
+def _python() -> str:
+    return sys.executable
+
+
+def checkpoint(c: Check, layers: int | None = None) -> Path:
+    """The synthetic checkpoint of this phase (20b, or --cpu's tiny), written once per process."""
+    if layers in c.checkpoints:
+        return c.checkpoints[layers]
+    out = c.work / f"ckpt-{layers or 'full'}"
+    cmd = [
+        _python(),
+        "-m",
+        "gptoss_hpc.synth_checkpoint",
+        "--size",
+        "tiny" if c.cpu else "20b",
+        "--device",
+        "cpu" if c.cpu else "cuda",
+        "--overwrite",
+        str(out),
+    ]
+    if layers:
+        cmd[-1:-1] = ["--num-hidden-layers", str(layers)]  # before OUT_DIR
+    r = run_sampled(
+        cmd, env=c.env(), log=c.work / "logs" / f"{out.name}.log", timeout_s=c.hard_left(), label="checkpoint"
+    )
+    c.rows.append(
+        {
+            "phase": "setup",
+            "name": f"synth_checkpoint {out.name}",
+            "result": _result(r.rc),
+            "wall_s": round(r.wall_s, 1),
+            "peak_gpu_gib": r.peak_gib.get("checkpoint"),
+        }
+    )
+    if r.rc != 0:
+        raise SystemExit(f"synth_checkpoint failed:\n{r.tail}")
+    c.checkpoints[layers] = out
+    return out
+
+
+def _result(rc: int | None) -> str:
+    return "pass" if rc == 0 else ("timeout" if rc is None else f"FAIL (exit {rc})")
+
+
+def _data(c: Check) -> Path:
+    path = c.work / "chat.jsonl"
+    if not path.is_file():
+        write_chat_rows(
+            path, rows=64 if c.cpu else 800, median_tokens=120 if c.cpu else 1024, max_tokens=200 if c.cpu else 1900
+        )
+    return path
+
+
+def base_overrides(c: Check, ckpt: Path, gpus: int, layers: int | None = None) -> list[str]:
+    """The user's command line for this checkpoint: model=gpt_oss_20b from a local folder, cluster=local."""
+    ov = [
+        f"model.name_or_path={ckpt}",
+        "model.tokenizer=auto",
+        "cluster=local",
+        "data=local",
+        f"data.path={_data(c)}",
+        "data.eval_fraction=0.05",
+        f"run_root={c.work / 'runs'}",
+        "train.logging_steps=1",
+        f"train.max_steps={c.steps}",
+        "train.save_steps=100000",
+        "train.push_to_hub=false",
+        "eval.max_eval_rows=4",
+        "eval.max_new_tokens=24",
+    ]
+    if c.cpu:
+        # the CPU stand-in: tiny checkpoint, fp32, eager kernels, small rows; ranks on CPU with gloo
+        ov += [
+            "model=gpt_oss_20b",
+            "model.num_hidden_layers=2",
+            "model.dtype=float32",
+            "model.attn_implementation=eager",
+            "model.experts_implementation=null",
+            "model.fused_experts=false",
+            "model.compile_layers=false",
+            "train.max_length=256",
+            "train.per_device_train_batch_size=2",
+            "train.gradient_accumulation_steps=1",
+            "train.loss_chunk_tokens=256",
+            "train.dataloader_num_workers=0",
+            "cluster.accelerator=cpu",
+            "cluster.cpus_per_task=1",
+            f"cluster.gpus_per_node={gpus}",
+        ]
+    else:
+        ov += ["model=gpt_oss_20b", "cluster.accelerator=gpu", f"cluster.gpus_per_node={gpus}"]
+        if layers:
+            ov += [f"model.num_hidden_layers={layers}"]
+    return ov
+
+
+def launch(c: Check, phase: str, name: str, overrides: list[str], *, stages: str, bench: bool) -> dict[str, Any]:
+    """``python -m gptoss_hpc.launch <overrides> stages=[...]`` and one row per stage it ran."""
+    tag = f"{phase}-{len(c.rows):02d}"
+    runs = c.work / "runs" / tag
+    cmd = [_python(), "-m", "gptoss_hpc.launch", *overrides, f"name={tag}", f"stages={stages}"]
+    r = run_sampled(cmd, env=c.env(), log=c.work / "logs" / f"{tag}.log", timeout_s=c.hard_left(), runs=runs)
+    points = sorted(runs.glob("*/p000"))
+    point = points[-1] if points else runs
+    rows = []
+    previous_end = r.started
+    for stage in stages.strip("[]").split(","):
+        rec = stage_record(point, stage)
+        wall = rec.get("wall_s")
+        if wall is None and rec.get("state") == "COMPLETED":  # stages that record no wall_s: from the status times
+            wall = round(rec["time"] - previous_end, 1)
+        previous_end = rec.get("time", previous_end)
+        row = {
+            "phase": phase,
+            "name": f"{stage}: {name}" if stage != "train" else name,
+            "stage": stage,
+            "result": _stage_result(rec, r.rc),
+            "wall_s": wall,
+            "peak_gpu_gib": rec.get("peak_gpu_gib", r.peak_gib.get(stage)),
+            "command": " ".join(cmd[1:]),
+            "error": rec.get("error"),
+            "point": str(point),
+        }
+        if stage == "train":
+            row.update(steady_train_facts(point, c.warmup))
+        rows.append(row)
+    if r.rc != 0 and not any(row["result"].startswith("FAIL") for row in rows):
+        rows[-1]["result"] = f"FAIL (launch {_result(r.rc)})"
+    if any(row["result"] != "pass" for row in rows):
+        rows[-1]["log_tail"] = r.tail
+    c.rows.extend(rows)
+    if bench and rows[0]["result"] == "pass":
+        bench_for(c, phase, overrides, rows[0])
+    return rows[0]
+
+
+def _stage_result(rec: dict[str, Any], rc: int | None) -> str:
+    state = rec.get("state")
+    if state == "COMPLETED":
+        return "pass"
+    if state is None:
+        return "not run" if rc == 0 else "FAIL (no status)"
+    return f"FAIL ({state})"
+
+
+def bench_for(c: Check, phase: str, overrides: list[str], row: dict[str, Any]) -> None:
+    """``python -m gptoss_hpc.bench train`` with the same model/train/LoRA overrides, its tok/s beside the stage's."""
+    if c.skip(phase, f"bench: {row['name']}"):
+        return
+    keep = [
+        o
+        for o in overrides
+        if o.split("=")[0].split(".")[0] in ("model", "train", "lora")
+        and not o.startswith(("model.name_or_path", "model.tokenizer", "train.max_steps", "train.save_steps"))
+    ]
+    if c.cpu:  # the bench builds its model from the preset's architecture: on CPU the tiny one, not 20b's
+        keep = ["model=tiny_gpt_oss", "model.tokenizer=tiny-bpe", *(o for o in keep if not o.startswith("model"))]
+    out = c.work / f"bench-{len(c.rows):02d}.json"
+    cmd = [
+        _python(),
+        "-m",
+        "gptoss_hpc.bench",
+        "train",
+        *keep,
+        "--steps",
+        "3",
+        "--warmup",
+        "2",
+        "--no-peak",
+        "--json",
+        str(out),
+    ]
+    if c.cpu:
+        cmd += ["--device", "cpu", "--vocab", "4096", "--steps", "1", "--warmup", "1"]
+    r = run_sampled(cmd, env=c.env(), log=c.work / "logs" / f"{out.stem}.log", timeout_s=c.hard_left(), label="bench")
+    try:
+        timed = [x for x in json.loads(out.read_text())["rows"] if x["name"].startswith("configured")]
+    except (OSError, ValueError, KeyError):
+        timed = []
+    if r.rc == 0 and timed and timed[0].get("status") == "ok":
+        row["bench_tok_s"] = timed[0]["tok_s"]
+        row["bench_peak_gib"] = timed[0].get("peak_reserved_gib")
+        row["bench_command"] = " ".join(cmd[1:])
+    else:
+        c.rows.append(
+            {"phase": phase, "name": f"bench: {row['name']}", "result": _result(r.rc or 1), "log_tail": r.tail}
+        )
+
+
+def phase_pipeline(c: Check) -> None:
+    """train -> merge -> eval with the shipped defaults (cluster=local, one GPU), then serve the merged model."""
+    ckpt = checkpoint(c)
+    row = launch(
+        c, "pipeline", "shipped defaults", base_overrides(c, ckpt, 1), stages="[train,merge,eval]", bench=False
+    )
+    merged = Path(row["point"]) / "merged"
+    if c.skip("pipeline", "serve") or not merged.is_dir():
+        return
+    from gptoss_hpc.bench.gpu_check_serve import serve_once
+
+    c.rows.append({"phase": "pipeline", **serve_once(merged, c.env(), c.work / "logs" / "serve.log", c.hard_left())})
+
+
+def phase_configs(c: Check, bench: bool) -> None:
+    ckpt = checkpoint(c)
+    for name, extra in TRAIN_CONFIGS.items():
+        if not c.skip("configs", name):
+            launch(c, "configs", name, [*base_overrides(c, ckpt, 1), *extra], stages="[train]", bench=bench)
+
+
+def phase_bench(c: Check) -> None:
+    """The bench alone for the train configs (when `configs` ran in another command)."""
+    for name, extra in TRAIN_CONFIGS.items():
+        row = {"phase": "bench", "name": name, "result": "pass"}
+        ov = base_overrides(c, Path("unused"), 1) + extra
+        bench_for(c, "bench", ov, row)
+        row["result"] = "pass" if row.get("bench_tok_s") else "FAIL"
+        row["train_tok_s"] = None
+        c.rows.append(row)
+
+
+def phase_2gpu(c: Check) -> None:
+    ckpt = checkpoint(c)
+    if not c.skip("2gpu", "train=default x2"):
+        launch(
+            c, "2gpu", "train=default x2 (one rank per GPU)", base_overrides(c, ckpt, 2), stages="[train]", bench=True
+        )
+
+
+def phase_knobs(c: Check, lo: int, hi: int) -> None:
+    layers = None if c.cpu else 4  # a 4-layer 20b-shaped checkpoint on the GPU: the knobs act per layer
+    ckpt = checkpoint(c, layers)
+    gpus = _gpu_count(c)
+    for i, k in enumerate(GPU_KNOBS[lo : hi + 1], start=lo):
+        name = f"knobs[{i}] {k.name}"
+        if k.ranks > gpus:
+            c.rows.append({"phase": "knobs", "name": name, "result": f"not run ({gpus} GPU)"})
+        elif not c.skip("knobs", name):
+            ov = base_overrides(c, ckpt, k.ranks, layers) + k.overrides()
+            if c.cpu:  # the compiled knobs are GPU knobs; on CPU they stay off (tests/test_knob_combinations.py)
+                ov += ["model.fused_experts=false", "model.compile_layers=false"]
+            launch(c, "knobs", name, ov, stages="[train]", bench=False)
+
+
+def _gpu_count(c: Check) -> int:
+    if c.cpu:
+        return 2
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bash launchers/gpu_check.sh", description=__doc__.splitlines()[0])
+    p.add_argument("phases", nargs="*", help=f"{', '.join(PHASES)}, knobs:A-B, or `table FILE.json ...`")
+    p.add_argument("--cpu", action="store_true", help="CI-sized form: tiny checkpoint, CPU ranks")
+    p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
+    p.add_argument("--work", type=Path, default=None, help="scratch dir (default: a temp dir)")
+    p.add_argument("--budget-s", type=float, default=480.0, help="start no new run after this (default 480)")
+    p.add_argument("--hard-s", type=float, default=560.0, help="end a run still going at this (default 560)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per train run (GPU 16, CPU 4)")
+    p.add_argument("--warmup", type=int, default=None, help="steps left out of the trainer's tok/s (GPU 4, CPU 1)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["table"]:
+        docs = [json.loads(Path(f).read_text()) for f in argv[1:]]
+        rows = [r for d in docs for r in d["rows"]]
+        print(table(rows))
+        return 0 if all(r.get("result") == "pass" for r in rows) else 1
+    args = _parse(argv)
+    import tempfile
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check."))
+    c = Check(
+        cpu=args.cpu,
+        work=work,
+        budget_s=args.budget_s,
+        hard_s=max(args.hard_s, args.budget_s),
+        steps=args.steps or (4 if args.cpu else 16),
+        warmup=args.warmup if args.warmup is not None else (1 if args.cpu else 4),
+        started=time.time(),
+        rows=[],
+        checkpoints={},
+    )
+    env = environment(args.cpu)
+    command = "bash launchers/gpu_check.sh " + " ".join(argv)
+    phases = args.phases or list(DEFAULT_PHASES)
+    try:
+        for phase in phases:
+            name, _, span = phase.partition(":")
+            if name == "pipeline":
+                phase_pipeline(c)
+            elif name == "configs":
+                phase_configs(c, bench="bench" in phases)
+            elif name == "bench":
+                if "configs" not in phases:
+                    phase_bench(c)
+            elif name == "2gpu":
+                phase_2gpu(c)
+            elif name == "knobs":
+                lo, _, hi = (span or f"0-{len(GPU_KNOBS) - 1}").partition("-")
+                phase_knobs(c, int(lo), int(hi or lo))
+            else:
+                print(f"unknown phase {phase!r}; choose from {', '.join(PHASES)} (knobs:A-B)", file=sys.stderr)
+                return 2
+    finally:
+        print(write_results(args.out, c.rows, env, command), flush=True)
+    return 0 if c.rows and all(r.get("result") == "pass" or r["result"].startswith("not run") for r in c.rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Pieces of the GPU check (gptoss_hpc.bench.gpu_check): synthetic chat rows, running a command under a budget while
+sampling GPU memory per stage, reading what a launch recorded, and the one table."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import json
+import math
+import os
+import platform
+import random
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_WORDS = tuple(
+    " ".join(
+        [
+            "the of and to in is was for on that with as by at from this are be it an or which have has not but",
+            "model train data time first new two after more other into over also most its only some these many",
+            "system number three state group between during under while where since before because through each",
+            "water light field energy river city music language history answer reason result method value simple",
+        ]
+    ).split()
+)
+
+
+def write_chat_rows(path: Path, rows: int, median_tokens: int, max_tokens: int, seed: int = 0) -> Path:
+    """JSONL chat rows whose lengths are log-normal (median ``median_tokens``, clipped to [median/4, max_tokens]),
+    30 % prompt and 70 % answer, like the bench's synthetic batches (one common word ~ one token)."""
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for _ in range(rows):
+            n = int(min(max_tokens, max(median_tokens / 4, rng.lognormvariate(math.log(median_tokens), 0.5))))
+            prompt, answer = max(4, int(0.3 * n)), max(4, int(0.7 * n))
+            messages = [
+                {"role": "system", "content": "reasoning language: English"},
+                {"role": "user", "content": " ".join(rng.choice(_WORDS) for _ in range(prompt))},
+                {"role": "assistant", "content": " ".join(rng.choice(_WORDS) for _ in range(answer))},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def _gpu_memory_gib() -> list[float]:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [int(x) / 1024 for x in out.split() if x.strip().isdigit()]
+
+
+def _running_stage(point: Path | None) -> str | None:
+    if point is None:
+        return None
+    for status in sorted((point / "status").glob("*.json")) if (point / "status").is_dir() else []:
+        try:
+            if json.loads(status.read_text()).get("state") == "RUNNING":
+                return status.stem
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+@dataclass
+class Sampled:
+    """Outcome of one command: exit code (None = killed at the budget), wall time, and the GPU memory peak
+    (nvidia-smi memory.used, the largest GPU) per stage that was RUNNING when sampled."""
+
+    rc: int | None
+    wall_s: float
+    peak_gib: dict[str, float] = field(default_factory=dict)
+    tail: str = ""
+    started: float = 0.0
+
+
+def run_sampled(
+    cmd: list[str],
+    *,
+    env: dict[str, str],
+    log: Path,
+    timeout_s: float,
+    runs: Path | None = None,
+    label: str = "run",
+    sample: bool = True,
+) -> Sampled:
+    """Run ``cmd`` (stdout+stderr to ``log``) for at most ``timeout_s``, then end its process group."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    peaks: dict[str, float] = {}
+    done = threading.Event()
+
+    def sampler() -> None:
+        while not done.wait(1.0):
+            mem = _gpu_memory_gib()
+            if not mem:
+                continue
+            points = sorted(runs.glob("*/p000")) if runs is not None else []  # <run_root>/<name>/<timestamp>/p000
+            stage = _running_stage(points[-1] if points else None) or label
+            peaks[stage] = max(peaks.get(stage, 0.0), max(mem))
+
+    started = time.time()
+    with log.open("w", encoding="utf-8") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        thread = threading.Thread(target=sampler, daemon=True)
+        if sample:
+            thread.start()
+        try:
+            rc: int | None = proc.wait(timeout=max(1.0, timeout_s))
+        except subprocess.TimeoutExpired:
+            rc = None
+            os.killpg(proc.pid, signal.SIGTERM)  # our own child's group: the launcher and its local jobs
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        done.set()
+    wall = time.time() - started
+    text = log.read_text(errors="replace")
+    return Sampled(rc, wall, {k: round(v, 1) for k, v in peaks.items()}, text[-3000:], started)
+
+
+def steady_train_facts(point: Path, warmup_steps: int) -> dict[str, Any]:
+    """The trainer's own throughput from metrics.jsonl (rank 0 logs every step: wall time and
+    num_input_tokens_seen, real non-padding tokens over all ranks), without the first ``warmup_steps`` steps
+    (compilation), and the real tokens per optimizer step."""
+    rows = []
+    metrics = point / "metrics.jsonl"
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        rec = json.loads(line)
+        if "num_input_tokens_seen" in rec and "time" in rec and "loss" in rec:
+            rows.append((int(rec["step"]), float(rec["time"]), int(rec["num_input_tokens_seen"])))
+    facts: dict[str, Any] = {"logged_steps": len(rows)}
+    if len(rows) >= 2:
+        per_step = sorted(b[2] - a[2] for a, b in itertools.pairwise(rows))
+        facts["real_tokens_per_step"] = per_step[len(per_step) // 2]
+    steady = [r for r in rows if r[0] >= warmup_steps]
+    if len(steady) >= 2 and steady[-1][1] > steady[0][1]:
+        facts["train_tok_s"] = round((steady[-1][2] - steady[0][2]) / (steady[-1][1] - steady[0][1]))
+        facts["steady_steps"] = f"{steady[0][0]}-{steady[-1][0]}"
+    train_metrics = point / "train_metrics.json"
+    if train_metrics.is_file():
+        m = json.loads(train_metrics.read_text())
+        batch = m.get("batch") or {}
+        facts["max_tokens_per_step"] = batch.get("max_tokens_per_step")
+        facts["world_size"] = m.get("world_size")
+        facts["speed_knobs"] = m.get("speed_knobs")
+        facts["global_step"] = m.get("global_step")
+    return facts
+
+
+def stage_record(point: Path, stage: str) -> dict[str, Any]:
+    """status/<stage>.json of a point: state, error, and the wall_s / peak_gpu_gib a stage records there."""
+    path = point / "status" / f"{stage}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+COLUMNS = (
+    "phase",
+    "stage / config",
+    "result",
+    "wall s",
+    "peak GPU GiB",
+    "train tok/s",
+    "bench tok/s",
+    "train/bench",
+    "tokens/opt step (real; max)",
+)
+
+
+def _fmt(v: Any) -> str:
+    if v is None or v == "":
+        return ""
+    if isinstance(v, float):
+        return f"{v:,.1f}" if v < 100 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """ONE markdown table over every row (a stage of the pipeline, a train config, a knob combination)."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        ratio = None
+        if r.get("train_tok_s") and r.get("bench_tok_s"):
+            per_gpu = r["train_tok_s"] / max(1, r.get("world_size") or 1)
+            ratio = f"{per_gpu / r['bench_tok_s']:.2f}"
+        tokens = ""
+        if r.get("real_tokens_per_step") or r.get("max_tokens_per_step"):
+            tokens = f"{_fmt(r.get('real_tokens_per_step'))}; {_fmt(r.get('max_tokens_per_step'))}"
+        cells = [
+            r.get("phase"),
+            r.get("name"),
+            r.get("result"),
+            r.get("wall_s"),
+            r.get("peak_gpu_gib"),
+            r.get("train_tok_s"),
+            r.get("bench_tok_s"),
+            ratio,
+            tokens,
+        ]
+        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def environment(cpu: bool) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "cpu_form": cpu,
+    }
+    for mod in ("torch", "transformers", "peft", "trl", "deepspeed", "accelerate"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:  # a missing package shows as absent in the record, not as a crash of the check
+            env[mod] = None
+    if not cpu:
+        import torch
+
+        env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    env["nccl_env"] = {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}
+    return env
+
+
+def write_results(out: Path | None, rows: list[dict[str, Any]], env: dict[str, Any], command: str) -> str:
+    text = f"GPU check {env.get('date')} on {env.get('gpus') or 'CPU'}: `{command}`\n\n" + table(rows)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu_check.md").write_text(text)
+        (out / "gpu_check.json").write_text(json.dumps({"env": env, "command": command, "rows": rows}, indent=1))
+    return text
