@@ -23,7 +23,8 @@ PURE=(
     trl==1.16.0 peft==0.21.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
     hydra-core==1.3.8 omegaconf==2.3.1 submitit==1.5.4 hjson==3.1.0
     pydantic==2.14.4 annotated-types==0.8.0 typing-inspection==0.4.5
-    fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 annotated-doc==0.0.7 bpe-openai==0.1.4
+    fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 annotated-doc==0.0.7 opentelemetry-api==1.45.2
+    bpe-openai==0.1.4
 )
 BINARY=(pydantic-core==2.50.5 openai-harmony==0.0.8)
 PLATFORMS=()

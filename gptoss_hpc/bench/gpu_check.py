@@ -3,6 +3,7 @@
     bash launchers/gpu_check.sh                       # every phase that fits one GPU (pipeline configs bench knobs)
     bash launchers/gpu_check.sh pipeline              # train -> merge -> eval -> serve, shipped defaults, cluster=local
     bash launchers/gpu_check.sh configs bench         # train=default and train=reference (stage + bench tok/s)
+    bash launchers/gpu_check.sh bench:default configs:reference   # one config each (`:default`, `:reference`)
     bash launchers/gpu_check.sh 2gpu                  # train=default on 2 GPUs: one rank per GPU, as on Slurm
     bash launchers/gpu_check.sh knobs:0-7             # GPU knob list, entries 0..7 (GPU_KNOBS below)
     bash launchers/gpu_check.sh --cpu pipeline        # CI-sized: tiny checkpoint, CPU ranks (tests/test_gpu_check.py)
@@ -282,16 +283,21 @@ def phase_pipeline(c: Check) -> None:
     c.rows.append({"phase": "pipeline", **serve_once(merged, c.env(), c.work / "logs" / "serve.log", c.hard_left())})
 
 
-def phase_configs(c: Check, bench: bool) -> None:
+def _selected(span: str) -> dict[str, list[str]]:
+    """TRAIN_CONFIGS, or the one a phase's `:default` / `:reference` suffix names."""
+    return {k: v for k, v in TRAIN_CONFIGS.items() if not span or k == f"train={span}"}
+
+
+def phase_configs(c: Check, bench: bool, span: str = "") -> None:
     ckpt = checkpoint(c)
-    for name, extra in TRAIN_CONFIGS.items():
+    for name, extra in _selected(span).items():
         if not c.skip("configs", name):
             launch(c, "configs", name, [*base_overrides(c, ckpt, 1), *extra], stages="[train]", bench=bench)
 
 
-def phase_bench(c: Check) -> None:
+def phase_bench(c: Check, span: str = "") -> None:
     """The bench alone for the train configs (when `configs` ran in another command)."""
-    for name, extra in TRAIN_CONFIGS.items():
+    for name, extra in _selected(span).items():
         row = {"phase": "bench", "name": name, "result": "pass"}
         ov = base_overrides(c, Path("unused"), 1) + extra
         bench_for(c, "bench", ov, row)
@@ -375,10 +381,10 @@ def main(argv: list[str] | None = None) -> int:
             if name == "pipeline":
                 phase_pipeline(c)
             elif name == "configs":
-                phase_configs(c, bench="bench" in phases)
+                phase_configs(c, bench="bench" in phases, span=span)
             elif name == "bench":
                 if "configs" not in phases:
-                    phase_bench(c)
+                    phase_bench(c, span)
             elif name == "2gpu":
                 phase_2gpu(c)
             elif name == "knobs":

@@ -148,7 +148,12 @@ def steady_train_facts(point: Path, warmup_steps: int) -> dict[str, Any]:
         facts["real_tokens_per_step"] = per_step[len(per_step) // 2]
     steady = [r for r in rows if r[0] >= warmup_steps]
     if len(steady) >= 2 and steady[-1][1] > steady[0][1]:
-        facts["train_tok_s"] = round((steady[-1][2] - steady[0][2]) / (steady[-1][1] - steady[0][1]))
+        # median of the per-step rates is the steady state (as bench train reports it); the mean over the same
+        # steps also carries any stall (a recompile, a checkpoint), so both are kept and shown
+        rates = sorted((b[2] - a[2]) / (b[1] - a[1]) for a, b in itertools.pairwise(steady) if b[1] > a[1])
+        facts["train_tok_s"] = round(rates[len(rates) // 2])
+        facts["train_tok_s_mean"] = round((steady[-1][2] - steady[0][2]) / (steady[-1][1] - steady[0][1]))
+        facts["step_s"] = [round(b[1] - a[1], 3) for a, b in itertools.pairwise(rows)]
         facts["steady_steps"] = f"{steady[0][0]}-{steady[-1][0]}"
     train_metrics = point / "train_metrics.json"
     if train_metrics.is_file():
@@ -176,7 +181,7 @@ COLUMNS = (
     "result",
     "wall s",
     "peak GPU GiB",
-    "train tok/s",
+    "train tok/s (median step; mean)",
     "bench tok/s",
     "train/bench",
     "tokens/opt step (real; max)",
@@ -210,7 +215,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             r.get("result"),
             r.get("wall_s"),
             r.get("peak_gpu_gib"),
-            r.get("train_tok_s"),
+            f"{_fmt(r.get('train_tok_s'))}; {_fmt(r.get('train_tok_s_mean'))}" if r.get("train_tok_s") else None,
             r.get("bench_tok_s"),
             ratio,
             tokens,

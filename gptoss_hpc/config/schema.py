@@ -205,6 +205,10 @@ class EvalConfig:
     prompts: list[dict[str, str]] = field(default_factory=list)
     max_eval_rows: int | None = 200
     do_sample: bool = False
+    # Attention for eval's and serve's forward passes and generation (transformers' attn_implementation).
+    # Not flex_attention: on the H200 (torch 2.11) inductor cannot lower flex_attention for generation's
+    # dynamic shapes (NoValidChoicesError); eager handles gpt-oss's attention sinks and short prompts well.
+    attn_implementation: str = "eager"
 
 
 @dataclass

@@ -104,13 +104,14 @@ def cuda_device_map() -> dict[str, int] | None:
 
 def load_inference_model(folder: str | Path, cfg: RunConfig | None = None) -> PreTrainedModel:
     """A saved (merged, bf16/fp32) model for generation: on the GPU when there is one, loaded there directly.
-    ``cfg`` picks dtype and kernels; without it the folder's own dtype is kept."""
+    ``cfg`` picks dtype and kernels; without it the folder's own dtype is kept. Attention is
+    ``eval.attn_implementation`` (eager by default: see EvalConfig)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict = {"dtype": "auto", "device_map": cuda_device_map()}
+    attn = cfg.eval.attn_implementation if cfg is not None else "eager"
+    kwargs: dict = {"dtype": "auto", "device_map": cuda_device_map(), "attn_implementation": attn}
     if cfg is not None:
         kwargs["dtype"] = torch_dtype(cfg.model.dtype)
-        kwargs["attn_implementation"] = cfg.model.attn_implementation
         if cfg.model.experts_implementation is not None:
             kwargs["experts_implementation"] = cfg.model.experts_implementation
     model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
@@ -118,9 +119,14 @@ def load_inference_model(folder: str | Path, cfg: RunConfig | None = None) -> Pr
     return model.eval()
 
 
-def load_base_model(cfg: RunConfig, paths: PointPaths | None, *, for_training: bool) -> PreTrainedModel:
+def load_base_model(
+    cfg: RunConfig, paths: PointPaths | None, *, for_training: bool, for_generation: bool = False
+) -> PreTrainedModel:
+    """The base model; ``for_generation`` switches attention to ``eval.attn_implementation`` (eval, serve)."""
     model = _load_tiny(cfg, paths) if cfg.model.tiny else _load_pretrained(cfg, for_training)
     model.config.use_cache = not for_training
+    if for_generation and model.config._attn_implementation != cfg.eval.attn_implementation:
+        model.set_attn_implementation(cfg.eval.attn_implementation)
     if not for_training:
         model.eval()
     return model

@@ -227,7 +227,7 @@ def load_base(cfg: RunConfig, paths: PointPaths) -> Any:
 
     from gptoss_hpc.modeling.model import load_base_model
 
-    base = load_base_model(cfg, paths, for_training=False)
+    base = load_base_model(cfg, paths, for_training=False, for_generation=True)
     if torch.cuda.is_available() and next(base.parameters()).device.type == "cpu":  # the tiny model is built
         base = base.to("cuda")
     return base
