@@ -89,3 +89,9 @@ def test_table_joins_phases_and_fails_on_a_failed_row(tmp_path, capsys):
     row = "| configs | train=default | pass |  |  | 30,000 | 31,000 | 0.97 | 16,000; 16,384 |"
     assert row in capsys.readouterr().out
     assert gpu_check_main(["table", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 1
+    two = {"rows": [{"phase": "2gpu", "name": "train=default x2 (one rank per GPU)", "result": "pass",
+                     "train_tok_s": 57000, "world_size": 2}]}  # fmt: skip
+    (tmp_path / "c.json").write_text(json.dumps(two))
+    capsys.readouterr()
+    assert gpu_check_main(["table", str(tmp_path / "a.json"), str(tmp_path / "c.json")]) == 0
+    assert "28,500 tok/s per GPU = 95% of one GPU (30,000)" in capsys.readouterr().out

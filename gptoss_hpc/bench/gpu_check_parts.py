@@ -198,6 +198,23 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def scaling_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per-GPU throughput of each multi-GPU train=default run against the one-GPU train=default run (issue 19)."""
+    one = [r for r in rows if r.get("name") == "train=default" and r.get("train_tok_s")]
+    if not one:
+        return []
+    base = one[-1]["train_tok_s"]
+    lines = []
+    for r in rows:
+        n = r.get("world_size") or 1
+        if n > 1 and r.get("train_tok_s") and str(r.get("name", "")).startswith("train=default"):
+            per_gpu = r["train_tok_s"] / n
+            lines.append(
+                f"scaling: {r['name']}: {per_gpu:,.0f} tok/s per GPU = {per_gpu / base:.0%} of one GPU ({base:,})"
+            )
+    return lines
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """ONE markdown table over every row (a stage of the pipeline, a train config, a knob combination)."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -221,7 +238,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             tokens,
         ]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+    scaling = scaling_lines(rows)
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(scaling) + "\n" if scaling else "")
 
 
 def environment(cpu: bool) -> dict[str, Any]:
