@@ -20,6 +20,15 @@ from gptoss_hpc.paths import PointPaths
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+# Problems a stage survived (W&B down, Hub push refused): logged, and kept in status/<stage>.json's
+# "warnings" so `status` and the report show them. Reset by run_stage.
+_WARNINGS: list[str] = []
+
+
+def stage_warning(message: str) -> None:
+    """Record a non-fatal problem of the running stage (rank 0's shows in status and the report)."""
+    log.warning("%s", message)
+    _WARNINGS.append(message)
 
 
 def is_rank_zero() -> bool:
@@ -42,6 +51,7 @@ def run_stage(stage: str, config_path: str | Path, body: Callable[[RunConfig, Po
     paths = PointPaths.from_config(config_path)
     cfg = load_run_config(paths.config)
     write_status(paths, stage, "RUNNING")
+    _WARNINGS.clear()
     try:
         result = body(cfg, paths)
     except BaseException as exc:
@@ -51,9 +61,10 @@ def run_stage(stage: str, config_path: str | Path, body: Callable[[RunConfig, Po
             "FAILED",
             error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500] if str(exc) else type(exc).__name__,
             traceback=traceback.format_exc()[-4000:],
+            warnings=list(_WARNINGS),
         )
         raise
-    write_status(paths, stage, "COMPLETED")
+    write_status(paths, stage, "COMPLETED", warnings=list(_WARNINGS))
     return result
 
 
