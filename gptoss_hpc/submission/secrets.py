@@ -31,7 +31,6 @@ def wandb_key_problem(key: str) -> str | None:
     """wandb's own format rule (wandb.sdk.lib.wbauth.validation.check_api_key, 0.31): a JWT, or an optional
     on-prem "<prefix>-" then 40+ of [A-Za-z0-9_-]. wandb refuses anything else inside the job; we refuse it
     before submitting. The message never holds the key."""
-    key = key.strip()
     if _JWT_RE.fullmatch(key):
         return None
     secret = key.split("-", 1)[-1]
