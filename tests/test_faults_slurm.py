@@ -145,7 +145,13 @@ def test_rank_1_sigkilled_mid_training_fails_the_job_and_cancels_merge_and_eval(
 
 def test_rank_0_exception_fails_the_job_with_the_error_in_status(tmp_path: Path) -> None:
     run_dir, jobs = _launch(["name=raise0", *ENDLESS], tmp_path, _clean_env({FAULT_ENV: "0:3"}))
-    _wait_for_step(run_dir, jobs, 3)  # rank 0 raises at the end of step 3 (after logging it)
+    status_file = RunPaths(run_dir).point(0).stage_status("train")
+    deadline = time.time() + 900
+    while time.time() < deadline and '"FAILED"' not in (status_file.read_text() if status_file.is_file() else ""):
+        time.sleep(0.5)  # rank 0 records FAILED right after the exception: the clock starts there
+    if '"FAILED"' not in status_file.read_text():  # before the fix: rank 0 stuck in a barrier, RUNNING forever
+        subprocess.run(["scancel", *jobs.values()], check=False)
+        pytest.fail(f"rank 0 never recorded its failure: {status_file.read_text()}\n{_logs(run_dir)}")
     states = _wait_terminal(jobs, ["train"], HANG_BOUND_S)
     assert states["train"] == "FAILED", _logs(run_dir)
     assert _wait_terminal(jobs, ["merge", "eval"], HANG_BOUND_S) == {"merge": "CANCELLED", "eval": "CANCELLED"}
@@ -224,6 +230,10 @@ def test_push_403_and_unreachable_wandb_are_warnings_and_the_run_completes(tmp_p
     assert any(w.startswith("push failed:") and "403" in w for w in merge_warnings), merge_warnings
     shown = _status(run_dir)
     assert "push failed:" in shown and "wandb: online run failed" in shown, shown
+    from gptoss_hpc.stages.report import build_report
+
+    report = build_report(run_dir).read_text()
+    assert "## Warnings" in report and "p000: merge: push failed:" in report, report
 
     leaks = [
         f"{p}: {name}"

@@ -32,7 +32,15 @@ def stage_warning(message: str) -> None:
 
 
 def is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    """RANK, else the launcher's own task id: the train stage removes RANK again when it returns or raises
+    (in-process callers), and then every rank of an srun step would think it is rank 0."""
+    env = os.environ
+    rank = env.get("RANK")
+    if rank is None and "SLURM_STEP_ID" in env:
+        rank = env.get("SLURM_PROCID")
+    if rank is None:
+        rank = env.get("SUBMITIT_LOCAL_GLOBALID")
+    return int(rank or "0") == 0
 
 
 def write_status(paths: PointPaths, stage: str, state: str, **extra: object) -> None:

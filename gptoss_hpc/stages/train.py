@@ -51,7 +51,7 @@ from gptoss_hpc.modeling.distributed import (
 )
 from gptoss_hpc.modeling.trainer import speed_knobs_callback, trainer_class
 from gptoss_hpc.paths import PointPaths
-from gptoss_hpc.stages.common import run_stage, stage_cli, stage_warning, write_status
+from gptoss_hpc.stages.common import is_rank_zero, run_stage, stage_cli, stage_warning, write_status
 
 log = logging.getLogger(__name__)
 
@@ -438,7 +438,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         except Preempted as exc:
             paths = PointPaths.from_config(config_path)
             write_status(paths, STAGE, "REQUEUED", checkpoint=exc.checkpoint, step=exc.step)
-            if int(os.environ.get("RANK", "0")) != 0:
+            if not is_rank_zero():
                 time.sleep(120)  # rank 0 requeues the whole job, which ends this task
                 raise
             if callable(submitit_handler):
