@@ -22,7 +22,6 @@ makes that rank raise InjectedFault at the end of that optimizer step (the fault
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -49,6 +48,7 @@ from gptoss_hpc.modeling.distributed import (
     setup_distributed,
     shutdown_distributed,
 )
+from gptoss_hpc.modeling.tracking import finish_wandb, start_wandb
 from gptoss_hpc.modeling.trainer import speed_knobs_callback, trainer_class
 from gptoss_hpc.paths import PointPaths
 from gptoss_hpc.stages.common import is_rank_zero, run_stage, stage_cli, stage_warning, write_status
@@ -305,58 +305,6 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
         if metrics["hub_push"]:
             write_atomic(paths.train_metrics, json.dumps(metrics, indent=2) + "\n")
     return metrics
-
-
-def start_wandb(paths: PointPaths, run_name: str) -> bool:
-    """Start the W&B run on rank 0 (transformers' WandbCallback then reuses it). Online first; if that fails
-    (no network on compute nodes, a refused key), offline files under <point>/wandb for `wandb sync`; if even
-    that fails, False: TensorBoard only. Every fallback is a stage warning, never an exception."""
-    if importlib.util.find_spec("wandb") is None:
-        stage_warning("wandb: WANDB_API_KEY is set but wandb is not installed (pip install 'gptoss_hpc[wandb]'); "
-                      "logging to TensorBoard only")  # fmt: skip
-        return False
-    import wandb
-
-    (paths.root / "wandb").mkdir(exist_ok=True)
-    init = {"project": os.environ["WANDB_PROJECT"], "name": run_name, "dir": str(paths.root)}
-    try:
-        wandb.init(**init)
-        return True
-    except Exception as exc:  # wandb raises CommError, AuthenticationError, UsageError ... and worse
-        reason = _scrub(f"{type(exc).__name__}: {exc}".splitlines()[0])
-    if os.environ.get("WANDB_MODE", "").lower() != "offline":
-        try:
-            run = wandb.init(**init, mode="offline")
-            os.environ["WANDB_MODE"] = "offline"  # what WandbCallback and any later init in this job see
-            stage_warning(
-                f"wandb: online run failed ({reason}); logging offline to {Path(run.dir).parent} "
-                f"(upload it later: wandb sync {Path(run.dir).parent}) and to TensorBoard"
-            )
-            return True
-        except Exception as exc:
-            reason += f"; offline too: {_scrub(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}"
-    stage_warning(f"wandb: could not start a run ({reason}); logging to TensorBoard only")
-    return False
-
-
-def finish_wandb() -> None:
-    """Close this process's W&B run, if any (a failure to upload is a warning: the run's files stay local)."""
-    wandb = sys.modules.get("wandb")
-    if wandb is None or getattr(wandb, "run", None) is None:
-        return
-    try:
-        wandb.finish()
-    except Exception as exc:
-        stage_warning(f"wandb: finishing the run failed ({_scrub(str(exc).splitlines()[0])})")
-
-
-def _scrub(text: str) -> str:
-    """No secret value in a message we store (wandb/hub errors could echo a header or a key)."""
-    from gptoss_hpc.submission.secrets import values
-
-    for value in values():
-        text = text.replace(value, "***")
-    return text
 
 
 def _engine_facts(trainer) -> dict[str, Any]:
