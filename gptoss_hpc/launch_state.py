@@ -105,8 +105,9 @@ class JobRow:
     log_out: str = ""
     log_err: str = ""
     stderr_tail: list[str] = field(default_factory=list)
-    error: str = ""  # local backend: the error line of status/<stage>.json
+    error: str = ""  # the error line of the point's status/<stage>.json (rank 0's exception)
     endpoint: str = ""  # serve jobs: URL, model id and where the API key is (never the key)
+    warnings: list[str] = field(default_factory=list)  # what the stage survived: "push failed: ...", W&B
 
     @property
     def terminal(self) -> bool:
@@ -296,6 +297,21 @@ def _fill_local(rows: list[JobRow], run_dir: Path) -> None:
             row.state = "CANCELLED"
 
 
+def _fill_from_status_file(row: JobRow, run_dir: Path) -> None:
+    """The point's own record of this stage: its warnings, and (Slurm) the error line sacct cannot give."""
+    if len(row.points) != 1 or row.state == "PENDING":
+        return
+    try:
+        rec = json.loads(RunPaths(run_dir).point(row.points[0]).stage_status(row.stage).read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(rec, dict):
+        return
+    row.warnings = [str(w) for w in rec.get("warnings") or []]
+    if row.failed and not row.error and rec.get("state") == "FAILED" and rec.get("error"):
+        row.error = str(rec["error"])
+
+
 def _fill_slurm(rows: list[JobRow], manifest: Manifest, use_sacct: bool) -> tuple[str, str]:
     result = slurm_query.query([j.job_id for j in manifest.jobs], tasks=[r.job_id for r in rows], use_sacct=use_sacct)
     for row in rows:
@@ -343,4 +359,5 @@ def collect(run_dir: str | Path, *, use_sacct: bool = True) -> LaunchStatus:
             row.stderr_tail = tail_lines(row.log_err)
         if row.stage == "serve" and len(row.points) == 1:
             row.endpoint = serve_endpoint(rdir / point_dirname(row.points[0]) / "status" / "serve.json")
+        _fill_from_status_file(row, rdir)
     return LaunchStatus(str(rdir), manifest.name, manifest.backend, source, rows, note)

@@ -63,7 +63,7 @@ _COLUMNS = (
 
 
 def _cells(r: JobRow) -> list[str]:
-    detail = r.reason if r.state == "PENDING" else ""
+    detail = r.reason if r.state == "PENDING" else "; ".join(r.warnings)
     if r.failed:
         exit_code = r.exit_code if r.exit_code not in ("", "0:0") else ""
         detail = f"exit {exit_code}" if exit_code else (r.error or r.reason)
@@ -125,9 +125,15 @@ def render(status: LaunchStatus, *, max_failures: int = 5):  # -> rich.console.G
     for r in failed[:max_failures]:
         body = "\n".join(r.stderr_tail) if r.stderr_tail else (r.error or "(no stderr logged)")
         parts.append(Text(f"\n{r.stage} {r.job_id} {r.state} exit {r.exit_code or '?'} — {r.log_err}", style="red"))
+        if r.error and r.stderr_tail:  # rank 0's exception line, which the log tail may not reach
+            parts.append(Text(f"error: {r.error}", style="red"))
         parts.append(Text(body, style="dim"))
     if len(failed) > max_failures:
         parts.append(Text(f"... and {len(failed) - max_failures} more failed jobs (--json lists all)"))
+    warned = [(r, w) for r in status.rows for w in r.warnings]
+    if warned:
+        parts.append(Text("\nwarnings (the stage went on):", style="yellow"))
+        parts += [Text(f"  {r.stage} {r.job_id or '-'} point {','.join(map(str, r.points))}: {w}") for r, w in warned]
     return Group(*parts)
 
 

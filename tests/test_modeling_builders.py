@@ -94,6 +94,7 @@ GOLDEN_SFT_GPU = {
     "data_seed": 42,
     "dataloader_num_workers": 2,
     "ddp_find_unused_parameters": False,
+    "ddp_timeout": 1800,
     "report_to": ["tensorboard"],
     "run_name": "gptoss-p000",
     "push_to_hub": False,

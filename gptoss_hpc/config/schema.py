@@ -193,7 +193,12 @@ class TrainConfig:
     # DeepSpeed ZeRO (rendered to JSON per run); false = plain DDP / single process.
     deepspeed: bool = True
     zero: ZeroConfig = field(default_factory=ZeroConfig)
+    # Seconds a collective waits for a peer before this rank fails (transformers' TrainingArguments.ddp_timeout,
+    # set on the process group on every path): ends a job whose rank hangs alive. A rank that dies or raises
+    # ends the job at once through srun --kill-on-bad-exit instead.
+    ddp_timeout: int = 1800
     # Hub push of the adapter/merged model when HF_TOKEN is set; PUSH_TO_HUB=false in the env also disables.
+    # A failed push is a warning (status shows "push failed: <reason>"): the stage still succeeds.
     push_to_hub: bool = True
     hub_model_id: str | None = None
 

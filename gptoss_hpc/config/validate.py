@@ -288,6 +288,7 @@ def _train(cfg: RunConfig) -> list[str]:
         p.append(f"train.pad_to_multiple_of must be >= 1 or null (got {t.pad_to_multiple_of})")
     if t.loss_chunk_tokens < 0:
         p.append(f"train.loss_chunk_tokens must be >= 0 (got {t.loss_chunk_tokens}); 0 = TRL's full-logits loss")
+    p += _at_least("train.ddp_timeout", t.ddp_timeout, 1, "seconds a collective waits for a peer, e.g. 1800")
     if t.hub_model_id is not None and "/" not in t.hub_model_id:
         p.append(f"train.hub_model_id {t.hub_model_id!r} must be <user-or-org>/<name>")
     return p

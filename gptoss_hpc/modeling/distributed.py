@@ -104,7 +104,11 @@ def any_rank(flag: bool) -> bool:
 
 
 def shutdown_distributed() -> None:
-    """barrier + destroy: without it a rank sometimes aborts at exit (FACTS)."""
+    """Success path only: barrier + destroy; without it a rank sometimes aborts at exit (FACTS).
+
+    Never call it on an error path: the barrier waits for ranks that may be stuck in another collective or
+    dead, and the failing rank would then never exit (so srun's --kill-on-bad-exit never fires).
+    Use abort_distributed there."""
     try:
         import torch.distributed as dist
     except ImportError:
@@ -114,3 +118,58 @@ def shutdown_distributed() -> None:
             dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+def abort_distributed() -> None:
+    """Error path: drop the process group without any collective, so this rank exits now and its non-zero
+    exit takes the srun step down (--kill-on-bad-exit); peers blocked on it fail or are killed."""
+    try:
+        import torch.distributed as dist
+        from torch.distributed import distributed_c10d as c10d
+    except ImportError:
+        return
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if "nccl" in str(dist.get_backend()) and hasattr(c10d, "_abort_process_group"):
+            # ncclCommAbort: does not wait for in-flight kernels; destroy (shutdown) may wait on them.
+            c10d._abort_process_group()
+        else:
+            dist.destroy_process_group()  # gloo: local teardown, no message to peers
+    except Exception as exc:  # the original error matters more; exiting without teardown is fine
+        log.warning("process group teardown after an error failed: %s", exc)
+
+
+def set_collective_timeout(seconds: float) -> float | None:
+    """Give the live default process group `seconds` per collective (train.ddp_timeout) and return the
+    timeout now in force, or None when not distributed.
+
+    transformers passes ddp_timeout to init_process_group/DeepSpeed on GPUs but drops it with use_cpu=True;
+    setting it on the group itself makes it hold on every path, so a rank stuck on a hung peer fails."""
+    import datetime as dt
+
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if hasattr(c10d, "_set_pg_timeout"):
+        c10d._set_pg_timeout(dt.timedelta(seconds=seconds))
+    return collective_timeout_s()
+
+
+def collective_timeout_s() -> float | None:
+    """The default process group's per-collective timeout in seconds (what actually holds), or None."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    pg = c10d._get_default_group()
+    for device in ("cuda", "cpu"):
+        try:
+            return pg._get_backend(torch.device(device)).options._timeout.total_seconds()
+        except (AttributeError, RuntimeError):
+            continue
+    return None

@@ -20,10 +20,27 @@ from gptoss_hpc.paths import PointPaths
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+# Problems a stage survived (W&B down, Hub push refused): logged, and kept in status/<stage>.json's
+# "warnings" so `status` and the report show them. Reset by run_stage.
+_WARNINGS: list[str] = []
+
+
+def stage_warning(message: str) -> None:
+    """Record a non-fatal problem of the running stage (rank 0's shows in status and the report)."""
+    log.warning("%s", message)
+    _WARNINGS.append(message)
 
 
 def is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    """RANK, else the launcher's own task id: the train stage removes RANK again when it returns or raises
+    (in-process callers), and then every rank of an srun step would think it is rank 0."""
+    env = os.environ
+    rank = env.get("RANK")
+    if rank is None and "SLURM_STEP_ID" in env:
+        rank = env.get("SLURM_PROCID")
+    if rank is None:
+        rank = env.get("SUBMITIT_LOCAL_GLOBALID")
+    return int(rank or "0") == 0
 
 
 # perf_counter() when run_stage started each stage in this process: wall_s in its status records.
@@ -76,6 +93,7 @@ def run_stage(stage: str, config_path: str | Path, body: Callable[[RunConfig, Po
     _STARTED[stage] = time.perf_counter()
     _reset_peak_gpu()
     write_status(paths, stage, "RUNNING")
+    _WARNINGS.clear()
     try:
         result = body(cfg, paths)
     except BaseException as exc:
@@ -85,9 +103,10 @@ def run_stage(stage: str, config_path: str | Path, body: Callable[[RunConfig, Po
             "FAILED",
             error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500] if str(exc) else type(exc).__name__,
             traceback=traceback.format_exc()[-4000:],
+            warnings=list(_WARNINGS),
         )
         raise
-    write_status(paths, stage, "COMPLETED")
+    write_status(paths, stage, "COMPLETED", warnings=list(_WARNINGS))
     return result
 
 

@@ -7,7 +7,8 @@ Reads ``adapter/`` (adapter + tokenizer, from the train stage); writes ``merged/
 tokenizer, ``README.md`` (model card) and ``merge_check.json`` (max/mean |logit diff|, tolerances, the
 adapter's own effect and, in bf16/fp16, the rounding-noise floor the tolerance is calibrated by). The
 folder is written under a temporary name and renamed, so ``merged/`` is either complete or absent.
-Optional Hub push: only when HF_TOKEN is set, ``train.push_to_hub`` is true and PUSH_TO_HUB != "false".
+Optional Hub push: only when HF_TOKEN is set, ``train.push_to_hub`` is true and PUSH_TO_HUB != "false"; a
+push that fails (read-only token, no network) is a warning ("push failed: ..." in status): merged/ is saved.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from gptoss_hpc.config import RunConfig
 from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.fileio import write_atomic
 from gptoss_hpc.paths import PointPaths
-from gptoss_hpc.stages.common import run_stage, stage_cli
+from gptoss_hpc.stages.common import run_stage, stage_cli, stage_warning
 
 log = logging.getLogger(__name__)
 
@@ -338,8 +339,11 @@ def body(cfg: RunConfig, paths: PointPaths) -> Path:
     log.info("merged model saved to %s", paths.merged)
 
     if should_push(cfg, os.environ):
-        repo_id = push_to_hub(cfg, paths)
-        log.info("pushed the merged model to https://huggingface.co/%s", repo_id)
+        try:
+            repo_id = push_to_hub(cfg, paths)
+            log.info("pushed the merged model to https://huggingface.co/%s", repo_id)
+        except GptossHpcError as exc:  # merged/ is complete on disk: a failed upload must not fail the stage
+            stage_warning(f"push failed: {exc}")
     return paths.merged
 
 

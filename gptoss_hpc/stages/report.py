@@ -46,6 +46,7 @@ class PointSummary:
     state: str = "ok"  # ok | failed
     stages: dict[str, str] = field(default_factory=dict)  # stage -> COMPLETED | FAILED | RUNNING | MISSING
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # "<stage>: push failed: ...", W&B fallbacks
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     final_train_loss: float | None = None
@@ -159,6 +160,7 @@ def summarize_point(run: RunPaths, manifest: Manifest, record: Any) -> PointSumm
         status = _read_json(paths.stage_status(stage))
         state = str(status.get("state", "UNKNOWN")) if status else "MISSING"
         summary.stages[stage] = state
+        summary.warnings += [f"{stage}: {w}" for w in (status or {}).get("warnings") or []]
         if state == "COMPLETED":
             continue
         summary.state = "failed"
@@ -279,6 +281,10 @@ def render_markdown(manifest: Manifest, points: Sequence[PointSummary], best: Po
         lines += ["", "## Failed points", ""]
         for p in failed:
             lines += [f"### {p.dir} ({' '.join(p.overrides) or 'no overrides'})", "", "```", *p.errors, "```", ""]
+    warned = [p for p in points if p.warnings]
+    if warned:
+        lines += ["", "## Warnings (the stages went on)", ""]
+        lines += [f"- {p.dir}: {w}" for p in warned for w in p.warnings]
     lines += ["", "## Plots", ""]
     lines += [f"![{name}]({name})" for name in PLOTS]
     lines.append("")

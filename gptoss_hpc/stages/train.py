@@ -12,12 +12,16 @@ launcher (``TrainJob``) the job requeues itself; run by hand it exits non-zero s
 Outputs (rank 0): ``adapter/`` (adapter safetensors + config, tokenizer, deepspeed.json), ``metrics.jsonl``
 (one JSON line per logging step), ``train_metrics.json``, TensorBoard in ``train/runs/``; W&B only when
 WANDB_API_KEY is set; a Hub push of the adapter when HF_TOKEN is set, train.push_to_hub is true and
-PUSH_TO_HUB is not "false".
+PUSH_TO_HUB is not "false". A W&B or Hub failure is a warning (status/train.json "warnings"), never a failed
+run: W&B falls back to offline files under ``wandb/`` (``wandb sync`` them later), then to TensorBoard only.
+
+On an error a rank tears down without any collective and exits non-zero; srun's --kill-on-bad-exit then ends
+the other ranks (see modeling/distributed.py). Test-only fault hook: ``GPTOSS_HPC_TEST_RAISE_AT=<rank>:<step>``
+makes that rank raise InjectedFault at the end of that optimizer step (the fault tests use it).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -35,17 +39,32 @@ import submitit
 from gptoss_hpc.config import RunConfig
 from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.fileio import write_atomic
-from gptoss_hpc.modeling.distributed import DIST_ENV, any_rank, setup_distributed, shutdown_distributed
+from gptoss_hpc.modeling.distributed import (
+    DIST_ENV,
+    abort_distributed,
+    any_rank,
+    collective_timeout_s,
+    set_collective_timeout,
+    setup_distributed,
+    shutdown_distributed,
+)
+from gptoss_hpc.modeling.tracking import finish_wandb, start_wandb
 from gptoss_hpc.modeling.trainer import speed_knobs_callback, trainer_class
 from gptoss_hpc.paths import PointPaths
-from gptoss_hpc.stages.common import run_stage, stage_cli, write_status
+from gptoss_hpc.stages.common import is_rank_zero, run_stage, stage_cli, stage_warning, write_status
 
 log = logging.getLogger(__name__)
 
 STAGE = "train"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# Test-only: "<rank>:<step>" makes that rank raise InjectedFault after that step (tests/test_faults_slurm.py).
+FAULT_ENV = "GPTOSS_HPC_TEST_RAISE_AT"
 # Set by the SIGUSR2 handler (or TrainJob.checkpoint); read by the trainer callback at each step end.
 PREEMPT = threading.Event()
+
+
+class InjectedFault(GptossHpcError):
+    """Raised only when GPTOSS_HPC_TEST_RAISE_AT asks for it: a real user never sets that variable."""
 
 
 class Preempted(GptossHpcError):
@@ -124,6 +143,27 @@ def _callbacks(paths: PointPaths, world_size: int) -> tuple[Any, Any]:
     return MetricsCallback(), PreemptionCallback()
 
 
+def _fault_callback() -> Any:
+    """The test-only fault hook (None unless GPTOSS_HPC_TEST_RAISE_AT is set)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    from transformers import TrainerCallback
+
+    try:
+        rank, step = (int(x) for x in spec.split(":"))
+    except ValueError as exc:
+        raise GptossHpcError(f"{FAULT_ENV}={spec!r} is not <rank>:<step>, e.g. 0:2; unset it") from exc
+
+    class FaultCallback(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if int(os.environ.get("RANK", "0")) == rank and state.global_step == step:
+                raise InjectedFault(f"test fault injected by {FAULT_ENV}={spec} on rank {rank} at step {step}")
+
+    log.warning("%s=%s is set: rank %d will raise at step %d (test-only fault hook)", FAULT_ENV, spec, rank, step)
+    return FaultCallback()
+
+
 def _on_usr2(signum, frame) -> None:
     log.warning("caught SIGUSR2: will checkpoint at the end of this step")
     PREEMPT.set()
@@ -143,9 +183,16 @@ def train(cfg: RunConfig, paths: PointPaths) -> dict[str, Any]:
         signal.signal(signal.SIGUSR2, _on_usr2)
     try:
         check_reachable(cfg)  # model/tokenizer: one message before any rank loads anything heavy
-        return _train(cfg, paths, dist_info)
-    finally:
+        result = _train(cfg, paths, dist_info)
+    except BaseException:
+        # No collective here (a barrier would wait forever on a peer stuck in all_gather, and this rank would
+        # never exit): drop the group and re-raise, so the non-zero exit takes the srun step down.
+        abort_distributed()
+        raise
+    else:
         shutdown_distributed()
+        return result
+    finally:
         for k, v in saved_env.items():  # leave the caller's environment as it was (in-process callers)
             if v is None:
                 os.environ.pop(k, None)
@@ -179,12 +226,12 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
     if "deepspeed" in kwargs:
         write_atomic(deepspeed_json_path(paths), json.dumps(render_deepspeed_config(cfg), indent=2) + "\n")
     if wandb_enabled():
-        if importlib.util.find_spec("wandb") is None:
-            raise GptossHpcError("WANDB_API_KEY is set but wandb is not installed: pip install 'gptoss_hpc[wandb]'")
         os.environ.setdefault("WANDB_PROJECT", cfg.name)
         os.environ["WANDB_DIR"] = str(paths.root)
-        if rank0:
-            (paths.root / "wandb").mkdir(exist_ok=True)
+        # Only rank 0 logs to W&B (transformers' WandbCallback); it starts the run here, so a failure is a
+        # warning and not an exception inside trainer.train() while the other ranks wait in a collective.
+        if rank0 and not start_wandb(paths, kwargs["run_name"]):
+            kwargs["report_to"] = [r for r in kwargs["report_to"] if r != "wandb"]
     args = SFTConfig(**kwargs)
     # every rank: the DeepSpeed JSON, accumulation and effective batch are the config's and the same on all ranks
     batch = check_batch_facts(cfg, args, deepspeed_json_path(paths) if "deepspeed" in kwargs else None)
@@ -195,6 +242,9 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
     knobs_cb = speed_knobs_callback(cfg)
     if knobs_cb is not None:
         callbacks.append(knobs_cb)
+    fault_cb = _fault_callback()
+    if fault_cb is not None:
+        callbacks.append(fault_cb)
     trainer_cls = trainer_class(SFTTrainer, cfg, dist_info["world_size"], "deepspeed" in kwargs)
     trainer = trainer_cls(
         model=model,
@@ -205,6 +255,7 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
         peft_config=build_lora_config(cfg),
         callbacks=callbacks,
     )
+    set_collective_timeout(cfg.train.ddp_timeout)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     log.info("LoRA: %d trainable of %d parameters (%.4f%%)", trainable, total, 100 * trainable / total)
 
@@ -245,10 +296,17 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
             "speed_knobs": knobs_cb.summary if knobs_cb is not None else None,
             "batch": batch,
             "hub_repo": None,
+            "hub_push": None,
         }
+        finish_wandb()
         write_atomic(paths.train_metrics, json.dumps(metrics, indent=2) + "\n")
-        metrics["hub_repo"] = push_adapter(cfg, paths)
-        if metrics["hub_repo"]:
+        try:
+            metrics["hub_repo"] = push_adapter(cfg, paths)
+            metrics["hub_push"] = "pushed" if metrics["hub_repo"] else None
+        except GptossHpcError as exc:  # the adapter is saved: a push that failed must not fail the run
+            metrics["hub_push"] = f"push failed: {exc}"
+            stage_warning(metrics["hub_push"])
+        if metrics["hub_push"]:
             write_atomic(paths.train_metrics, json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -269,6 +327,7 @@ def _engine_facts(trainer) -> dict[str, Any]:
         "backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else None,
         "distributed_world_size": dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1,
         "device": str(trainer.args.device),
+        "pg_timeout_s": collective_timeout_s(),
     }
 
 
@@ -315,7 +374,7 @@ def push_adapter(cfg: RunConfig, paths: PointPaths) -> str | None:
     except Exception as exc:
         raise unreachable(
             "Hub repo", repo_id or "<HF_USER>/…", None, exc, "check HF_TOKEN has write access, or PUSH_TO_HUB=false"
-        ) from exc
+        ) from exc  # the caller turns it into a warning: the adapter is saved either way
     log.info("pushed the adapter to https://huggingface.co/%s", repo_id)
     return repo_id
 
@@ -336,7 +395,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         except Preempted as exc:
             paths = PointPaths.from_config(config_path)
             write_status(paths, STAGE, "REQUEUED", checkpoint=exc.checkpoint, step=exc.step)
-            if int(os.environ.get("RANK", "0")) != 0:
+            if not is_rank_zero():
                 time.sleep(120)  # rank 0 requeues the whole job, which ends this task
                 raise
             if callable(submitit_handler):

@@ -28,7 +28,7 @@ from gptoss_hpc.config.io import compose_sweep, to_run_config
 from gptoss_hpc.config.schema import STAGES
 from gptoss_hpc.errors import ConfigError, GptossHpcError, SubmissionError
 from gptoss_hpc.paths import RunPaths, point_dirname
-from gptoss_hpc.submission import sbatch
+from gptoss_hpc.submission import sbatch, secrets
 from gptoss_hpc.submission.executor import RenderOnlyExecutor, TaggedSlurmExecutor, job_tag
 from gptoss_hpc.submission.manifest import JobRecord, Manifest, PointRecord
 
@@ -100,6 +100,7 @@ def compose_launch(overrides: Sequence[str], multirun: bool = False) -> Launch:
             problems += [label + p for p in exc.problems]
             continue
         points.append(Point(index, point_overrides, cfg))
+    problems += secrets.problems()  # malformed WANDB_API_KEY: refused here, not in every job
     if problems:
         header = f"{len(batches)}-point sweep rejected, nothing submitted" if swept else "invalid configuration"
         raise ConfigError(problems, header=header)

@@ -109,6 +109,10 @@ def slurm_parameters(
         if c.container.mounts:
             srun.append(f"--container-mounts={','.join(c.container.mounts)}")
         params["srun_args"] = srun + list(c.container.extra_args)
+    if stage == "train":
+        # A rank that exits non-zero (an exception, a signal) ends the step's other ranks, which would
+        # otherwise wait in a collective for it until the process-group timeout (train.ddp_timeout).
+        params["srun_args"] = ["--kill-on-bad-exit=1", *params.get("srun_args", [])]
     return {k: v for k, v in params.items() if v is not None}
 
 

@@ -12,6 +12,8 @@ read it where huggingface_hub does: HF_TOKEN, else the file at HF_TOKEN_PATH, el
 from __future__ import annotations
 
 import os
+import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -63,4 +65,34 @@ def values() -> list[str]:
     token = hf_token()
     if token and len(token) >= 8 and token not in found:
         found.append(token)
+    return found
+
+
+_JWT_RE = re.compile(r"[\w-]+\.[\w-]+\.[\w-]+")
+
+
+def wandb_key_problem(key: str) -> str | None:
+    """wandb's own format rule (wandb.sdk.lib.wbauth.validation.check_api_key, 0.31): a JWT, or an optional
+    on-prem "<prefix>-" then 40+ of [A-Za-z0-9_-]. wandb refuses anything else inside the job; we refuse it
+    before submitting. The message never holds the key."""
+    if _JWT_RE.fullmatch(key):
+        return None
+    secret = key.split("-", 1)[-1]
+    if not re.fullmatch(r"[\w-]+", secret):
+        return "holds characters other than letters, digits, '_' and '-'"
+    if len(secret) < 40:
+        return f"is {len(secret)} characters long; W&B API keys have 40 or more"
+    return None
+
+
+def problems(env: Mapping[str, str] | None = None) -> list[str]:
+    """Secrets that are set but malformed, named (never shown), each with the fix: checked at launch."""
+    env = os.environ if env is None else env
+    found = []
+    key = env.get("WANDB_API_KEY")
+    if key and (why := wandb_key_problem(key)):
+        found.append(
+            f"WANDB_API_KEY {why}, so W&B would refuse it in every job: copy it again from "
+            "https://wandb.ai/authorize, or `unset WANDB_API_KEY` to log to TensorBoard only"
+        )
     return found
