@@ -34,7 +34,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 # NCCL_NVLS_ENABLE=0 and the rest of the machine's environment are passed through untouched.
-if compgen -G ".whl/*.whl" >/dev/null; then
+# The carried wheels are for the GPU box's Python (3.12); the CPU form runs in the project's own venv.
+if [[ " $* " != *" --cpu "* ]] && compgen -G ".whl/*.whl" >/dev/null; then
   site=${GPU_CHECK_SITE:-/tmp/site}
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
   export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"

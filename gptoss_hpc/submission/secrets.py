@@ -12,7 +12,6 @@ read it where huggingface_hub does: HF_TOKEN, else the file at HF_TOKEN_PATH, el
 from __future__ import annotations
 
 import os
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
