@@ -82,6 +82,10 @@ class ModelConfig:
     dtype: str = "bfloat16"
     # gpt-oss ships MXFP4 experts; training needs them dequantized to bf16.
     dequantize_mxfp4: bool = True
+    # "bfloat16": experts dequantized once at load (the stock path). "mxfp4": the checkpoint's uint8 blocks/scales
+    # stay resident and each layer is dequantized just in time in its forward and backward (a quarter of the
+    # expert memory; gptoss_hpc.modeling.fast.mxfp4_experts); the expert LoRA is applied factored either way.
+    experts_dtype: str = "bfloat16"
     attn_implementation: str = "eager"
     # transformers' MoE experts kernels: "grouped_mm" | "eager" | None (transformers' default).
     experts_implementation: str | None = None

@@ -157,6 +157,12 @@ def _model(cfg: RunConfig) -> list[str]:
         p.append("model.attn_implementation=sdpa is not supported by gpt-oss (attention sinks); use "
                  "flex_attention or eager")  # fmt: skip
     p += _one_of("model.experts_implementation", m.experts_implementation, EXPERTS, "the model yaml")
+    p += _one_of("model.experts_dtype", m.experts_dtype, ("bfloat16", "mxfp4"), "the model yaml")
+    if m.experts_dtype == "mxfp4" and m.tiny:
+        p.append(
+            "model.experts_dtype=mxfp4 needs an MXFP4 checkpoint (model.name_or_path=<folder with *_blocks/"
+            "*_scales shards>); the tiny model is built in bf16/fp32: use model.experts_dtype=bfloat16"
+        )
     if m.tiny:
         from gptoss_hpc.resources import tiny_config_path
 

@@ -1,0 +1,189 @@
+"""MXFP4-resident experts (model.experts_dtype=mxfp4) compute what the bf16-dequantized experts compute.
+
+Real parts: transformers' own MXFP4 dequantizer as the reference for the format, the tiny gpt-oss written as a
+sharded MXFP4 checkpoint in the Hub layout and read back by our loader, PEFT LoRA from the project's builder,
+fp32 on CPU. The CUDA-only parts (torch.compile of the core, bf16 grouped_mm) run in ``python -m gptoss_hpc.bench
+train model.experts_dtype=mxfp4 --check`` on the GPU.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from gptoss_hpc.config import compose, to_run_config  # noqa: E402
+from gptoss_hpc.errors import GptossHpcError  # noqa: E402
+
+VOCAB = 384
+
+
+def _cfg(*overrides: str):
+    return to_run_config(compose(["model=tiny_gpt_oss", "train.seed=3", *overrides]))
+
+
+def _tiny_config():
+    from transformers import GptOssConfig
+
+    from gptoss_hpc.resources import tiny_config_path
+
+    config = GptOssConfig.from_json_file(str(tiny_config_path("tiny_gpt_oss")))
+    config.vocab_size = VOCAB
+    config.pad_token_id = config.bos_token_id = config.eos_token_id = 0
+    return config
+
+
+def test_dequantize_is_bit_equal_to_transformers():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from gptoss_hpc.modeling.mxfp4 import dequantize_mxfp4, quantize_mxfp4
+
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 96, 4, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(90, 150, (3, 96, 4), dtype=torch.uint8, generator=g)
+    for dtype in (torch.bfloat16, torch.float32):
+        ref = convert_moe_packed_tensors(blocks, scales, dtype=dtype)
+        ours = dequantize_mxfp4(blocks, scales, dtype)
+        assert ours.shape == ref.shape == (3, 128, 96)
+        assert torch.equal(ours, ref)
+    # quantize is the inverse on representable weights (how the tests' checkpoints are written)
+    w = dequantize_mxfp4(blocks, scales, torch.float32)
+    assert torch.equal(dequantize_mxfp4(*quantize_mxfp4(w), torch.float32), w)
+
+
+def _copy_into_bf16_path(mx_model, bf_model):
+    """bf_model gets mx_model's weights: the same non-expert tensors and LoRA, the experts dequantized."""
+    from gptoss_hpc.modeling.fast.mxfp4_experts import Mxfp4Experts
+
+    mx_params = dict(mx_model.named_parameters())
+    mx_modules = dict(mx_model.named_modules())
+    with torch.no_grad():
+        for name, p in bf_model.named_parameters():
+            if name in mx_params:
+                p.copy_(mx_params[name])
+                continue
+            owner, _, leaf = name.rpartition(".")
+            experts = mx_modules[owner]
+            assert isinstance(experts, Mxfp4Experts), name
+            p.copy_(experts.dequantized(leaf))
+
+
+def _loss_and_grads(model, knobs, batch):
+    from gptoss_hpc.bench.train import loss_of
+
+    for p in model.parameters():
+        p.grad = None
+    n_items = int((batch["labels"][..., 1:] != -100).sum())
+    loss = loss_of(model, knobs, batch, n_items)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return float(loss.detach()), grads
+
+
+@pytest.mark.parametrize(
+    ("lora", "bf16_stack"),
+    [
+        ("experts", ["model.fused_experts=false"]),  # PEFT's own W + s*A@B path as the reference
+        ("experts", ["model.fused_experts=true"]),
+        ("all_linear", ["model.fused_experts=true"]),
+    ],
+)
+def test_mxfp4_experts_loss_and_lora_grads_equal_the_dequantized_bf16_path(lora, bf16_stack):
+    from gptoss_hpc.bench.train import prepare
+    from gptoss_hpc.modeling.fast.mxfp4_experts import Mxfp4Experts
+
+    common = [f"lora={lora}", "model.experts_implementation=grouped_mm", "train.loss_chunk_tokens=64"]
+    mx_model, mx_knobs = prepare(_cfg(*common, "model.experts_dtype=mxfp4"), "cpu", vocab_size=VOCAB)
+    bf_model, bf_knobs = prepare(_cfg(*common, *bf16_stack), "cpu", vocab_size=VOCAB)
+    assert any(isinstance(m, Mxfp4Experts) for m in mx_model.modules())
+    assert not any(isinstance(m, Mxfp4Experts) for m in bf_model.modules())
+    assert mx_knobs.factored_lora, "MXFP4 experts must get the factored LoRA"
+    _copy_into_bf16_path(mx_model, bf_model)
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (2, 48), generator=g)
+    labels = ids.clone()
+    labels[:, :10] = -100
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    mx_loss, mx_grads = _loss_and_grads(mx_model, mx_knobs, batch)
+    bf_loss, bf_grads = _loss_and_grads(bf_model, bf_knobs, batch)
+    assert abs(mx_loss - bf_loss) <= 1e-6 * abs(bf_loss)
+    assert mx_grads.keys() == bf_grads.keys()
+    assert any("lora" in n and "experts" in n for n in mx_grads)
+    for name, grad in bf_grads.items():
+        err = float((mx_grads[name] - grad).norm() / grad.norm().clamp_min(1e-30))
+        assert err < 1e-5, (name, err)
+        assert float(grad.norm()) > 0, name
+
+
+def test_checkpoint_round_trip_loads_blocks_without_a_bf16_expert_stack(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from gptoss_hpc.modeling import mxfp4
+    from gptoss_hpc.modeling.fast.mxfp4_experts import Mxfp4Experts
+
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(_tiny_config(), dtype=torch.float32, attn_implementation="eager")
+    folder = mxfp4.write_mxfp4_checkpoint(ref, tmp_path / "ckpt", max_shard_bytes=40_000)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 1, "the test wants several shards"
+    assert "model.layers.0.mlp.experts.gate_up_proj_blocks" in index
+    assert not any(k.endswith("experts.gate_up_proj") for k in index)
+
+    def no_dequant(*args, **kwargs):
+        raise AssertionError("loading dequantized an expert stack")
+
+    monkeypatch.setattr(mxfp4, "dequantize_mxfp4", no_dequant)
+    model = mxfp4.load_mxfp4_model(folder, "cpu", torch.float32, "eager")
+    monkeypatch.undo()
+    experts = model.model.layers[1].mlp.experts
+    assert isinstance(experts, Mxfp4Experts)
+    assert experts.gate_up_proj_blocks.dtype == torch.uint8
+    float_shapes = [tuple(t.shape) for t in model.state_dict().values() if t.is_floating_point()]
+    assert tuple(ref.model.layers[1].mlp.experts.gate_up_proj.shape) not in float_shapes
+    # the rest of the model is the checkpoint's (rotary frequencies rebuilt from the config)
+    ids = torch.randint(0, VOCAB, (1, 20))
+    for layer in ref.model.layers:  # the reference holds what the checkpoint holds: its experts rounded to MXFP4
+        for leaf in ("gate_up_proj", "down_proj"):
+            w = layer.mlp.experts.get_parameter(leaf)
+            with torch.no_grad():
+                w.copy_(mxfp4.dequantize_mxfp4(*mxfp4.quantize_mxfp4(w), torch.float32))
+    torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_load_reports_a_folder_that_is_not_an_mxfp4_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from gptoss_hpc.modeling.mxfp4 import load_mxfp4_model
+
+    ref = AutoModelForCausalLM.from_config(_tiny_config(), dtype=torch.float32, attn_implementation="eager")
+    ref.save_pretrained(str(tmp_path))  # a bf16-layout checkpoint: experts as gate_up_proj, no blocks
+    with pytest.raises(GptossHpcError, match="_blocks"):
+        load_mxfp4_model(tmp_path, "cpu", torch.float32, "eager")
+    with pytest.raises(GptossHpcError, match="safetensors"):
+        load_mxfp4_model(tmp_path / "missing", "cpu", torch.float32, "eager", config=_tiny_config())
+
+
+def test_unfactored_peft_lora_on_mxfp4_experts_is_refused_not_dropped():
+    from gptoss_hpc.bench.train import prepare
+
+    model, knobs = prepare(_cfg("model.experts_dtype=mxfp4"), "cpu", vocab_size=VOCAB)
+    names = [n for n, _ in model.named_parameters()]
+    assert any(n.endswith("gate_up_proj_bias") for n in names)
+    assert not any(n.endswith(("gate_up_proj", "down_proj")) for n in names), "placeholders left as parameters"
+    knobs.remove()  # back to PEFT's parametrized W + s*A@B, which would silently read the placeholder
+    ids = torch.randint(0, VOCAB, (1, 16))
+    # once released, PEFT cannot even parametrize the placeholder; before release our forward refuses it
+    with pytest.raises(Exception, match=r"(gate_up|down)_proj|MXFP4 experts take their LoRA factored"):
+        model(input_ids=ids)
+
+
+def test_validate_refuses_mxfp4_on_the_tiny_model_and_unknown_dtypes():
+    from gptoss_hpc.config.validate import validate
+
+    with pytest.raises(GptossHpcError, match=r"model\.experts_dtype=mxfp4 needs an MXFP4 checkpoint"):
+        validate(_cfg("model.experts_dtype=mxfp4"))
+    with pytest.raises(GptossHpcError, match=r"model\.experts_dtype"):
+        validate(_cfg("model.experts_dtype=fp8"))
