@@ -187,3 +187,35 @@ def test_validate_refuses_mxfp4_on_the_tiny_model_and_unknown_dtypes():
         validate(_cfg("model.experts_dtype=mxfp4"))
     with pytest.raises(GptossHpcError, match=r"model\.experts_dtype"):
         validate(_cfg("model.experts_dtype=fp8"))
+
+
+def test_compiled_core_traces_the_mxfp4_op_as_one_graph_and_matches_eager():
+    """What CUDA runs: moe_experts_core under torch.compile with the MXFP4 custom op (opaque to the partitioner,
+    so the dequantized weight is never saved for backward). aot_eager: dynamo + AOTAutograd without codegen."""
+    from gptoss_hpc.modeling.fast.experts import moe_experts_core
+    from gptoss_hpc.modeling.mxfp4 import quantize_mxfp4
+
+    torch.manual_seed(0)
+    e, h, i, t, k, r = 4, 64, 64, 24, 2, 4
+    gate_up = quantize_mxfp4(torch.randn(e, h, 2 * i) * 0.02)
+    down = quantize_mxfp4(torch.randn(e, i, h) * 0.02)
+    b_gu, b_d = torch.randn(e, 2 * i) * 0.01, torch.randn(e, h) * 0.01
+    hidden = torch.randn(t, h, requires_grad=True)
+    idx = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
+    weights = torch.softmax(torch.randn(t, k), -1)
+    left = torch.randn(h, e * r, requires_grad=True)
+    right = torch.randn(e * r, 2 * i, requires_grad=True)
+
+    def run(fn):
+        out = fn(hidden, idx, weights, gate_up, b_gu, down, b_d, 1.702, 7.0, (left, right, 2.0), None)
+        out.pow(2).sum().backward()
+        grads = [p.grad.clone() for p in (hidden, left, right)]
+        hidden.grad = left.grad = right.grad = None
+        return out.detach(), grads
+
+    ref_out, ref_grads = run(moe_experts_core)
+    out, grads = run(torch.compile(moe_experts_core, backend="aot_eager", dynamic=False, fullgraph=True))
+    torch.testing.assert_close(out, ref_out)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert float(want.norm()) > 0
+        torch.testing.assert_close(got, want)
