@@ -51,6 +51,10 @@ class ClusterConfig:
     # Resources of the site's nodes, for checks that would otherwise leave a job PENDING forever.
     cpus_per_node: int | None = None
     gpus_per_node_max: int | None = None
+    # Memory of one GPU in GiB (nominal: H100 80, H200 141): validate refuses a train stage whose estimated peak
+    # (gptoss_hpc.config.memory, `python -m gptoss_hpc.plan`) does not fit. null: the local card's for a local GPU
+    # cluster (nvidia-smi), else no check.
+    gpu_memory_gib: float | None = None
     array_parallelism: int = 16
     # merge/eval/serve need one GPU at most (bf16 20b merge fits one H100); report needs none.
     aux_gpus: int = 1
