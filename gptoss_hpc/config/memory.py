@@ -292,14 +292,15 @@ def fixes_that_fit(cfg: RunConfig, arch: Arch, capacity: float, limit: int = 3) 
     """Single changes, then the first single change combined with the others, that make the train stage fit."""
     singles = _candidate_fixes(cfg)
     found = [name for name, c in singles if train_estimate(c, arch, capacity).fits]
-    if len(found) < limit:
-        for name, c in singles:
-            for name2, c2 in _candidate_fixes(c):
-                combo = f"{name} {name2}"
-                if combo not in found and train_estimate(c2, arch, capacity).fits:
-                    found.append(combo)
-                if len(found) >= limit:
-                    return found
+    seen = {frozenset(f.split()) for f in found}
+    for name, c in singles:
+        for name2, c2 in _candidate_fixes(c):
+            combo = f"{name} {name2}"
+            if len(found) >= limit:
+                return found
+            if frozenset(combo.split()) not in seen and train_estimate(c2, arch, capacity).fits:
+                found.append(combo)
+                seen.add(frozenset(combo.split()))
     return found[:limit]
 
 
@@ -316,7 +317,7 @@ def memory_problems(cfg: RunConfig) -> list[str]:
         return []
     parts = ", ".join(f"{k} {v:.1f}" for k, v in est.parts.items() if v >= 0.05)
     fixes = fixes_that_fit(cfg, arch, capacity)
-    fix = "; ".join(fixes) if fixes else "no single change fits: use a larger card (cluster.gpu_memory_gib)"
+    fix = "; ".join(f"({i}) {f}" for i, f in enumerate(fixes, 1)) or "none found: use a larger card"
     zero = (
         " ZeRO-2 shards only LoRA gradients and optimizer state, so more GPUs do not lower it; ZeRO-3 is not"
         " supported for expert LoRA (train.zero.stage)."
