@@ -112,6 +112,7 @@ def build_random_mxfp4_model(
         )
     gen = torch.Generator(device=device).manual_seed(seed + 7)
     for module in mxfp4_modules(model):
+        module.reset_placeholders()
         module.fill_random(gen)
     return model
 

@@ -106,11 +106,13 @@ class Mxfp4Experts(nn.Module):
             self.register_buffer(f"{name}_blocks", torch.zeros(e, d_out, d_in // BLOCK, BLOCK // 2, dtype=torch.uint8))
             self.register_buffer(f"{name}_scales", torch.full((e, d_out, d_in // BLOCK), SCALE_BIAS, dtype=torch.uint8))
             setattr(self, f"{name}_bias", nn.Parameter(torch.zeros(e, d_out), requires_grad=False))
-        self.reset_placeholders()
+        # on the meta device while transformers builds and initialises the model (its _init_weights sees this class
+        # as GptOssExperts and writes to them); the builders in gptoss_hpc.modeling.mxfp4 reset them after
+        self.reset_placeholders(torch.device("meta"))
 
-    def reset_placeholders(self) -> None:
-        """(Re)create the placeholders on the blocks' device in the biases' dtype (after a meta-device build)."""
-        dtype, device = self.gate_up_proj_bias.dtype, self.gate_up_proj_blocks.device
+    def reset_placeholders(self, device: torch.device | None = None) -> None:
+        """(Re)create the placeholders in the biases' dtype, on the blocks' device unless ``device`` is given."""
+        dtype, device = self.gate_up_proj_bias.dtype, device or self.gate_up_proj_blocks.device
         e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
         for name, shape in (("gate_up_proj", (e, h, 2 * i)), ("down_proj", (e, i, h))):
             placeholder = torch.zeros((), dtype=dtype, device=device).expand(shape)
