@@ -5,14 +5,23 @@
 #   bash launchers/bench_mxfp4.sh 20b       # 20b: bf16 train=fast, mxfp4 at 4x2048 / 2x2048 / 1x2048
 #   bash launchers/bench_mxfp4.sh 120b      # 120b mxfp4 at 4x2048 (best on an H200) / 2x2048 / 1x2048 (<= 78 GiB)
 #   bash launchers/bench_mxfp4.sh presets   # attention and all_linear, mxfp4, 20b and 120b at 2x2048
+#   bash launchers/bench_mxfp4.sh check     # loss/LoRA grads of MXFP4 vs the bf16-dequantized model (20b 8 layers,
+#                                           # 120b 4 layers), peak memory of each, compiled dequant ms per layer
 # Writes $OUT/mxfp4_<part>.json (bench rows), .log, and .md (measured vs plan). Every stack is train=fast
 # (packed, compiled layers, no recompute) with 16,384 tokens per optimizer step.
 set -uo pipefail
-part=${1:?usage: bash launchers/bench_mxfp4.sh 20b|120b|presets}
+part=${1:?usage: bash launchers/bench_mxfp4.sh 20b|120b|presets|check}
 out=${OUT:-logs/bench}
 py=${PYTHON:-python}
 limit=${BENCH_TIMEOUT:-560}
 mkdir -p "$out"
+if [ "$part" = check ]; then
+  timeout "$limit" "$py" -m gptoss_hpc.bench mxfp4 --layers 8 --json "$out/mxfp4_check_20b.json" 2>&1 \
+    | tee "$out/mxfp4_check_20b.log"
+  timeout "$limit" "$py" -m gptoss_hpc.bench mxfp4 model=gpt_oss_120b --layers 4 --json "$out/mxfp4_check_120b.json" \
+    2>&1 | tee "$out/mxfp4_check_120b.log"
+  exit 0
+fi
 mx="model.experts_dtype=mxfp4"
 b4="train.per_device_train_batch_size=4 train.gradient_accumulation_steps=2"
 b2="train.per_device_train_batch_size=2 train.gradient_accumulation_steps=4"
@@ -32,7 +41,7 @@ case "$part" in
     "20b mxfp4 all_linear 2x2048=lora=all_linear $mx $b2"
     "120b mxfp4 attention 2x2048=model=gpt_oss_120b lora=attention $mx $b2"
     "120b mxfp4 all_linear 2x2048=model=gpt_oss_120b lora=all_linear $mx $b2") ;;
-  *) echo "unknown part $part: use 20b, 120b or presets" >&2; exit 2 ;;
+  *) echo "unknown part $part: use 20b, 120b, presets or check" >&2; exit 2 ;;
 esac
 args=()
 for v in "${variants[@]}"; do args+=(--variant "$v"); done
