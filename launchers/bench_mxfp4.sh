@@ -16,9 +16,9 @@ py=${PYTHON:-python}
 limit=${BENCH_TIMEOUT:-560}
 mkdir -p "$out"
 if [ "$part" = check ]; then
-  timeout "$limit" "$py" -m gptoss_hpc.bench mxfp4 --layers 8 --json "$out/mxfp4_check_20b.json" 2>&1 \
+  timeout $((limit / 2)) "$py" -m gptoss_hpc.bench mxfp4 --layers 8 --json "$out/mxfp4_check_20b.json" 2>&1 \
     | tee "$out/mxfp4_check_20b.log"
-  timeout "$limit" "$py" -m gptoss_hpc.bench mxfp4 model=gpt_oss_120b --layers 4 --json "$out/mxfp4_check_120b.json" \
+  timeout $((limit / 2)) "$py" -m gptoss_hpc.bench mxfp4 model=gpt_oss_120b --layers 4 --json "$out/mxfp4_check_120b.json" \
     2>&1 | tee "$out/mxfp4_check_120b.log"
   exit 0
 fi

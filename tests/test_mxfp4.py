@@ -219,3 +219,42 @@ def test_compiled_core_traces_the_mxfp4_op_as_one_graph_and_matches_eager():
     for got, want in zip(grads, ref_grads, strict=True):
         assert float(want.norm()) > 0
         torch.testing.assert_close(got, want)
+
+
+def test_unmerged_mxfp4_base_plus_adapter_equals_the_merged_bf16_model(tmp_path):
+    """What eval/serve of a 120b need: the MXFP4 checkpoint + the adapter, unmerged, give the logits (and greedy
+    tokens) of the bf16-dequantized base with the adapter merged into it."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from gptoss_hpc.modeling import mxfp4
+    from gptoss_hpc.modeling.lora import build_lora_config
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(_tiny_config(), dtype=torch.float32, attn_implementation="eager")
+    folder = mxfp4.write_mxfp4_checkpoint(base, tmp_path / "base")
+    with torch.no_grad():  # the bf16-path base holds what the checkpoint holds
+        for layer in base.model.layers:
+            for leaf in ("gate_up_proj", "down_proj"):
+                w = layer.mlp.experts.get_parameter(leaf)
+                w.copy_(mxfp4.dequantize_mxfp4(*mxfp4.quantize_mxfp4(w), torch.float32))
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+    peft_model = get_peft_model(base, build_lora_config(_cfg("lora=all_linear", "lora.lora_dropout=0.0")))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    merged = peft_model.merge_and_unload().eval()
+
+    model = mxfp4.load_mxfp4_peft_model(folder, tmp_path / "adapter", "cpu", torch.float32, "eager")
+    with torch.no_grad():
+        want, got = merged(input_ids=ids).logits, model(input_ids=ids).logits
+    assert float((want - plain).abs().max()) > 1e-3, "the adapter must change the logits for this to mean much"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    gen_kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(
+        model.generate(input_ids=ids[:1], **gen_kwargs), merged.generate(input_ids=ids[:1], **gen_kwargs)
+    )

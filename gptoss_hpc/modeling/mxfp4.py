@@ -271,3 +271,26 @@ def write_mxfp4_checkpoint(model, folder: str | Path, max_shard_bytes: int = 2**
     }
     config.save_pretrained(str(folder))
     return folder
+
+
+def load_mxfp4_peft_model(
+    base_folder: str | Path,
+    adapter_folder: str | Path,
+    device,
+    dtype,
+    attn_implementation: str,
+    experts_implementation: str | None = None,
+):
+    """An MXFP4-resident base + a LoRA adapter, unmerged, ready for inference (eval/serve of a model whose bf16
+    merge would not fit one GPU): the expert LoRA runs factored next to the just-in-time dequantized experts."""
+    from peft import PeftModel
+
+    from gptoss_hpc.modeling.fast.experts import factor_expert_lora
+    from gptoss_hpc.modeling.fast.mxfp4_experts import release_placeholders
+
+    base = load_mxfp4_model(base_folder, device, dtype, attn_implementation, experts_implementation)
+    model = PeftModel.from_pretrained(base, str(adapter_folder))
+    factor_expert_lora(model)
+    release_placeholders(model)
+    model.eval()
+    return model
