@@ -3,7 +3,8 @@
 # beside `python -m gptoss_hpc.plan`'s estimate. Run from the repo root with the bench's environment (torch,
 # transformers, peft, hydra-core, omegaconf; PYTHONPATH=$PWD). Each part fits one 10-minute call:
 #   bash launchers/bench_mxfp4.sh 20b       # 20b: bf16 train=fast, mxfp4 at 4x2048 / 2x2048 / 1x2048
-#   bash launchers/bench_mxfp4.sh 120b      # 120b mxfp4 at 4x2048 (best on an H200) / 2x2048 / 1x2048 (<= 78 GiB)
+#   bash launchers/bench_mxfp4.sh 120b      # 120b mxfp4 at 4x2048 (best on an H200) / 2x2048, and the <= 78 GiB
+#                                           # candidates 1x2048 and 4x2048 with recompute
 #   bash launchers/bench_mxfp4.sh presets   # attention and all_linear, mxfp4, 20b and 120b at 2x2048
 #   bash launchers/bench_mxfp4.sh check     # loss/LoRA grads of MXFP4 vs the bf16-dequantized model (20b 8 layers,
 #                                           # 120b 4 layers), peak memory of each, compiled dequant ms per layer
@@ -35,7 +36,8 @@ case "$part" in
   120b) variants=(
     "120b mxfp4 4x2048=model=gpt_oss_120b $mx $b4"
     "120b mxfp4 2x2048=model=gpt_oss_120b $mx $b2"
-    "120b mxfp4 1x2048=model=gpt_oss_120b $mx $b1") ;;
+    "120b mxfp4 1x2048=model=gpt_oss_120b $mx $b1"
+    "120b mxfp4 4x2048 recompute=model=gpt_oss_120b $mx $b4 train.gradient_checkpointing=true") ;;
   presets) variants=(
     "20b mxfp4 attention 2x2048=lora=attention $mx $b2"
     "20b mxfp4 all_linear 2x2048=lora=all_linear $mx $b2"
