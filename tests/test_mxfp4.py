@@ -258,3 +258,42 @@ def test_unmerged_mxfp4_base_plus_adapter_equals_the_merged_bf16_model(tmp_path)
     assert torch.equal(
         model.generate(input_ids=ids[:1], **gen_kwargs), merged.generate(input_ids=ids[:1], **gen_kwargs)
     )
+
+
+def test_streaming_merge_of_an_mxfp4_checkpoint_equals_peft_merge_and_unload(tmp_path):
+    """The 120b merge path: base shards + adapter -> merged shards, tensor by tensor (no model, no GPU); it loads
+    with plain from_pretrained and gives the logits of PEFT's merge_and_unload on the dequantized base."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from gptoss_hpc.modeling import mxfp4
+    from gptoss_hpc.modeling.lora import build_lora_config
+    from gptoss_hpc.modeling.mxfp4_merge import merge_mxfp4_adapter
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(_tiny_config(), dtype=torch.float32, attn_implementation="eager")
+    folder = mxfp4.write_mxfp4_checkpoint(base, tmp_path / "base", max_shard_bytes=60_000)
+    with torch.no_grad():
+        for layer in base.model.layers:
+            for leaf in ("gate_up_proj", "down_proj"):
+                w = layer.mlp.experts.get_parameter(leaf)
+                w.copy_(mxfp4.dequantize_mxfp4(*mxfp4.quantize_mxfp4(w), torch.float32))
+    peft_model = get_peft_model(base, build_lora_config(_cfg("lora=all_linear", "lora.lora_dropout=0.0")))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    want_model = peft_model.merge_and_unload().eval()
+
+    stats = merge_mxfp4_adapter(folder, tmp_path / "adapter", tmp_path / "merged", "float32", max_shard_bytes=80_000)
+    assert stats["shards"] > 1 and stats["merged_tensors"] == 2 * (2 + 4)  # 2 layers x (2 expert + 4 attention)
+    assert not (tmp_path / "merged.tmp").exists()
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config
+    got_model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(got_model(input_ids=ids).logits, want_model(input_ids=ids).logits)
+    for name, w in want_model.state_dict().items():
+        torch.testing.assert_close(got_model.state_dict()[name], w, msg=name)
