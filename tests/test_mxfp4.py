@@ -297,3 +297,28 @@ def test_streaming_merge_of_an_mxfp4_checkpoint_equals_peft_merge_and_unload(tmp
         torch.testing.assert_close(got_model(input_ids=ids).logits, want_model(input_ids=ids).logits)
     for name, w in want_model.state_dict().items():
         torch.testing.assert_close(got_model.state_dict()[name], w, msg=name)
+
+
+def test_hub_layout_checkpoint_loads_mxfp4_resident_like_transformers_dequantizing_loader(tmp_path):
+    """gptoss_hpc.synth_checkpoint writes the Hub's layout (config keys, 0-based shard names, bf16 + uint8
+    tensors); our loader keeps the experts as blocks and computes what transformers' own MXFP4 loader computes
+    after dequantizing them (Mxfp4Config(dequantize=True), the path the bf16 experts_dtype takes)."""
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    from gptoss_hpc.modeling.fast.mxfp4_experts import Mxfp4Experts
+    from gptoss_hpc.modeling.mxfp4 import load_mxfp4_model
+    from gptoss_hpc.synth_checkpoint import write_checkpoint
+
+    folder = write_checkpoint(tmp_path / "synth", "tiny", max_shard_bytes=20_000_000)
+    ours = load_mxfp4_model(folder, "cpu", torch.float32, "eager")
+    assert isinstance(ours.model.layers[0].mlp.experts, Mxfp4Experts)
+    ref = AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=torch.float32, attn_implementation="eager", quantization_config=Mxfp4Config(dequantize=True)
+    )
+    for i, layer in enumerate(ref.model.layers):
+        for leaf in ("gate_up_proj", "down_proj"):
+            want = layer.mlp.experts.get_parameter(leaf)
+            assert torch.equal(ours.model.layers[i].mlp.experts.dequantized(leaf, want.dtype), want), (i, leaf)
+    ids = torch.randint(0, 2000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
