@@ -60,16 +60,20 @@ def test_weights_by_dtype_match_the_published_sizes():
 
 def test_validate_refuses_what_does_not_fit_and_names_fixes_that_do():
     with pytest.raises(ConfigError) as err:
-        validate(_cfg("cluster.gpu_memory_gib=24", "train=fast"))
+        validate(_cfg("cluster.gpu_memory_gib=24", "train=fast", "stages=[train]"))
     msg = str(err.value)
     assert "train stage needs" in msg and "cluster.gpu_memory_gib=24" in msg
     assert "model.experts_dtype=mxfp4" in msg and "ZeRO-3" in msg
     fix = msg.split("cheapest fixes that fit: (1) ")[1].split(";")[0]
-    validate(_cfg("cluster.gpu_memory_gib=24", "train=fast", *fix.split()))  # the first named fix does fit
+    validate(
+        _cfg("cluster.gpu_memory_gib=24", "train=fast", "stages=[train]", *fix.split())
+    )  # the first named fix does fit
 
     with pytest.raises(ConfigError, match=r"train stage needs .* \(1\) model\.experts_dtype=mxfp4;"):
-        validate(_cfg("cluster=coreweave_h100", "model=gpt_oss_120b", "model.experts_dtype=bfloat16"))
-    validate(_cfg("cluster=coreweave_h100", "model=gpt_oss_120b"))  # the preset (mxfp4, recompute) fits 80 GB
+        validate(_cfg("cluster=coreweave_h100", "model=gpt_oss_120b", "model.experts_dtype=bfloat16", "stages=[train]"))
+    validate(
+        _cfg("cluster=coreweave_h100", "model=gpt_oss_120b", "stages=[train]")
+    )  # the preset (mxfp4, recompute) fits 80 GB
     validate(_cfg("cluster.gpu_memory_gib=null", "model=gpt_oss_120b", "model.experts_dtype=bfloat16"))  # unknown
 
 
@@ -110,3 +114,27 @@ def test_plan_cli_prints_the_stages_and_exits_by_the_train_verdict(tmp_path: Pat
     ]}))  # fmt: skip
     cmp = _plan("--compare", str(bench))
     assert cmp.returncode == 0 and "| x | 4x2048" in cmp.stdout and "55.8" in cmp.stdout
+
+
+def test_merge_and_eval_of_a_model_whose_bf16_copy_does_not_fit_are_refused_before_training():
+    with pytest.raises(ConfigError, match=r"load the merged bf16 model whole .*mxfp4_merge"):
+        validate(_cfg("model=gpt_oss_120b"))  # default stages: train, merge, eval, report
+    validate(_cfg("model=gpt_oss_120b", "stages=[train]"))
+    validate(_cfg("cluster=coreweave_h100"))  # 20b bf16 trains, merges and evaluates on one 80 GB card
+
+
+def test_local_gpu_cluster_reads_the_card_from_nvidia_smi(tmp_path, monkeypatch):
+    """The GPU is faked by an nvidia-smi on PATH that answers the memory query like the real one (MiB)."""
+    from gptoss_hpc.config.memory import gpu_memory_gib
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 24564\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    local = ["cluster=local", "cluster.accelerator=gpu", "stages=[train]"]
+    assert abs(gpu_memory_gib(_cfg(*local)) - 24564 / 1024) < 1e-9
+    with pytest.raises(ConfigError, match=r"cluster\.gpu_memory_gib=23\.98"):
+        validate(_cfg(*local, "train=fast"))
+    validate(_cfg(*local, "model.experts_dtype=mxfp4", "train.per_device_train_batch_size=1"))
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert gpu_memory_gib(_cfg(*local)) is None  # no nvidia-smi: no check

@@ -304,17 +304,35 @@ def fixes_that_fit(cfg: RunConfig, arch: Arch, capacity: float, limit: int = 3) 
     return found[:limit]
 
 
+def _later_stage_problems(cfg: RunConfig, arch: Arch, capacity: float) -> list[str]:
+    """merge/eval/serve load the bf16 model whole on one GPU: refuse them before a long training run, not after."""
+    stages = [s for s in ("merge", "eval", "serve") if s in cfg.stages]
+    if not stages:
+        return []
+    est = merge_estimate(cfg, arch, capacity)
+    if est.fits:
+        return []
+    return [
+        f"stages {stages} load the merged bf16 model whole (~{est.card:.0f} GiB) on one GPU of "
+        f"cluster.gpu_memory_gib={capacity:g}: run stages=[train], then merge on the CPU shard by shard with "
+        "`python -m gptoss_hpc.modeling.mxfp4_merge <base> <adapter> <out>` (MXFP4 base), or use a card that holds it"
+    ]
+
+
 def memory_problems(cfg: RunConfig) -> list[str]:
-    """validate's check: the train stage's estimated peak must fit the card (skipped when the size is unknown)."""
-    if "train" not in cfg.stages or cfg.cluster.accelerator != "gpu":
+    """validate's check: each stage's estimated peak must fit the card (skipped when the size is unknown)."""
+    if cfg.cluster.accelerator != "gpu":
         return []
     capacity = gpu_memory_gib(cfg)
     arch = arch_for(cfg)
     if capacity is None or arch is None:
         return []
+    later = _later_stage_problems(cfg, arch, capacity)
+    if "train" not in cfg.stages:
+        return later
     est = train_estimate(cfg, arch, capacity)
     if est.fits:
-        return []
+        return later
     parts = ", ".join(f"{k} {v:.1f}" for k, v in est.parts.items() if v >= 0.05)
     fixes = fixes_that_fit(cfg, arch, capacity)
     fix = "; ".join(f"({i}) {f}" for i, f in enumerate(fixes, 1)) or "none found: use a larger card"
@@ -323,7 +341,8 @@ def memory_problems(cfg: RunConfig) -> list[str]:
         " supported for expert LoRA (train.zero.stage)."
     )
     return [
+        *later,
         f"train stage needs ~{est.card:.1f} GiB per GPU (allocated {est.allocated:.1f}: {parts}) but "
         f"cluster.gpu_memory_gib={capacity:g} leaves {capacity * USABLE:.1f}; cheapest fixes that fit: {fix}.{zero} "
-        "See `python -m gptoss_hpc.plan <same overrides>`"
+        "See `python -m gptoss_hpc.plan <same overrides>`",
     ]
