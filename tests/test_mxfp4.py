@@ -35,19 +35,30 @@ def _tiny_config():
     return config
 
 
+def _bits(t):
+    t = t.contiguous().reshape(-1)
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)  # -0.0 and +0.0 differ here
+
+
 def test_dequantize_is_bit_equal_to_transformers():
+    """Every code and every scale of SCALE_RANGE, eager and compiled (what CUDA runs), against transformers'
+    convert_moe_packed_tensors and our own LUT formulation."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from gptoss_hpc.modeling.mxfp4 import dequantize_mxfp4, quantize_mxfp4
+    from gptoss_hpc.modeling.mxfp4 import SCALE_RANGE, dequantize_mxfp4, dequantize_mxfp4_lut, quantize_mxfp4
 
     g = torch.Generator().manual_seed(0)
     blocks = torch.randint(0, 256, (3, 96, 4, 16), dtype=torch.uint8, generator=g)
-    scales = torch.randint(90, 150, (3, 96, 4), dtype=torch.uint8, generator=g)
+    lo, hi = SCALE_RANGE
+    scales = torch.randint(lo, hi + 1, (3, 96, 4), dtype=torch.uint8, generator=g)
+    scales[0, 0, :2] = torch.tensor([lo, hi], dtype=torch.uint8)
+    compiled = torch.compile(dequantize_mxfp4, dynamic=False)
     for dtype in (torch.bfloat16, torch.float32):
         ref = convert_moe_packed_tensors(blocks, scales, dtype=dtype)
-        ours = dequantize_mxfp4(blocks, scales, dtype)
-        assert ours.shape == ref.shape == (3, 128, 96)
-        assert torch.equal(ours, ref)
+        for fn in (dequantize_mxfp4, dequantize_mxfp4_lut, compiled):
+            ours = fn(blocks, scales, dtype)
+            assert ours.shape == ref.shape == (3, 128, 96)
+            assert torch.equal(_bits(ours), _bits(ref)), (fn, dtype)
     # quantize is the inverse on representable weights (how the tests' checkpoints are written)
     w = dequantize_mxfp4(blocks, scales, torch.float32)
     assert torch.equal(dequantize_mxfp4(*quantize_mxfp4(w), torch.float32), w)

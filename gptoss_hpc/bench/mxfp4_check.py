@@ -27,8 +27,10 @@ def _rel(a, b) -> float:
 
 
 def _copy_weights(mx_model, bf_model) -> None:
-    """bf_model gets mx_model's non-expert weights and LoRA, and its experts dequantized (contiguous)."""
+    """bf_model gets mx_model's non-expert weights and LoRA, and its experts dequantized by transformers'
+    ``convert_moe_packed_tensors`` (independent of ours; contiguous, as its loader leaves them)."""
     import torch
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     from gptoss_hpc.modeling.fast.mxfp4_experts import Mxfp4Experts
 
@@ -43,7 +45,8 @@ def _copy_weights(mx_model, bf_model) -> None:
             experts = mx_modules.get(owner)
             if not isinstance(experts, Mxfp4Experts):
                 raise RuntimeError(f"{name}: no counterpart in the MXFP4 model")
-            p.copy_(experts.dequantized(leaf, p.dtype))
+            blocks, scales = getattr(experts, f"{leaf}_blocks"), getattr(experts, f"{leaf}_scales")
+            p.copy_(convert_moe_packed_tensors(blocks, scales, dtype=p.dtype))
 
 
 def _step(model, knobs, batch, device: str) -> tuple[float, dict[str, Any], float | None]:
@@ -65,15 +68,22 @@ def _step(model, knobs, batch, device: str) -> tuple[float, dict[str, Any], floa
     return float(loss.detach()), grads, peak
 
 
-def _dequant_ms(model, device: str) -> dict[str, float]:
+def _dequant_ms(model, device: str) -> dict[str, Any]:
     import torch
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     from gptoss_hpc.modeling.fast.mxfp4_experts import Mxfp4Experts, _dequantize
 
     experts = next(m for m in model.modules() if isinstance(m, Mxfp4Experts))
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
     for name in ("gate_up_proj", "down_proj"):
         blocks, scales = getattr(experts, f"{name}_blocks"), getattr(experts, f"{name}_scales")
+        ref = convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)
+        ours = _dequantize(blocks, scales, torch.bfloat16)
+        out[f"{name}_bit_equal_to_transformers"] = bool(
+            torch.equal(ours.contiguous().view(torch.int16), ref.contiguous().view(torch.int16))
+        )
+        del ref, ours
         for _ in range(3):
             _dequantize(blocks, scales, torch.bfloat16)
         if not device.startswith("cuda"):

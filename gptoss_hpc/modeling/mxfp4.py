@@ -34,12 +34,46 @@ BLOCK = 32
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
 
+# Scales for which e2m1 x 2**(scale - 127) is a normal float (the bit construction below is exact there): real
+# checkpoints hold ~110..135; load_mxfp4_model refuses others.
+SCALE_RANGE = (2, 252)
+
+
+def _fp32_bits(code, scale):
+    """IEEE fp32 bits of e2m1 ``code`` (int32, 0..15) x 2**(scale - 127): sign, exponent field and mantissa
+    built directly (e2m1 normal 2**(e-1) * (1 + m/2) -> exponent field e - 1 + scale; subnormal 0.5 -> scale - 1)."""
+    import torch
+
+    e = (code >> 1) & 3
+    m = code & 1
+    field = torch.where(e > 0, e - 1 + scale, torch.where(m > 0, scale - 1, torch.zeros_like(scale)))
+    mantissa = torch.where(e > 0, m << 22, torch.zeros_like(m))
+    return ((code & 8) << 28) | (field << 23) | mantissa
+
+
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[E, out, G, 16] uint8 blocks + [E, out, G] uint8 scales -> the [E, G*32, out] weight (a transposed view).
 
-    Same values as ``convert_moe_packed_tensors``: LUT in fp32, times 2**(scale - 127) in fp32 (exact for every
-    scale a real checkpoint holds), rounded once to ``dtype``. Elementwise only, so torch.compile fuses it into one
-    pass; the transposed view is what grouped_mm takes (column-major per expert), no copy."""
+    Bit for bit what ``convert_moe_packed_tensors`` gives (for scales in SCALE_RANGE), built from integer ops:
+    for bf16 each input byte becomes one int32 holding its two bf16 values (low nibble first, little-endian), so
+    the pass is a plain elementwise map (read 1 byte, write 4) that torch.compile turns into one vectorised kernel.
+    The transposed view is what grouped_mm takes (column-major per expert): no copy."""
+    import torch
+
+    e, out, g, half = blocks.shape
+    b = blocks.to(torch.int32)
+    s = scales.to(torch.int32)[..., None]
+    lo, hi = _fp32_bits(b & 15, s), _fp32_bits(b >> 4, s)
+    if dtype == torch.bfloat16:  # the upper half of an fp32 whose mantissa has one bit is that value in bf16
+        packed = ((lo >> 16) & 0xFFFF) | (hi & -65536)
+        return packed.view(torch.bfloat16).reshape(e, out, g * 2 * half).transpose(1, 2)
+    vals = torch.stack((lo, hi), dim=-1).view(torch.float32).reshape(e, out, g * 2 * half)
+    return vals.to(dtype).transpose(1, 2)
+
+
+def dequantize_mxfp4_lut(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The LUT formulation of transformers' ``convert_moe_packed_tensors`` (fp32 LUT x 2**(scale - 127), rounded
+    once): the independent reference ``dequantize_mxfp4`` is tested against."""
     import torch
 
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
@@ -204,6 +238,14 @@ def load_mxfp4_model(
     _rebuild_non_persistent(model, device)
     for module in mxfp4_modules(model):
         module.reset_placeholders()
+        for name in EXPERT_PARAMS:
+            scales = getattr(module, f"{name}_scales")
+            lo, hi = int(scales.min()), int(scales.max())
+            if lo < SCALE_RANGE[0] or hi > SCALE_RANGE[1]:
+                raise GptossHpcError(
+                    f"{folder}: {name} scales span {lo}..{hi}, outside {SCALE_RANGE} (values below 2**-125 or above "
+                    "2**125) where the MXFP4-resident path is exact; use model.experts_dtype=bfloat16"
+                )
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if left:
         raise GptossHpcError(f"tensors left unloaded after reading {folder}: {left[:5]}")
