@@ -6,12 +6,14 @@
 #   bash launchers/bench_mxfp4.sh 120b      # 120b mxfp4 at 4x2048 (best on an H200) / 2x2048, and the <= 78 GiB
 #                                           # candidates 1x2048 and 4x2048 with recompute
 #   bash launchers/bench_mxfp4.sh presets   # attention and all_linear, mxfp4, 20b and 120b at 2x2048
+#   bash launchers/bench_mxfp4.sh quick     # the headline rows in one call: 20b bf16 and mxfp4 2x2048 (<= 24 GiB),
+#                                           # 120b mxfp4 4x2048 (best) and 1x2048 (<= 78 GiB); 2 timed steps each
 #   bash launchers/bench_mxfp4.sh check     # loss/LoRA grads of MXFP4 vs the bf16-dequantized model (20b 8 layers,
 #                                           # 120b 4 layers), peak memory of each, compiled dequant ms per layer
 # Writes $OUT/mxfp4_<part>.json (bench rows), .log, and .md (measured vs plan). Every stack is train=fast
 # (packed, compiled layers, no recompute) with 16,384 tokens per optimizer step.
 set -uo pipefail
-part=${1:?usage: bash launchers/bench_mxfp4.sh 20b|120b|presets|check}
+part=${1:?usage: bash launchers/bench_mxfp4.sh quick|20b|120b|presets|check}
 out=${OUT:-logs/bench}
 py=${PYTHON:-python}
 limit=${BENCH_TIMEOUT:-560}
@@ -27,7 +29,13 @@ mx="model.experts_dtype=mxfp4"
 b4="train.per_device_train_batch_size=4 train.gradient_accumulation_steps=2"
 b2="train.per_device_train_batch_size=2 train.gradient_accumulation_steps=4"
 b1="train.per_device_train_batch_size=1 train.gradient_accumulation_steps=8"
+steps=(--steps 3 --warmup 2)
 case "$part" in
+  quick) steps=(--steps 2 --warmup 1); variants=(
+    "20b bf16 4x2048=model.experts_dtype=bfloat16 $b4"
+    "20b mxfp4 2x2048=$mx $b2"
+    "120b mxfp4 4x2048=model=gpt_oss_120b $mx $b4"
+    "120b mxfp4 1x2048=model=gpt_oss_120b $mx $b1") ;;
   20b) variants=(
     "20b bf16 4x2048=model.experts_dtype=bfloat16 $b4"
     "20b mxfp4 4x2048=$mx $b4"
@@ -43,12 +51,12 @@ case "$part" in
     "20b mxfp4 all_linear 2x2048=lora=all_linear $mx $b2"
     "120b mxfp4 attention 2x2048=model=gpt_oss_120b lora=attention $mx $b2"
     "120b mxfp4 all_linear 2x2048=model=gpt_oss_120b lora=all_linear $mx $b2") ;;
-  *) echo "unknown part $part: use 20b, 120b, presets or check" >&2; exit 2 ;;
+  *) echo "unknown part $part: use quick, 20b, 120b, presets or check" >&2; exit 2 ;;
 esac
 args=()
 for v in "${variants[@]}"; do args+=(--variant "$v"); done
 # the bench saves its JSON after every stack: a timeout keeps the rows measured so far
-timeout "$limit" "$py" -m gptoss_hpc.bench train train=fast --steps 3 --warmup 2 --no-configured --no-peak \
+timeout "$limit" "$py" -m gptoss_hpc.bench train train=fast "${steps[@]}" --no-configured --no-peak \
   "${args[@]}" --json "$out/mxfp4_$part.json" 2>&1 | tee "$out/mxfp4_$part.log"
 status=${PIPESTATUS[0]}
 if [ -f "$out/mxfp4_$part.json" ]; then
