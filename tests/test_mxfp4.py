@@ -333,3 +333,48 @@ def test_hub_layout_checkpoint_loads_mxfp4_resident_like_transformers_dequantizi
     ids = torch.randint(0, 2000, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_compiled_mxfp4_experts_inside_compiled_layers_match_eager(checkpointing, monkeypatch):
+    """The CUDA configuration on the CPU (aot_eager: dynamo + AOTAutograd, no codegen): compiled decoder layers
+    around the compiled experts core around the MXFP4 custom op, whose dequant is compiled too. With non-reentrant
+    gradient checkpointing the recompute stops early by raising through the compiled core: that must not be
+    taken for a compile failure (the fallback once broke checkpointing: 'target_frame.early_stop is set')."""
+    from gptoss_hpc.bench.train import loss_of, prepare
+    from gptoss_hpc.modeling.fast import _COMPILED, decoder_layers
+
+    cfg = _cfg(
+        "model.experts_dtype=mxfp4",
+        "lora=all_linear",
+        "train.loss_chunk_tokens=64",
+        f"train.gradient_checkpointing={str(checkpointing).lower()}",
+    )
+    model, knobs = prepare(cfg, "cpu", vocab_size=VOCAB)
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+    def run():
+        for p in model.parameters():
+            p.grad = None
+        loss = loss_of(model, knobs, batch, 39)
+        loss.backward()
+        return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_loss, ref_grads = run()
+    monkeypatch.setitem(_COMPILED, "mxfp4_compile_backend", "aot_eager")
+    for layer in decoder_layers(model):
+        layer.compile(dynamic=False, backend="aot_eager")
+    try:
+        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+            for _ in range(2):
+                loss, grads = run()
+                assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
+                for name, g in ref_grads.items():
+                    torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6)
+        assert "mxfp4_core" in _COMPILED and not _COMPILED.get("mxfp4_disabled"), "fell back to eager"
+        assert "mxfp4_dequant" in _COMPILED and not _COMPILED.get("mxfp4_dequant_disabled")
+    finally:
+        for key in ("mxfp4_core", "mxfp4_dequant", "mxfp4_disabled", "mxfp4_dequant_disabled"):
+            _COMPILED.pop(key, None)
+        torch._dynamo.reset()

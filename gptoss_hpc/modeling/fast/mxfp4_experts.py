@@ -24,12 +24,21 @@ from gptoss_hpc.modeling.mxfp4 import BLOCK, EXPERT_PARAMS, SCALE_BIAS, dequanti
 log = logging.getLogger(__name__)
 
 
+def _compiles(device: torch.device) -> bool:
+    """Compile on CUDA; ``_COMPILED["mxfp4_compile_backend"]`` (tests) also compiles elsewhere, with that backend."""
+    return device.type == "cuda" or "mxfp4_compile_backend" in _COMPILED
+
+
+def _compile(fn):
+    return torch.compile(fn, dynamic=False, backend=_COMPILED.get("mxfp4_compile_backend", "inductor"))
+
+
 def _dequantize(blocks, scales, dtype):
     """dequantize_mxfp4, through torch.compile on CUDA (one fused pass; the eager version makes ~6 passes)."""
-    if blocks.device.type != "cuda" or _COMPILED.get("mxfp4_dequant_disabled"):
+    if not _compiles(blocks.device) or _COMPILED.get("mxfp4_dequant_disabled"):
         return dequantize_mxfp4(blocks, scales, dtype)
     if "mxfp4_dequant" not in _COMPILED:
-        _COMPILED["mxfp4_dequant"] = torch.compile(dequantize_mxfp4, dynamic=False)
+        _COMPILED["mxfp4_dequant"] = _compile(dequantize_mxfp4)
     try:
         return _COMPILED["mxfp4_dequant"](blocks, scales, dtype)
     except Exception as exc:  # a torch.compile failure must not kill a training run
@@ -180,12 +189,14 @@ class Mxfp4Experts(nn.Module):
             lora.get("gate_up_proj"),
             lora.get("down_proj"),
         )
-        if hidden_states.device.type != "cuda" or _COMPILED.get("mxfp4_disabled"):
+        if not _compiles(hidden_states.device) or _COMPILED.get("mxfp4_disabled"):
             return moe_experts_core(*args)
         if "mxfp4_core" not in _COMPILED:
-            _COMPILED["mxfp4_core"] = torch.compile(moe_experts_core, dynamic=False)
+            _COMPILED["mxfp4_core"] = _compile(moe_experts_core)
         try:
             return _COMPILED["mxfp4_core"](*args)
+        except torch.utils.checkpoint._StopRecomputationError:
+            raise  # non-reentrant checkpointing stops its recompute this way: not a compile failure
         except Exception as exc:  # a torch.compile failure must not kill a training run: run it eagerly
             log.warning("compiled MXFP4 experts failed (%s: %s); running them eagerly", type(exc).__name__, exc)
             _COMPILED["mxfp4_disabled"] = True
