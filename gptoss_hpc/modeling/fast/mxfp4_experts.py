@@ -50,7 +50,12 @@ def _dequantize(blocks, scales, dtype):
 # A custom op, opaque to torch.compile: AOTAutograd's partitioner cannot decide to keep the dequantized weight
 # (1-4 GiB per layer) alive for the backward; only blocks, scales and offsets are saved, and the backward is the
 # same op on the transposed weight.
-@torch.library.custom_op("gptoss_hpc::mxfp4_grouped_mm", mutates_args=())
+@torch.library.custom_op(
+    "gptoss_hpc::mxfp4_grouped_mm",
+    mutates_args=(),
+    # spelled out: the annotations are strings under `from __future__ import annotations`
+    schema="(Tensor x, Tensor blocks, Tensor scales, Tensor offs, bool transpose) -> Tensor",
+)
 def mxfp4_grouped_mm_op(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, offs: torch.Tensor,
                         transpose: bool) -> torch.Tensor:  # fmt: skip
     """x @ W_e per expert group with W = dequant(blocks, scales) [E, in, out] (transpose: W_e^T, for the input
