@@ -91,7 +91,7 @@ def test_zero3_refusal_says_why_and_what_instead():
 def test_every_stage_is_estimated_and_120b_merge_is_flagged():
     stages = estimate_stages(_cfg("model=gpt_oss_120b"), 141)
     assert [e.stage for e in stages] == ["train", "merge", "eval", "serve"]
-    assert stages[0].fits and not stages[1].fits and "not implemented" in stages[1].note
+    assert stages[0].fits and not stages[1].fits and "mxfp4_merge" in stages[1].note
 
 
 def _plan(*args: str) -> subprocess.CompletedProcess:

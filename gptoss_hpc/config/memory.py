@@ -214,7 +214,7 @@ def merge_estimate(cfg: RunConfig, arch: Arch, capacity_gib: float | None) -> Es
         "merge",
         {"weights": _bf16_model_gib(cfg, arch), "delta": layer, "workspace": 0.5},
         capacity_gib,
-        note="bf16 base loaded whole (a streaming shard-by-shard merge is not implemented)",
+        note="the stage loads the bf16 base whole; python -m gptoss_hpc.modeling.mxfp4_merge merges on the CPU",
     )
 
 
@@ -227,7 +227,7 @@ def _generate_estimate(stage: str, cfg: RunConfig, arch: Arch, capacity_gib: flo
         stage,
         {"weights": _bf16_model_gib(cfg, arch), "kv cache": kv, "logits": logits, "workspace": 0.5},
         capacity_gib,
-        note="bf16 base + adapter (MXFP4-resident eval/serve is not implemented)",
+        note="bf16 merged model (MXFP4 base + adapter unmerged: not wired into the stages yet)",
     )
 
 
