@@ -1,12 +1,12 @@
 """gpt-oss experts with MXFP4-resident weights (``model.experts_dtype: mxfp4``; format in gptoss_hpc.modeling.mxfp4).
 
 Each layer keeps the checkpoint's uint8 blocks and scales (a quarter of the bf16 bytes, plus 1/32 for the scales)
-and dequantizes its whole expert stack just in time, inside the grouped GEMM's autograd function: once in the
-forward and once more in the backward for the input gradient. The bf16 stack is never saved for backward, so at
-most one layer's (plus the caching allocator's reuse of that block) is alive at a time. The frozen W needs no
-gradient; the expert LoRA stays factored (x@W + s(x@A)@B, gptoss_hpc.modeling.fast.experts), so W is only ever
-read. Routing, bias, SwiGLU and combine are the fused experts' (``moe_experts_core``), compiled the same way on
-CUDA: the dequant is elementwise and inductor fuses it into one pass over the blocks.
+and dequantizes its whole expert stack just in time, inside a grouped-GEMM custom op: once in the forward and
+once more in its backward for the input gradient. The bf16 stack is never saved for backward, so one layer's is
+alive at a time (the caching allocator hands the same block to the next layer). The frozen W needs no gradient;
+the expert LoRA stays factored (x@W + s(x@A)@B, gptoss_hpc.modeling.fast.experts), so W is only ever read.
+Routing, bias, SwiGLU and combine are the fused experts' (``moe_experts_core``), compiled the same way on CUDA;
+the dequant (integer ops, one elementwise pass) is compiled on its own inside the op.
 """
 
 from __future__ import annotations
