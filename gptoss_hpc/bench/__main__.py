@@ -1,8 +1,9 @@
-"""python -m gptoss_hpc.bench {submit,train,status} [args...]
+"""python -m gptoss_hpc.bench {submit,train,status,mxfp4} [args...]
 
 python -m gptoss_hpc.bench submit --points 64      # compose + validate + submit a held 64-point sweep
 python -m gptoss_hpc.bench train model=gpt_oss_20b # training tok/s on the GPU (docs/BENCHMARKS.md)
 python -m gptoss_hpc.bench status --jobs 500       # status over a 500-job launch
+python -m gptoss_hpc.bench mxfp4                   # MXFP4-resident experts vs bf16: loss, LoRA grads, memory
 """
 
 from __future__ import annotations
@@ -10,7 +11,12 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = {"submit": "gptoss_hpc.bench.submit", "train": "gptoss_hpc.bench.train", "status": "gptoss_hpc.bench.status"}
+BENCHES = {
+    "submit": "gptoss_hpc.bench.submit",
+    "train": "gptoss_hpc.bench.train",
+    "status": "gptoss_hpc.bench.status",
+    "mxfp4": "gptoss_hpc.bench.mxfp4_check",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

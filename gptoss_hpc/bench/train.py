@@ -408,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         prof = args.profile if i == 0 else None
         if not args.no_configured:
             rows.append(run_stack("configured (GPU defaults)", cfg, args, device, peak, args.steps, prof))
+            rows[-1]["overrides"] = [f"lora={preset}", *base]  # for `python -m gptoss_hpc.plan --compare`
             save()
         if args.check and (args.check_presets is None or preset in args.check_presets.split(",")):
             checks.append((i, cfg))
@@ -420,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     for name_spec in args.variant:
         name, _, spec = name_spec.partition("=")
         rows.append(run_stack(name, _compose([*base, *spec.split()]), args, device, peak, args.steps))
+        rows[-1]["overrides"] = [*base, *spec.split()]
         save()
     if args.reference:
         # The FACTS.md setup: every sequence max_length long (no padding), the best case for the stock stacks.

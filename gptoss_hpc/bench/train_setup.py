@@ -47,6 +47,15 @@ def build_model(cfg, device: str, vocab_size: int | None = None):
     kwargs: dict[str, Any] = {"dtype": torch_dtype(m.dtype), "attn_implementation": m.attn_implementation}
     if m.experts_implementation is not None:
         kwargs["experts_implementation"] = m.experts_implementation
+    if getattr(m, "experts_dtype", "bfloat16") == "mxfp4":
+        from gptoss_hpc.modeling.mxfp4 import build_random_mxfp4_model
+
+        # random uint8 blocks/scales made on the device: no bf16 expert stack exists at any point
+        model = build_random_mxfp4_model(
+            config, device, kwargs["dtype"], m.attn_implementation, m.experts_implementation, seed=cfg.train.seed
+        )
+        model.train()
+        return model
     torch.manual_seed(cfg.train.seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, **kwargs)

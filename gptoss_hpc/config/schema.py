@@ -51,6 +51,10 @@ class ClusterConfig:
     # Resources of the site's nodes, for checks that would otherwise leave a job PENDING forever.
     cpus_per_node: int | None = None
     gpus_per_node_max: int | None = None
+    # Memory of one GPU in GiB (nominal: H100 80, H200 141): validate refuses a train stage whose estimated peak
+    # (gptoss_hpc.config.memory, `python -m gptoss_hpc.plan`) does not fit. null: the local card's for a local GPU
+    # cluster (nvidia-smi), else no check.
+    gpu_memory_gib: float | None = None
     array_parallelism: int = 16
     # merge/eval/serve need one GPU at most (bf16 20b merge fits one H100); report needs none.
     aux_gpus: int = 1
@@ -89,6 +93,10 @@ class ModelConfig:
     dtype: str = "bfloat16"
     # gpt-oss ships MXFP4 experts; training needs them dequantized to bf16.
     dequantize_mxfp4: bool = True
+    # "bfloat16": experts dequantized once at load (the stock path). "mxfp4": the checkpoint's uint8 blocks/scales
+    # stay resident and each layer is dequantized just in time in its forward and backward (a quarter of the
+    # expert memory; gptoss_hpc.modeling.fast.mxfp4_experts); the expert LoRA is applied factored either way.
+    experts_dtype: str = "bfloat16"
     attn_implementation: str = "eager"
     # transformers' MoE experts kernels: "grouped_mm" | "eager" | None (transformers' default).
     experts_implementation: str | None = None

@@ -36,6 +36,10 @@ _DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 def validate(cfg: RunConfig) -> RunConfig:
     problems = [*_run(cfg), *_cluster(cfg), *_model(cfg), *_lora(cfg), *_data(cfg), *_train(cfg), *_eval(cfg)]
+    if not problems:  # the estimate reads the other keys: only once they are valid
+        from gptoss_hpc.config.memory import memory_problems
+
+        problems = memory_problems(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -167,6 +171,12 @@ def _model(cfg: RunConfig) -> list[str]:
         p.append("model.attn_implementation=sdpa is not supported by gpt-oss (attention sinks); use "
                  "flex_attention or eager")  # fmt: skip
     p += _one_of("model.experts_implementation", m.experts_implementation, EXPERTS, "the model yaml")
+    p += _one_of("model.experts_dtype", m.experts_dtype, ("bfloat16", "mxfp4"), "the model yaml")
+    if m.experts_dtype == "mxfp4" and m.tiny:
+        p.append(
+            "model.experts_dtype=mxfp4 needs an MXFP4 checkpoint (model.name_or_path=<folder with *_blocks/"
+            "*_scales shards>); the tiny model is built in bf16/fp32: use model.experts_dtype=bfloat16"
+        )
     if m.tiny:
         from gptoss_hpc.resources import tiny_config_path
 
@@ -270,7 +280,13 @@ def _train(cfg: RunConfig) -> list[str]:
     p += _at_least("train.save_total_limit", t.save_total_limit, 1, "keep at least the newest checkpoint")
     p += _at_least("train.dataloader_num_workers", t.dataloader_num_workers, 0, "0 = main process")
     if t.deepspeed and t.zero.stage not in (1, 2):
-        p.append(f"train.zero.stage must be 1 or 2 (got {t.zero.stage}); LoRA gains nothing from stage 3")
+        p.append(
+            f"train.zero.stage must be 1 or 2 (got {t.zero.stage}): stage 3 would shard the frozen base weights, "
+            "but the fused expert LoRA and the MXFP4-resident experts read whole expert stacks (untested under "
+            "ZeRO-3's gather hooks), and the LoRA state it would also shard is tiny. To fit a model per GPU use "
+            "model.experts_dtype=mxfp4 (experts at ~1/4 of bf16), a smaller train.per_device_train_batch_size, or "
+            "train.gradient_checkpointing=true; `python -m gptoss_hpc.plan` shows what fits"
+        )
     if t.bf16 and cfg.model.dtype == "float16":
         p.append("train.bf16=true with model.dtype=float16: pick one precision (bfloat16 on H100/H200)")
     # train.packing / padding_free run with any attention: the train stage builds per-sequence masks from the

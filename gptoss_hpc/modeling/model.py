@@ -136,6 +136,9 @@ def _load_pretrained(cfg: RunConfig, for_training: bool) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     m = cfg.model
+    if m.experts_dtype == "mxfp4" and for_training:
+        # merge/eval/serve load the bf16-dequantized base (the same W), which PEFT can merge into
+        return _load_mxfp4(cfg)
     kwargs: dict = {
         "revision": m.revision,
         "dtype": torch_dtype(m.dtype),
@@ -173,6 +176,24 @@ def _is_mxfp4(name_or_path: str) -> bool:
         return True
     quant = json.loads(config.read_text()).get("quantization_config") or {}
     return quant.get("quant_method") == "mxfp4"
+def _load_mxfp4(cfg: RunConfig) -> PreTrainedModel:
+    """MXFP4-resident experts: read the checkpoint's shards tensor by tensor straight onto this rank's GPU (the
+    trainer's later .to(device) is then a no-op), never building a bf16 expert stack (gptoss_hpc.modeling.mxfp4)."""
+    import torch
+
+    from gptoss_hpc.modeling.mxfp4 import load_mxfp4_model
+
+    m = cfg.model
+    folder = m.name_or_path
+    if not is_local(folder):
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = snapshot_download(m.name_or_path, revision=m.revision, allow_patterns=["*.json", "*.safetensors"])
+        except Exception as exc:
+            raise unreachable("model", m.name_or_path, m.revision, exc, _MODEL_FIX.format(name=m.name_or_path)) from exc
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    return load_mxfp4_model(folder, device, torch_dtype(m.dtype), m.attn_implementation, m.experts_implementation)
 
 
 def _tiny_complete(folder: Path) -> bool:

@@ -21,6 +21,8 @@ def speed_knobs_callback(cfg: RunConfig):
         # sequences; apply_speed_knobs isolates them (gptoss_hpc.modeling.fast.isolate_packed_sequences).
         or t.packing
         or t.padding_free
+        # MXFP4-resident experts take their LoRA factored (gptoss_hpc.modeling.fast.mxfp4_experts)
+        or getattr(m, "experts_dtype", "bfloat16") == "mxfp4"
     ):
         return None
     from transformers import TrainerCallback

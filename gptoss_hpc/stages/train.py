@@ -256,6 +256,10 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
         callbacks=callbacks,
     )
     set_collective_timeout(cfg.train.ddp_timeout)
+    if cfg.model.experts_dtype == "mxfp4":
+        from gptoss_hpc.modeling.fast.mxfp4_experts import release_placeholders
+
+        release_placeholders(trainer.model)  # before DeepSpeed's broadcast of every parameter (train() wraps)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     log.info("LoRA: %d trainable of %d parameters (%.4f%%)", trainable, total, 100 * trainable / total)
 

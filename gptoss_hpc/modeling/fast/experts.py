@@ -28,6 +28,16 @@ def _grouped_mm(x, w, offs):
     return dispatch(x, w, offs=offs)
 
 
+def _expert_mm(x, w, offs, dtype):
+    """x @ W_e per expert group; ``w`` is the [E, in, out] weight or MXFP4 (blocks, scales) dequantized just in
+    time (gptoss_hpc.modeling.fast.mxfp4_experts)."""
+    if isinstance(w, tuple):
+        from gptoss_hpc.modeling.fast.mxfp4_experts import mxfp4_grouped_mm
+
+        return mxfp4_grouped_mm(x, *w, offs, dtype)
+    return _grouped_mm(x.to(w.dtype), w, offs)
+
+
 def _lora_delta(t, expert_ids_g, num_experts: int, right, scale: float):
     """The second LoRA factor per row: ``t`` [N, E*r] holds x @ A_e for every expert e; each row keeps its own
     expert's block (a one-hot mask; rows are sorted by expert) and is multiplied by the stacked B [E*r, out]."""
@@ -63,7 +73,7 @@ def moe_experts_core(
     """
     import torch
 
-    num_experts = w_gu.shape[0]
+    num_experts = b_gu.shape[0]
     num_tokens, hidden_dim = hidden.shape
     top_k = top_k_index.shape[-1]
     expert_ids = top_k_index.reshape(-1)
@@ -75,7 +85,7 @@ def moe_experts_core(
     else:
         counts = torch.histc(expert_ids_g.float(), bins=num_experts, min=0, max=num_experts - 1)
     offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
-    gate_up = _grouped_mm(x.to(w_gu.dtype), w_gu, offs) + b_gu[expert_ids_g]
+    gate_up = _expert_mm(x, w_gu, offs, b_gu.dtype) + b_gu[expert_ids_g]
     if lora_gu is not None:
         left, right, scale = lora_gu
         # x @ A for every expert, once per token (not once per routed copy of it)
@@ -85,7 +95,7 @@ def moe_experts_core(
     gate = gate.clamp(min=None, max=limit)
     up = up.clamp(min=-limit, max=limit)
     act = (up + 1) * (gate * torch.sigmoid(gate * alpha))
-    y = _grouped_mm(act, w_d, offs) + b_d[expert_ids_g]
+    y = _expert_mm(act, w_d, offs, b_d.dtype) + b_d[expert_ids_g]
     if lora_d is not None:
         left, right, scale = lora_d
         t = act.to(left.dtype) @ left
@@ -175,6 +185,8 @@ def _factored_plan(outer):
         chain[module.parameter_name] = (module, adapters[0])
         module = module.base_layer
     config = getattr(module, "config", None)
+    if getattr(module, "takes_factored_lora", False):  # MXFP4 experts (fast/mxfp4_experts.py)
+        return module, chain
     if getattr(config, "_experts_implementation", None) != FUSED_EXPERTS or not hasattr(module, "alpha"):
         return None
     return module, chain
@@ -187,6 +199,8 @@ def _factored_forward(self, hidden_states, *args, **kwargs):
     experts, chain = plan
     dtype = experts.gate_up_proj.dtype
     lora = {name: expert_lora_factors(w, adapter, dtype) for name, (w, adapter) in chain.items()}
+    if getattr(experts, "takes_factored_lora", False):
+        return experts(hidden_states, *args, lora=lora)
     return fused_experts_forward(experts, hidden_states, *args, lora=lora)
 
 

@@ -101,6 +101,12 @@ def apply_speed_knobs(model: nn.Module, cfg: RunConfig) -> SpeedKnobs:
         set_experts_implementation(model, FUSED_EXPERTS)
         knobs.experts_after = FUSED_EXPERTS
         knobs.factored_lora = factor_expert_lora(model)
+    if getattr(m, "experts_dtype", "bfloat16") == "mxfp4":
+        from gptoss_hpc.modeling.fast.mxfp4_experts import release_placeholders
+
+        # MXFP4 experts read their frozen W only through the factored LoRA, with or without fused_experts
+        knobs.factored_lora = knobs.factored_lora or factor_expert_lora(model)
+        release_placeholders(model)
     if getattr(t, "no_grad_below_first_lora", False):
         knobs.frozen_prefix = freeze_below_first_trainable_layer(model)
     backend = compile_backend(next(model.parameters()).device.type)

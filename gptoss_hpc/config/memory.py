@@ -1,0 +1,348 @@
+"""Per-GPU memory estimate of each stage (pure arithmetic, no torch): ``validate`` refuses a config whose train
+stage does not fit ``cluster.gpu_memory_gib``; ``python -m gptoss_hpc.plan`` prints the parts.
+
+The estimate is torch's peak allocated memory (what ``bench train`` reports as peak GiB) plus what the card needs
+beyond it: the CUDA context and the caching allocator's fragmentation. Its parts:
+
+- weights by dtype: the non-expert tensors in ``model.dtype``, the experts in bf16 or as MXFP4 blocks + scales;
+- LoRA parameters, gradients and AdamW state (fp32 master + moments sharded by ZeRO over the ranks);
+- activations: tokens per micro-batch x the layers autograd records (from the lowest LoRA layer up) x a per-layer
+  cost that depends on the experts kernel, compiled layers and attention LoRA; with gradient checkpointing, one
+  hidden state per layer plus one layer recomputed;
+- the loss: [tokens, vocab] logits without ``train.loss_chunk_tokens``, else a chunk (in the workspace term);
+- the MXFP4 dequant buffer: one layer's gate_up stack in bf16, alive during its GEMM.
+
+Calibration (per-layer costs, workspace): the 20b bf16 rows of docs/BENCHMARKS.md measured on an H100/H200
+(``bench train``, experts preset unless named; allocated GiB): train=fast 4x2048 55.8, 2x2048 48.3, 8x2048 70.8;
+stock grad ckpt 2x2048 49.0 and its ladder (42.8 chunked loss, 58.6 no recompute, 49.0 fused experts);
+attention 2x2048 56.5 / 4x2048 72.3; all_linear 2x2048 53.8 / 4x2048 66.7. The 120b and MXFP4 rows reuse the
+per-layer costs (same hidden size, head layout and top-k); docs/BENCHMARKS.md compares them with measurements.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from gptoss_hpc.config import derive
+from gptoss_hpc.config.schema import RunConfig
+
+GIB = 2**30
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+MXFP4_BYTES = 0.5 + 1 / 32  # two e2m1 values per byte + one e8m0 scale per 32 values
+
+# GiB of saved activations per 1024 tokens per decoder layer recorded by autograd (see the module docstring)
+ACT_FUSED_COMPILED = 0.1077  # model.fused_experts + model.compile_layers (train=fast)
+ACT_FUSED = 0.1178  # fused experts, layers not compiled
+ACT_STOCK = 0.2556  # transformers' grouped_mm experts (model.fused_experts=false)
+ACT_ATTN_LORA = 0.0235  # + LoRA on q/k/v/o (inputs kept for the A gradients)
+ACT_ATTN_LORA_DROPOUT = 0.0530  # + the same with lora_dropout > 0 (a dropped copy + mask per projection)
+RECOMPUTE_FACTOR = 1.35  # with gradient checkpointing: one layer's activations while it is recomputed + backward
+WORKSPACE_GIB = 1.85  # intercept of the fits: chunked-loss transient (4k tokens), cuBLAS/flex workspaces
+LOGIT_BYTES = 8  # per [token, vocab] element without chunking: bf16 logits + fp32 upcast + its gradient
+CONTEXT_GIB = 0.6  # CUDA context, outside torch's allocator
+FRAGMENTATION = 0.05  # reserved over allocated at the peak
+USABLE = 0.99  # of the card's nominal GiB (H100 80 GB: 79.2 GiB usable; H200 141: 139.8)
+
+
+@dataclass(frozen=True)
+class Arch:
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    experts: int
+    top_k: int
+    intermediate: int
+
+    @classmethod
+    def from_json(cls, path: Path, layers: int | None = None) -> Arch:
+        c = json.loads(Path(path).read_text())
+        return cls(
+            vocab=c["vocab_size"],
+            hidden=c["hidden_size"],
+            layers=layers or c["num_hidden_layers"],
+            heads=c["num_attention_heads"],
+            kv_heads=c["num_key_value_heads"],
+            head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
+            experts=c["num_local_experts"],
+            top_k=c.get("num_experts_per_tok", c.get("experts_per_token", 4)),
+            intermediate=c["intermediate_size"],
+        )
+
+    def attention_params(self) -> int:
+        q = self.heads * self.head_dim
+        kv = self.kv_heads * self.head_dim
+        return self.hidden * (2 * q + 2 * kv) + 2 * q + 2 * kv + self.hidden + self.heads
+
+    def expert_weights(self) -> int:
+        """Per layer, without biases: E x (H x 2I + I x H)."""
+        return self.experts * 3 * self.hidden * self.intermediate
+
+    def expert_biases(self) -> int:
+        return self.experts * (2 * self.intermediate + self.hidden)
+
+    def non_expert_params(self) -> int:
+        per_layer = self.attention_params() + self.experts * (self.hidden + 1) + 2 * self.hidden
+        return 2 * self.vocab * self.hidden + self.layers * per_layer + self.hidden
+
+
+def arch_for(cfg: RunConfig) -> Arch | None:
+    """The architecture of cfg.model: the bundled json for the tiny model and gpt-oss-20b/120b, a local folder's
+    config.json, else None (no estimate)."""
+    from gptoss_hpc.resources import RESOURCES, tiny_config_path
+
+    m = cfg.model
+    if m.tiny:
+        path = tiny_config_path(m.tiny_config)
+    elif (Path(m.name_or_path).expanduser() / "config.json").is_file():
+        path = Path(m.name_or_path).expanduser() / "config.json"
+    else:
+        name = m.name_or_path.lower().replace("-", "_")
+        size = next((s for s in ("120b", "20b") if s in name), None)
+        if size is None:
+            return None
+        path = RESOURCES / f"gpt_oss_{size}_config.json"
+    return Arch.from_json(path, layers=m.num_hidden_layers) if path.is_file() else None
+
+
+@dataclass
+class Estimate:
+    stage: str
+    parts: dict[str, float] = field(default_factory=dict)  # GiB each
+    capacity_gib: float | None = None
+    note: str = ""
+
+    @property
+    def allocated(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def card(self) -> float:
+        """What the card must hold: the allocated peak + fragmentation + the CUDA context."""
+        return self.allocated * (1 + FRAGMENTATION) + CONTEXT_GIB
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.capacity_gib is None else self.card <= self.capacity_gib * USABLE
+
+
+def _lora_layers(cfg: RunConfig, arch: Arch) -> tuple[list[int], list[int]]:
+    """(layers with expert LoRA, layers with attention LoRA)."""
+    experts = [i for i in derive.expert_layers(cfg.lora, arch.layers) if 0 <= i < arch.layers]
+    attention = list(range(arch.layers)) if cfg.lora.target_modules else []
+    return experts, attention
+
+
+def lora_params(cfg: RunConfig, arch: Arch) -> int:
+    r = cfg.lora.r
+    experts, attention = _lora_layers(cfg, arch)
+    per_expert_layer = 0
+    if "gate_up_proj" in cfg.lora.expert_params:
+        per_expert_layer += r * arch.experts * (arch.hidden + 2 * arch.intermediate)
+    if "down_proj" in cfg.lora.expert_params:
+        per_expert_layer += r * arch.experts * (arch.intermediate + arch.hidden)
+    q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    per_attn_layer = r * ((arch.hidden + q) + 2 * (arch.hidden + kv) + (q + arch.hidden))
+    return len(experts) * per_expert_layer + len(attention) * per_attn_layer
+
+
+def weights_gib(cfg: RunConfig, arch: Arch, experts_dtype: str | None = None) -> tuple[float, float]:
+    """(non-expert GiB, expert GiB) of the model as the train stage holds it."""
+    b = _DTYPE_BYTES.get(cfg.model.dtype, 2)
+    experts_dtype = experts_dtype or cfg.model.experts_dtype
+    per_value = MXFP4_BYTES if experts_dtype == "mxfp4" else b
+    experts = arch.layers * (arch.expert_weights() * per_value + arch.expert_biases() * b)
+    return arch.non_expert_params() * b / GIB, experts / GIB
+
+
+def _world(cfg: RunConfig) -> int:
+    return max(1, derive.world_size(cfg.cluster)) if cfg.cluster.accelerator == "gpu" else 1
+
+
+def train_estimate(cfg: RunConfig, arch: Arch, capacity_gib: float | None = None) -> Estimate:
+    t, m = cfg.train, cfg.model
+    tokens = t.per_device_train_batch_size * t.max_length
+    k = tokens / 1024
+    non_expert, experts = weights_gib(cfg, arch)
+    expert_layers, attn_layers = _lora_layers(cfg, arch)
+    lora_layers = sorted(set(expert_layers) | set(attn_layers))
+    first = lora_layers[0] if lora_layers else arch.layers
+    recorded = list(range(first, arch.layers))
+    if not m.fused_experts:
+        base = ACT_STOCK
+    elif m.compile_layers and not t.gradient_checkpointing:
+        base = ACT_FUSED_COMPILED
+    else:
+        base = ACT_FUSED
+    attn_extra = ACT_ATTN_LORA_DROPOUT if cfg.lora.lora_dropout > 0 else ACT_ATTN_LORA
+    per_layer = {i: base + (attn_extra if i in attn_layers else 0.0) for i in recorded}
+    if t.gradient_checkpointing:
+        boundary = len(recorded) * tokens * arch.hidden * _DTYPE_BYTES.get(m.dtype, 2) / GIB
+        activations = boundary + RECOMPUTE_FACTOR * max(per_layer.values(), default=0.0) * k
+    else:
+        activations = sum(per_layer.values()) * k
+    p = lora_params(cfg, arch)
+    shards = _world(cfg) if t.deepspeed else 1
+    # bf16 weights + fp32 gradients; AdamW's fp32 master copy and two moments, partitioned by ZeRO-1/2
+    lora = p * (2 + 4 + 12 / shards) / GIB
+    loss = 0.0 if t.loss_chunk_tokens > 0 else LOGIT_BYTES * tokens * arch.vocab / GIB
+    parts = {
+        "weights": non_expert + experts,
+        "lora+optimizer": lora,
+        "activations": activations,
+        "logits": loss,
+        "workspace": WORKSPACE_GIB,
+    }
+    if m.experts_dtype == "mxfp4":
+        parts["dequant buffer"] = arch.experts * arch.hidden * 2 * arch.intermediate * 2 / GIB
+    return Estimate("train", parts, capacity_gib)
+
+
+def _bf16_model_gib(cfg: RunConfig, arch: Arch) -> float:
+    non_expert, experts = weights_gib(cfg, arch, experts_dtype="bfloat16")
+    return non_expert + experts
+
+
+def merge_estimate(cfg: RunConfig, arch: Arch, capacity_gib: float | None) -> Estimate:
+    """The merge stage loads the bf16-dequantized base whole, adds B@A per weight and saves it."""
+    layer = arch.expert_weights() * 4 / GIB  # one fp32 delta of an experts stack while it is merged
+    return Estimate(
+        "merge",
+        {"weights": _bf16_model_gib(cfg, arch), "delta": layer, "workspace": 0.5},
+        capacity_gib,
+        note="the stage loads the bf16 base whole; python -m gptoss_hpc.modeling.mxfp4_merge merges on the CPU",
+    )
+
+
+def _generate_estimate(stage: str, cfg: RunConfig, arch: Arch, capacity_gib: float | None) -> Estimate:
+    tokens = cfg.train.max_length + cfg.eval.max_new_tokens
+    batch = max(1, cfg.train.per_device_eval_batch_size)
+    kv = 2 * arch.layers * arch.kv_heads * arch.head_dim * 2 * tokens * batch / GIB
+    logits = batch * arch.vocab * 4 * 2 / GIB
+    return Estimate(
+        stage,
+        {"weights": _bf16_model_gib(cfg, arch), "kv cache": kv, "logits": logits, "workspace": 0.5},
+        capacity_gib,
+        note="bf16 merged model (MXFP4 base + adapter unmerged: not wired into the stages yet)",
+    )
+
+
+def estimate_stages(cfg: RunConfig, capacity_gib: float | None = None) -> list[Estimate]:
+    arch = arch_for(cfg)
+    if arch is None:
+        return []
+    return [
+        train_estimate(cfg, arch, capacity_gib),
+        merge_estimate(cfg, arch, capacity_gib),
+        _generate_estimate("eval", cfg, arch, capacity_gib),
+        _generate_estimate("serve", cfg, arch, capacity_gib),
+    ]
+
+
+def gpu_memory_gib(cfg: RunConfig) -> float | None:
+    """cluster.gpu_memory_gib; for a local GPU cluster left at null, the local card's (nvidia-smi), else None."""
+    c = cfg.cluster
+    if c.gpu_memory_gib is not None:
+        return float(c.gpu_memory_gib)
+    if c.backend != "local" or c.accelerator != "gpu":
+        return None
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return min(float(x) for x in out) / 1024 if out else None
+
+
+# Cheapest first: what each costs in speed on the H100/H200 measurements (docs/BENCHMARKS.md).
+def _candidate_fixes(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
+    t, m = cfg.train, cfg.model
+    out = []
+    if m.experts_dtype != "mxfp4":
+        out.append(("model.experts_dtype=mxfp4", replace(cfg, model=replace(m, experts_dtype="mxfp4"))))
+    b, ga = t.per_device_train_batch_size, t.gradient_accumulation_steps
+    while b > 1:
+        b //= 2
+        ga *= 2
+        fix = f"train.per_device_train_batch_size={b} train.gradient_accumulation_steps={ga}"
+        out.append((fix, replace(cfg, train=replace(t, per_device_train_batch_size=b, gradient_accumulation_steps=ga))))
+    if not t.gradient_checkpointing:
+        out.append(("train.gradient_checkpointing=true", replace(cfg, train=replace(t, gradient_checkpointing=True))))
+    if t.loss_chunk_tokens <= 0:
+        out.append(("train.loss_chunk_tokens=4096", replace(cfg, train=replace(t, loss_chunk_tokens=4096))))
+    return out
+
+
+def fixes_that_fit(cfg: RunConfig, arch: Arch, capacity: float, limit: int = 3) -> list[str]:
+    """Single changes, then the first single change combined with the others, that make the train stage fit."""
+    singles = _candidate_fixes(cfg)
+    found = [name for name, c in singles if train_estimate(c, arch, capacity).fits]
+    seen = {frozenset(f.split()) for f in found}
+    for name, c in singles:
+        for name2, c2 in _candidate_fixes(c):
+            combo = f"{name} {name2}"
+            if len(found) >= limit:
+                return found
+            if frozenset(combo.split()) not in seen and train_estimate(c2, arch, capacity).fits:
+                found.append(combo)
+                seen.add(frozenset(combo.split()))
+    return found[:limit]
+
+
+def _later_stage_problems(cfg: RunConfig, arch: Arch, capacity: float) -> list[str]:
+    """merge/eval/serve load the bf16 model whole on one GPU: refuse them before a long training run, not after."""
+    stages = [s for s in ("merge", "eval", "serve") if s in cfg.stages]
+    if not stages:
+        return []
+    est = merge_estimate(cfg, arch, capacity)
+    if est.fits:
+        return []
+    return [
+        f"stages {stages} load the merged bf16 model whole (~{est.card:.0f} GiB) on one GPU of "
+        f"cluster.gpu_memory_gib={capacity:g}: run stages=[train], then merge on the CPU shard by shard with "
+        "`python -m gptoss_hpc.modeling.mxfp4_merge <base> <adapter> <out>` (MXFP4 base), or use a card that holds it"
+    ]
+
+
+def memory_problems(cfg: RunConfig) -> list[str]:
+    """validate's check: each stage's estimated peak must fit the card (skipped when the size is unknown)."""
+    if cfg.cluster.accelerator != "gpu":
+        return []
+    capacity = gpu_memory_gib(cfg)
+    arch = arch_for(cfg)
+    if capacity is None or arch is None:
+        return []
+    later = _later_stage_problems(cfg, arch, capacity)
+    if "train" not in cfg.stages:
+        return later
+    est = train_estimate(cfg, arch, capacity)
+    if est.fits:
+        return later
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in est.parts.items() if v >= 0.05)
+    fixes = fixes_that_fit(cfg, arch, capacity)
+    fix = "; ".join(f"({i}) {f}" for i, f in enumerate(fixes, 1)) or "none found: use a larger card"
+    zero = (
+        " ZeRO-2 shards only LoRA gradients and optimizer state, so more GPUs do not lower it; ZeRO-3 is not"
+        " supported for expert LoRA (train.zero.stage)."
+    )
+    return [
+        *later,
+        f"train stage needs ~{est.card:.1f} GiB per GPU (allocated {est.allocated:.1f}: {parts}) but "
+        f"cluster.gpu_memory_gib={capacity:g} leaves {capacity * USABLE:.1f}; cheapest fixes that fit: {fix}.{zero} "
+        "See `python -m gptoss_hpc.plan <same overrides>`",
+    ]

@@ -1,0 +1,147 @@
+"""Per-GPU memory estimate of each stage of a config, before anything is submitted.
+
+    python -m gptoss_hpc.plan                                         # the default config
+    python -m gptoss_hpc.plan model=gpt_oss_120b cluster=coreweave_h100 train=fast
+    python -m gptoss_hpc.plan cluster.gpu_memory_gib=24 model.experts_dtype=mxfp4 train.per_device_train_batch_size=1
+    python -m gptoss_hpc.plan --fits                                  # README's "what fits where" table
+
+The numbers come from gptoss_hpc.config.memory (weights by dtype, LoRA + optimizer, activations, logits, MXFP4
+dequant buffer, workspace; calibrated on H100/H200 measurements). `card` adds fragmentation and the CUDA
+context to the allocated peak; `fits` compares it with cluster.gpu_memory_gib. Exit status 1 when the train
+stage does not fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from gptoss_hpc.config.memory import USABLE, Estimate, arch_for, estimate_stages, gpu_memory_gib, train_estimate
+
+CARDS = (24, 48, 80, 141)
+# Settings tried for --fits, fastest first (docs/BENCHMARKS.md), on top of train=fast (16k tokens per optimizer
+# step): (label, experts_dtype, micro-batch rows, gradient checkpointing)
+_SETTINGS = (
+    ("bf16 4x2048", "bfloat16", 4, False),
+    ("bf16 2x2048", "bfloat16", 2, False),
+    ("mxfp4 4x2048", "mxfp4", 4, False),
+    ("mxfp4 2x2048", "mxfp4", 2, False),
+    ("mxfp4 1x2048", "mxfp4", 1, False),
+    ("mxfp4 4x2048 recompute", "mxfp4", 4, True),
+    ("mxfp4 1x2048 recompute", "mxfp4", 1, True),
+)
+
+
+def _compose(overrides: list[str]):
+    from gptoss_hpc.config import compose, to_run_config
+
+    return to_run_config(compose(overrides))
+
+
+def format_table(estimates: list[Estimate]) -> str:
+    keys: list[str] = []
+    for e in estimates:
+        keys += [k for k in e.parts if k not in keys]
+    head = ["stage", *keys, "allocated", "card", "capacity", "fits", "note"]
+    rows = [head]
+    for e in estimates:
+        cap = f"{e.capacity_gib * USABLE:.1f}" if e.capacity_gib else "-"
+        fits = {True: "yes", False: "NO", None: "?"}[e.fits]
+        parts = [f"{e.parts[k]:.1f}" if k in e.parts else "" for k in keys]
+        rows.append([e.stage, *parts, f"{e.allocated:.1f}", f"{e.card:.1f}", cap, fits, e.note])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
+    lines = [" | ".join(c.rjust(w) for c, w in zip(r[:-1], widths, strict=True)) + " | " + r[-1] for r in rows]
+    return "\n".join(lines)
+
+
+def fits_table(base: list[str], lora: str = "experts") -> str:
+    """For gpt-oss-20b and -120b and each card size: the first setting of _SETTINGS whose train stage fits."""
+    lines = [f"LoRA `{lora}`, train=fast (16k tokens per optimizer step), GiB of one GPU: first setting that fits", ""]
+    lines.append("| model | " + " | ".join(f"{c} GB" for c in CARDS) + " |")
+    lines.append("|---|" + "---|" * len(CARDS))
+    for model in ("gpt_oss_20b", "gpt_oss_120b"):
+        base_cfg = _compose([f"model={model}", f"lora={lora}", "train=fast", *base])
+        arch = arch_for(base_cfg)
+        cells = []
+        for card in CARDS:
+            cell = "does not fit"
+            for label, experts_dtype, rows, recompute in _SETTINGS:
+                t = base_cfg.train
+                cfg = replace(
+                    base_cfg,
+                    model=replace(base_cfg.model, experts_dtype=experts_dtype),
+                    train=replace(
+                        t,
+                        per_device_train_batch_size=rows,
+                        gradient_accumulation_steps=max(
+                            1, t.per_device_train_batch_size * t.gradient_accumulation_steps // rows
+                        ),
+                        gradient_checkpointing=recompute,
+                    ),
+                )
+                est = train_estimate(cfg, arch, card)
+                if est.fits:
+                    cell = f"{label} ({est.card:.0f})"
+                    break
+            cells.append(cell)
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compare(paths: list[str]) -> str:
+    """Bench rows (``bench train --json``) beside the plan's train estimate for the same overrides."""
+    import json
+
+    lines = [
+        "| stack | micro-batch x GA | tok/s | measured peak GiB | plan GiB | plan error |",
+        "|---|---|---|---|---|---|",
+    ]
+    for path in paths:
+        for row in json.loads(Path(path).read_text())["rows"]:
+            if "overrides" not in row:
+                continue
+            cfg = _compose(row["overrides"])
+            est = train_estimate(cfg, arch_for(cfg))
+            measured = row.get("peak_alloc_gib")
+            err = f"{100 * (est.allocated - measured) / measured:+.1f}%" if measured else row.get("status", "")
+            mb = f"{row.get('micro_batch', '')} x {row.get('grad_accum', '')}"
+            lines.append(
+                f"| {row['name']} | {mb} | {row.get('tok_s', '-')} | {measured if measured else '-'} | "
+                f"{est.allocated:.1f} | {err} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gptoss_hpc.plan", description=__doc__.splitlines()[0])
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m gptoss_hpc.launch")
+    p.add_argument("--fits", action="store_true", help="print the what-fits-where table (20b/120b x card sizes)")
+    p.add_argument("--lora", default="experts", help="LoRA preset for --fits (default experts)")
+    p.add_argument("--compare", nargs="+", metavar="JSON", help="bench train --json files: measured vs estimated")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.compare:
+        print(compare(args.compare))
+        return 0
+    if args.fits:
+        print(fits_table(args.overrides, args.lora))
+        return 0
+    cfg = _compose(args.overrides)
+    capacity = gpu_memory_gib(cfg)
+    estimates = estimate_stages(cfg, capacity)
+    if not estimates:
+        print(f"no architecture known for model.name_or_path={cfg.model.name_or_path}: no estimate", file=sys.stderr)
+        return 2
+    t = cfg.train
+    print(
+        f"{cfg.model.name_or_path} experts={cfg.model.experts_dtype} lora r={cfg.lora.r} micro-batch "
+        f"{t.per_device_train_batch_size}x{t.max_length} recompute={t.gradient_checkpointing} "
+        f"compiled layers={cfg.model.compile_layers} gpu_memory_gib={capacity if capacity is not None else 'unknown'}"
+    )
+    print(format_table(estimates))
+    return 1 if estimates[0].fits is False else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
