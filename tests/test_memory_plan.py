@@ -69,11 +69,13 @@ def test_validate_refuses_what_does_not_fit_and_names_fixes_that_do():
         _cfg("cluster.gpu_memory_gib=24", "train=fast", "stages=[train]", *fix.split())
     )  # the first named fix does fit
 
-    with pytest.raises(ConfigError, match=r"train stage needs .* \(1\) model\.experts_dtype=mxfp4;"):
+    with pytest.raises(ConfigError, match=r"train stage needs .* \(1\) model\.experts_dtype=mxfp4[ ;]"):
         validate(_cfg("cluster=coreweave_h100", "model=gpt_oss_120b", "model.experts_dtype=bfloat16", "stages=[train]"))
-    validate(
-        _cfg("cluster=coreweave_h100", "model=gpt_oss_120b", "stages=[train]")
-    )  # the preset (mxfp4, recompute) fits 80 GB
+    # train=default's 4x2048 micro-batch: 120b (mxfp4) fits an H200; on an 80 GB H100 it is refused, naming a
+    # smaller micro-batch that fits
+    validate(_cfg("cluster=coreweave_h200", "model=gpt_oss_120b", "stages=[train]"))
+    with pytest.raises(ConfigError, match=r"cheapest fixes that fit: \(1\) [^;]*train\.per_device_train_batch_size"):
+        validate(_cfg("cluster=coreweave_h100", "model=gpt_oss_120b", "stages=[train]"))
     validate(_cfg("cluster.gpu_memory_gib=null", "model=gpt_oss_120b", "model.experts_dtype=bfloat16"))  # unknown
 
 

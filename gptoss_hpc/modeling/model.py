@@ -176,6 +176,8 @@ def _is_mxfp4(name_or_path: str) -> bool:
         return True
     quant = json.loads(config.read_text()).get("quantization_config") or {}
     return quant.get("quant_method") == "mxfp4"
+
+
 def _load_mxfp4(cfg: RunConfig) -> PreTrainedModel:
     """MXFP4-resident experts: read the checkpoint's shards tensor by tensor straight onto this rank's GPU (the
     trainer's later .to(device) is then a no-op), never building a bf16 expert stack (gptoss_hpc.modeling.mxfp4)."""
