@@ -198,7 +198,7 @@ def launch(c: Check, phase: str, name: str, overrides: list[str], *, stages: str
             "stage": stage,
             "result": _stage_result(rec, r.rc),
             "wall_s": wall,
-            "peak_gpu_gib": rec.get("peak_gpu_gib", r.peak_gib.get(stage)),
+            "peak_gpu_gib": rec.get("peak_gpu_gib") if rec.get("peak_gpu_gib") is not None else r.peak_gib.get(stage),
             "command": " ".join(cmd[1:]),
             "error": rec.get("error"),
             "point": str(point),
