@@ -66,6 +66,13 @@ class ClusterConfig:
     # Seconds before the time limit at which Slurm sends USR2 so training checkpoints and requeues.
     signal_delay_s: int = 300
     max_requeues: int = 3
+    # The signal Slurm sends before the time limit or on preemption (sbatch --signal=<sig>@signal_delay_s):
+    # "USR2" (default) or "TERM" (what preemption sends where the site has no PreemptParameters=
+    # send_user_signal). Either one: every rank checkpoints at the step end, then the job requeues itself.
+    preempt_signal: str = "USR2"
+    # sbatch --gpus-per-task for train jobs (instead of --gpus-per-node): 1 where the site binds one GPU per
+    # task, so every task sees only its own device 0. null = --gpus-per-node (every task sees the node's GPUs).
+    gpus_per_task: int | None = None
 
 
 @dataclass
