@@ -159,6 +159,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_hostnames() -> list[str]:
+    """Every rank's hostname, by rank (all_gather_object; a normal-path collective, never in an error path)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [socket.gethostname()]
+    names: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(names, socket.gethostname())
+    return [str(n) for n in names]
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if it is True on any rank (a tiny all-reduce; the flag itself where not distributed)."""
     import torch
