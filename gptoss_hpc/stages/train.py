@@ -339,6 +339,8 @@ class TrainJob(submitit.helpers.Checkpointable):
     job resumes from the checkpoint at the same global step.
     """
 
+    clock: Callable[[], float] = time.time  # class default: a job pickled before this attribute existed
+
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
 
