@@ -111,7 +111,8 @@ def requeue(target: str) -> None:
     state = subprocess.run(
         ["scontrol", "show", "job", "-o", target], capture_output=True, text=True, timeout=60, check=False
     ).stdout
-    if "JobState=REQUEUE" in state or "JobState=PENDING" in state or "Reason=BeginTime" in state:
+    already = ("JobState=REQUEUE" in state, "JobState=PENDING" in state, "pending execution" in proc.stderr)
+    if any(already):
         log.warning("Slurm job %s is already being requeued (%s)", target, proc.stderr.strip())
         return
     raise GptossHpcError(f"`scontrol requeue {target}` failed: {proc.stderr.strip() or proc.returncode}")
