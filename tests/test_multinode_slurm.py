@@ -135,14 +135,29 @@ def test_two_nodes_by_two_ranks_train_like_one_node_by_four(tmp_path: Path, loca
     assert "ignoring inherited" in log0
 
 
-def test_term_preemption_of_a_two_node_job_resumes_at_the_same_step(tmp_path: Path, local_slurm_2node: Path) -> None:
-    max_steps = 40
+def _wait_requeued_and_running(job_id: str, attempts: int, metrics: Path, step: int, timeout: float = 400) -> None:
+    """Until sacct lists `attempts` REQUEUED attempts and the newest run has logged `step`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = [s for _, s, _ in _sacct(job_id, "-D")]
+        if states.count("REQUEUED") >= attempts and len(_steps(metrics)) >= step:
+            return
+        if states and states[-1] in TERMINAL:
+            pytest.fail(f"job {job_id} ended before reaching step {step} again: {states}")
+        time.sleep(0.5)
+    pytest.fail(f"job {job_id} not requeued {attempts}x and back at step {step} after {timeout} s")
+
+
+def test_term_preemption_and_external_requeue_of_a_two_node_job_resume_at_the_same_step(
+    tmp_path: Path, local_slurm_2node: Path
+) -> None:
+    max_steps = 30
     run_dir, manifest = _launch(
         [
             "cluster.nodes=2",
             "cluster.preempt_signal=TERM",
             f"train.max_steps={max_steps}",
-            "train.save_steps=1000",  # only the preemption saves a checkpoint
+            "train.save_steps=1000",  # only the preemptions save checkpoints
             "stages=[train]",
             "name=term",
         ],
@@ -153,20 +168,26 @@ def test_term_preemption_of_a_two_node_job_resumes_at_the_same_step(tmp_path: Pa
     script = (run_dir / "slurm" / "train" / f"{job_id}_submission.sh").read_text().splitlines()
     assert "#SBATCH --signal=TERM@60" in script and "#SBATCH --requeue" in script  # what the launcher writes
     _wait_step(point.metrics, job_id, 3)
-    # what Slurm does at --signal=TERM@60, or on preemption: TERM to every task of the job's steps
+    # 1. what Slurm does at --signal=TERM@60, or on preemption: TERM to every task of the job's steps; the
+    #    ranks checkpoint and rank 0 requeues the job
     subprocess.run(["scancel", "--signal=TERM", job_id], check=True, capture_output=True, text=True)
+    _wait_requeued_and_running(job_id, 1, point.metrics, len(_steps(point.metrics)) + 3)
+    # 2. `scontrol requeue` from outside (an admin, or preemption with PreemptMode=REQUEUE): Slurm sends
+    #    TERM to every task and requeues the job itself; the ranks checkpoint within KillWait
+    subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, text=True)
 
     assert _wait_terminal([job_id], timeout=600) == {job_id: "COMPLETED"}
     m = json.loads(point.train_metrics.read_text())
-    assert m["resumed_from"] is not None, "finished without a requeue/resume"
+    assert m["resumed_from"] is not None, "finished without a resume"
     stopped_at = int(Path(m["resumed_from"]).name.split("-")[1])
-    assert 3 <= stopped_at < max_steps and m["global_step"] == max_steps and m["world_size"] == 4
-    # resumed at the same global step: every step logged once, none lost, none repeated
+    assert 6 <= stopped_at < max_steps and m["global_step"] == max_steps and m["world_size"] == 4
+    # resumed at the same global step both times: every step logged once, none lost, none repeated
     assert _steps(point.metrics) == list(range(1, max_steps + 1))
     attempts = [s for _, s, _ in _sacct(job_id, "-D")]
-    assert attempts[0] == "REQUEUED" and attempts[-1] == "COMPLETED", attempts
+    assert attempts == ["REQUEUED", "REQUEUED", "COMPLETED"], attempts
     log = (run_dir / "slurm" / "train" / f"{job_id}_0_log.err").read_text()
-    assert "caught SIGTERM" in log and f"requeued Slurm job {job_id}" in log and "requeue 1 of 3" in log
+    assert "caught SIGTERM" in log and f"requeued Slurm job {job_id}" in log
+    assert "requeue 1 of 3" in log and "requeue 2 of 3" in log  # SLURM_RESTART_COUNT counts both
 
 
 def test_requeues_used_up_fail_the_job_with_a_status_line(tmp_path: Path, local_slurm_2node: Path) -> None:
