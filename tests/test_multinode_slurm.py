@@ -190,6 +190,38 @@ def test_term_preemption_and_external_requeue_of_a_two_node_job_resume_at_the_sa
     assert "requeue 1 of 3" in log and "requeue 2 of 3" in log  # SLURM_RESTART_COUNT counts both
 
 
+def test_a_preempted_array_task_requeues_only_itself(tmp_path: Path, local_slurm_2node: Path) -> None:
+    max_steps = 20
+    run_dir, manifest = _launch(
+        [
+            "-m",
+            "cluster.preempt_signal=TERM",
+            "cluster.gpus_per_node=1",
+            "train.deepspeed=false",
+            f"train.max_steps={max_steps}",
+            "train.save_steps=1000",
+            "train.learning_rate=1e-3,2e-3",
+            "stages=[train]",
+            "name=arraytask",
+        ],
+        tmp_path,
+    )
+    array_id = manifest.job("train").job_id
+    task0, task1 = f"{array_id}_0", f"{array_id}_1"
+    point1 = RunPaths(run_dir).point(1)
+    _wait_step(point1.metrics, task1, 3)
+    subprocess.run(["scancel", "--signal=TERM", task1], check=True, capture_output=True, text=True)
+
+    assert _wait_terminal([task0, task1], timeout=400) == {task0: "COMPLETED", task1: "COMPLETED"}
+    attempts = {}
+    for jid, state, _ in _sacct(array_id, "-D"):
+        attempts.setdefault(jid, []).append(state)
+    assert attempts == {task0: ["COMPLETED"], task1: ["REQUEUED", "COMPLETED"]}, attempts
+    assert _steps(point1.metrics) == list(range(1, max_steps + 1))
+    log = (run_dir / "slurm" / "train" / f"{task1}_0_log.err").read_text()
+    assert f"requeued Slurm job {task1}" in log
+
+
 def test_requeues_used_up_fail_the_job_with_a_status_line(tmp_path: Path, local_slurm_2node: Path) -> None:
     run_dir, manifest = _launch(
         [
