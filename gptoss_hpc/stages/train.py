@@ -346,10 +346,19 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self, config_path: str) -> dict[str, Any]:
         started = self.clock()
+        submitit_handler = signal.getsignal(signal.SIGUSR2)
         try:
             return main(config_path)
         except Preempted as exc:
             paths = PointPaths.from_config(config_path)
+            if "SLURM_JOB_ID" not in os.environ and callable(submitit_handler):
+                # submitit's local executor: its own handler checkpoints and restarts the tasks
+                write_status(paths, STAGE, "REQUEUED", checkpoint=exc.checkpoint, step=exc.step)
+                if int(os.environ.get("RANK", "0")) != 0:
+                    time.sleep(120)  # rank 0 requeues the whole job, which ends this task
+                    raise
+                submitit_handler(signal.SIGUSR2, None)  # submitit: checkpoint() → requeue → sys.exit
+                raise
             cluster = load_run_config(paths.config).cluster
             decision = RequeuePolicy.for_cluster(cluster, started, self.clock).decide(restart_count())
             message = decision.describe(exc.step, exc.checkpoint)
