@@ -15,7 +15,7 @@ import shutil
 import pytest
 
 from gptoss_hpc.config import compose, to_run_config
-from gptoss_hpc.modeling.distributed import INHERITED_DIST_ENV, setup_distributed
+from gptoss_hpc.modeling.distributed import INHERITED_DIST_ENV, global_rank, setup_distributed
 
 # what a shell that was itself a torchrun worker (or had `export RANK=0 WORLD_SIZE=1`) hands to sbatch
 LEAKED = {
@@ -50,13 +50,17 @@ def _slurm_task_env(procid: int, *, job_id: str = "4242", tasks_per_node: int = 
 
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch):
-    """No SLURM_*/SUBMITIT_*/dist variables from the test runner's own environment."""
+    """No SLURM_*/SUBMITIT_*/dist variables from the test runner's own environment; setup_distributed's
+    exports are undone afterwards (later tests launch jobs that inherit this process's environment)."""
+    saved = dict(os.environ)
     for k in list(os.environ):
         if k.startswith(("SLURM_", "SUBMITIT_", "TORCHELASTIC_")) or k in INHERITED_DIST_ENV:
             monkeypatch.delenv(k)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setenv("PATH", os.environ["PATH"])
-    return monkeypatch
+    yield monkeypatch
+    monkeypatch.undo()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def _cfg(accelerator: str = "cpu"):
@@ -157,3 +161,18 @@ def test_rank_zero_logs_one_line_with_world_nodes_master_backend(clean_env, capl
     with caplog.at_level(logging.INFO, logger="gptoss_hpc.modeling.distributed"):
         setup_distributed(_cfg())
     assert not [r for r in caplog.records if r.getMessage().startswith("distributed:")]
+
+
+def test_status_writer_rank_comes_from_slurm_not_an_inherited_rank(clean_env):
+    # an inherited RANK=3 must not stop task 0 writing status files (nor make task 2 write them)
+    for k, v in {**_slurm_task_env(0), "SUBMITIT_EXECUTOR": "slurm", "RANK": "3"}.items():
+        clean_env.setenv(k, v)
+    assert global_rank() == 0
+    clean_env.setenv("SLURM_PROCID", "2")
+    clean_env.setenv("RANK", "0")
+    assert global_rank() == 2
+
+
+def test_environment_is_restored_after_each_test():
+    # the fixture above undoes setup_distributed's os.environ exports (a job launched later inherits them)
+    assert os.environ.get("RANK") != "3" and os.environ.get("WORLD_SIZE") != "4"

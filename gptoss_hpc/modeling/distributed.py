@@ -49,6 +49,18 @@ def _spawned_by_torchrun() -> bool:
     return "torchrun" in parent or "torch.distributed.run" in parent
 
 
+def global_rank() -> int:
+    """This process's rank before or after setup_distributed: Slurm's/submitit's task id under a scheduler
+    (an inherited RANK says nothing there), torchrun's RANK otherwise."""
+    env = os.environ
+    if _under_scheduler() and not _spawned_by_torchrun():
+        for key in ("SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID"):
+            if env.get(key, "").isdigit():
+                return int(env[key])
+    value = env.get("RANK", "0")
+    return int(value) if value.isdigit() else 0
+
+
 def setup_distributed(cfg: RunConfig) -> dict[str, Any]:
     """Export RANK/WORLD_SIZE/MASTER_* for torch.distributed (env:// init, done by accelerate/DeepSpeed)."""
     scrubbed: list[str] = []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import sys
 import time
@@ -23,7 +22,9 @@ log = logging.getLogger(__name__)
 
 
 def is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    from gptoss_hpc.modeling.distributed import global_rank
+
+    return global_rank() == 0
 
 
 def write_status(paths: PointPaths, stage: str, state: str, **extra: object) -> None:

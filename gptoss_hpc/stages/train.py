@@ -40,6 +40,7 @@ from gptoss_hpc.fileio import write_atomic
 from gptoss_hpc.modeling.distributed import (
     DIST_ENV,
     any_rank,
+    global_rank,
     rank_hostnames,
     setup_distributed,
     shutdown_distributed,
@@ -362,7 +363,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             cluster = load_run_config(paths.config).cluster
             decision = RequeuePolicy.for_cluster(cluster, started, self.clock).decide(restart_count())
             message = decision.describe(exc.step, exc.checkpoint)
-            rank0 = int(os.environ.get("SLURM_PROCID", os.environ.get("RANK", "0"))) == 0
+            rank0 = global_rank() == 0
             if not decision.requeue:
                 if rank0:
                     write_status(paths, STAGE, "FAILED", error=message, checkpoint=exc.checkpoint, step=exc.step)
