@@ -126,6 +126,8 @@ def test_two_nodes_by_two_ranks_train_like_one_node_by_four(tmp_path: Path, loca
     assert m2["master_addr"] == "node1"  # the allocation's first node, not the leaked localhost
     assert (m2["engine"], m2["zero_stage"], m2["backend"]) == ("DeepSpeedEngine", 2, "gloo")
     assert m1["world_size"] == 4 and len(set(m1["hosts"])) == 1
+    status = json.loads(RunPaths(two_dir).point(0).stage_status("train").read_text())
+    assert (status["state"], status["host"]) == ("COMPLETED", "node1")  # written by rank 0 only
     # same data, same global batch, same seed: the same losses whichever way the 4 ranks are placed
     l2, l1 = _losses(RunPaths(two_dir).point(0).metrics), _losses(RunPaths(one_dir).point(0).metrics)
     assert sorted(l2) == sorted(l1) == [1, 2, 3, 4]
