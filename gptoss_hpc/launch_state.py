@@ -262,6 +262,17 @@ def _local_state(run_dir: Path, point: int, stage: str) -> str | None:
         return None
 
 
+def _status_error(run_dir: Path, point: int, stage: str) -> str:
+    """The error line the stage recorded in pNNN/status/<stage>.json when it FAILED (e.g. requeues used up)."""
+    try:
+        rec = json.loads(RunPaths(run_dir).point(point).stage_status(stage).read_text())
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(rec, dict) or rec.get("state") != "FAILED":
+        return ""
+    return str(rec.get("error") or "")
+
+
 def _fill_local(rows: list[JobRow], run_dir: Path) -> None:
     """Local backend: states from pNNN/status/<stage>.json (missing → PENDING: not started)."""
     paths = RunPaths(run_dir)
@@ -321,6 +332,14 @@ def _fill_slurm(rows: list[JobRow], manifest: Manifest, use_sacct: bool) -> tupl
             continue
         row.state, row.elapsed, row.node = st.state, st.elapsed, st.node
         row.reason, row.exit_code = st.reason, st.exit_code
+        if row.state == "NODE_FAIL":
+            # which node of the allocation failed, and why (slurmctld's reason, e.g. "Not responding")
+            down = slurm_query.node_reasons(row.node)
+            row.error = "node failure: " + (
+                "; ".join(f"{n}: {why}" for n, why in sorted(down.items())) or f"a node of {row.node}"
+            )
+        elif row.failed and len(row.points) == 1:
+            row.error = _status_error(Path(manifest.run_dir), row.points[0], row.stage)
     note = ""
     if result.source == "squeue":
         note = result.sacct_error or "sacct not used"

@@ -360,3 +360,21 @@ def available() -> bool:
     except SlurmNotReachableError:
         return False
     return True
+
+
+def node_reasons(nodelist: str) -> dict[str, str]:
+    """Why nodes of a job's node list are down/drained/failing, e.g. {"node2": "Not responding (down*)"}
+    (one `sinfo -R` call; {} when none of them is, or when sinfo cannot answer)."""
+    if not nodelist:
+        return {}
+    cmd = ["sinfo", "-h", "-R", "-N", "-n", nodelist, "-o", "%N|%E|%T"]
+    try:
+        out = _run(cmd).stdout
+    except (subprocess.CalledProcessError, SlurmNotReachableError):
+        return {}
+    reasons: dict[str, str] = {}
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 3 and parts[0]:
+            reasons[parts[0]] = f"{parts[1]} ({parts[2]})" if parts[1] not in _NO_REASON else parts[2]
+    return reasons

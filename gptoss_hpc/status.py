@@ -67,6 +67,8 @@ def _cells(r: JobRow) -> list[str]:
     if r.failed:
         exit_code = r.exit_code if r.exit_code not in ("", "0:0") else ""
         detail = f"exit {exit_code}" if exit_code else (r.error or r.reason)
+        if exit_code and r.error:
+            detail = f"{detail}: {r.error}"
     return [
         ",".join(str(p) for p in r.points) if r.points else "all",
         " ".join(r.overrides),

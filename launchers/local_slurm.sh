@@ -17,7 +17,25 @@
 # A second, private instance (e.g. to test this script) needs its own GPTOSS_SLURM_DIR, GPTOSS_SLURM_PORT
 # and GPTOSS_SLURM_DB_PORT; it shares munged.
 # All chatter goes to stderr; only `start` prints to stdout (the export line).
+#
+#   bash launchers/local_slurm.sh start --nodes 2   # (or GPTOSS_SLURM_NODES=2) a 2-node cluster instead:
+# see launchers/local_slurm_nodes.sh (own dir, ports 7817-7819, MariaDB 7317, bridge 10.200.0.0/24).
 set -euo pipefail
+
+# --nodes N / GPTOSS_SLURM_NODES=N with N > 1: the multi-node cluster, a separate instance and script.
+_nodes="${GPTOSS_SLURM_NODES:-1}"
+_args=()
+while (($#)); do
+    case "$1" in
+        --nodes) _nodes="${2:-}"; shift 2 || { echo "--nodes needs a number" >&2; exit 2; } ;;
+        --nodes=*) _nodes="${1#--nodes=}"; shift ;;
+        *) _args+=("$1"); shift ;;
+    esac
+done
+if [[ $_nodes != 1 ]]; then
+    GPTOSS_SLURM_NODES="$_nodes" exec bash "$(dirname "${BASH_SOURCE[0]}")/local_slurm_nodes.sh" "${_args[@]}"
+fi
+set -- "${_args[@]}"
 
 DIR="${GPTOSS_SLURM_DIR:-/var/tmp/gptoss_hpc_slurm}"
 DB_PORT="${GPTOSS_SLURM_DB_PORT:-3317}"

@@ -3,12 +3,19 @@
 `local_slurm` starts (or reuses) the real one-node Slurm from `launchers/local_slurm.sh` once per session
 and sets SLURM_CONF. Every test marked `@pytest.mark.slurm` gets it automatically. If Slurm cannot
 start, those tests FAIL: a Slurm test must never pass or skip silently.
+
+`local_slurm_2node` starts (or reuses) the 2-node cluster (`local_slurm.sh start --nodes 2`: own dir, ports
+7817-7819, MariaDB 7317, bridge 10.200.0.0/24) on demand, once per session, and points SLURM_CONF at it for
+the test only, so one-node and 2-node tests share a session. Tests marked `@pytest.mark.slurm2` get it
+automatically. If this session started it, it is stopped at the session's end; one that was already up
+(a developer's) is left running for the next run.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,14 +23,14 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SLURM = REPO_ROOT / "launchers" / "local_slurm.sh"
 EXPORT_PREFIX = "export SLURM_CONF="
+NODES2 = ["--nodes", "2"]
 
 
-@pytest.fixture(scope="session")
-def local_slurm() -> Path:
-    """Path of the running local cluster's slurm.conf (also exported as SLURM_CONF)."""
+def _start(args: list[str]) -> Path:
+    """`bash local_slurm.sh <args>` and the slurm.conf its last stdout line exports; pytest.fail otherwise."""
     try:
         proc = subprocess.run(
-            ["bash", str(LOCAL_SLURM), "start"],
+            ["bash", str(LOCAL_SLURM), *args],
             check=False,
             capture_output=True,
             text=True,
@@ -35,18 +42,52 @@ def local_slurm() -> Path:
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines or not lines[-1].startswith(EXPORT_PREFIX):
         pytest.fail(
-            f"local Slurm did not start: `bash {LOCAL_SLURM} start` exited {proc.returncode}\n"
+            f"local Slurm did not start: `bash {LOCAL_SLURM} {' '.join(args)}` exited {proc.returncode}\n"
             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
         )
     conf = Path(lines[-1].removeprefix(EXPORT_PREFIX).strip())
     if not conf.is_file():
         pytest.fail(f"{LOCAL_SLURM} start printed {lines[-1]!r}, but {conf} does not exist")
+    return conf
+
+
+@pytest.fixture(scope="session")
+def local_slurm() -> Path:
+    """Path of the running local cluster's slurm.conf (also exported as SLURM_CONF)."""
+    conf = _start(["start"])
     os.environ["SLURM_CONF"] = str(conf)
     return conf
 
 
+@pytest.fixture(scope="session")
+def _local_slurm_2node_session() -> Iterator[Path]:
+    # status before start: was it already up (a developer's instance, left running) or ours to stop?
+    was_up = (
+        subprocess.run(
+            ["bash", str(LOCAL_SLURM), "status", *NODES2], capture_output=True, stdin=subprocess.DEVNULL, timeout=60
+        ).returncode
+        == 0
+    )
+    conf = _start(["start", *NODES2])
+    yield conf
+    if not was_up:
+        subprocess.run(
+            ["bash", str(LOCAL_SLURM), "stop", *NODES2], capture_output=True, stdin=subprocess.DEVNULL, timeout=120
+        )
+
+
+@pytest.fixture
+def local_slurm_2node(_local_slurm_2node_session: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """slurm.conf of the 2-node local cluster (node1, node2: own hostnames and addresses), exported as
+    SLURM_CONF for this test only (later one-node tests get theirs back)."""
+    monkeypatch.setenv("SLURM_CONF", str(_local_slurm_2node_session))
+    return _local_slurm_2node_session
+
+
 @pytest.fixture(autouse=True)
 def _slurm_marker_needs_cluster(request: pytest.FixtureRequest) -> None:
-    """Tests marked `slurm` get the running cluster even if they do not ask for `local_slurm`."""
-    if request.node.get_closest_marker("slurm") is not None:
+    """Tests marked `slurm` (`slurm2`) get the running one-node (2-node) cluster without asking for it."""
+    if request.node.get_closest_marker("slurm2") is not None:
+        request.getfixturevalue("local_slurm_2node")
+    elif request.node.get_closest_marker("slurm") is not None:
         request.getfixturevalue("local_slurm")

@@ -1,5 +1,5 @@
-"""Preemption on a real Slurm: USR2 → every rank checkpoints → the job requeues itself → it resumes and
-ends at the same global step as an uninterrupted run.
+"""Preemption on a real Slurm: USR2 → every rank checkpoints → rank 0 requeues the job → it resumes and
+ends at the same global step as an uninterrupted run (TERM and 2 nodes: tests/test_multinode_slurm.py).
 
 Real slurmctld/slurmd/slurmdbd from launchers/local_slurm.sh, submitit's SlurmExecutor and TrainJob as the
 launcher submits them, 2 ranks with DeepSpeed ZeRO-2 over gloo; only the GPUs are absent (CPU ranks).
@@ -85,7 +85,7 @@ def test_usr2_checkpoints_requeues_and_resumes_to_the_same_final_step(tmp_path: 
     assert steps[-1] == MAX_STEPS and stopped_at + 1 in steps
     assert json.loads(paths.stage_status("train").read_text())["state"] == "COMPLETED"
     log = "\n".join(p.read_text(errors="ignore") for p in (paths.run_dir / "slurm" / "train").glob("*_0_log.*"))
-    assert "Calling checkpoint method" in log and "requeueing" in log
+    assert "caught SIGUSR2" in log and f"requeued Slurm job {job.job_id}" in log and "requeue 1 of 3" in log
     deadline = time.monotonic() + 30  # sacct lags a second or two
     while (attempts := _sacct_attempts(job.job_id))[-1:] != ["COMPLETED"] and time.monotonic() < deadline:
         time.sleep(1)

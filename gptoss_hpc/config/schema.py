@@ -77,6 +77,13 @@ class ClusterConfig:
     # sbatch_retry_delay_s, then twice that ...; a job the failed sbatch did create is adopted, not duplicated.
     sbatch_retries: int = 3
     sbatch_retry_delay_s: float = 5.0
+    # The signal Slurm sends before the time limit or on preemption (sbatch --signal=<sig>@signal_delay_s):
+    # "USR2" (default) or "TERM" (what preemption sends where the site has no PreemptParameters=
+    # send_user_signal). Either one: every rank checkpoints at the step end, then the job requeues itself.
+    preempt_signal: str = "USR2"
+    # sbatch --gpus-per-task for train jobs (instead of --gpus-per-node): 1 where the site binds one GPU per
+    # task, so every task sees only its own device 0. null = --gpus-per-node (every task sees the node's GPUs).
+    gpus_per_task: int | None = None
 
 
 @dataclass

@@ -17,6 +17,7 @@ from gptoss_hpc.errors import ConfigError
 BACKENDS = ("local", "slurm")
 ACCELERATORS = ("gpu", "cpu")
 CONTAINERS = ("none", "apptainer", "pyxis")
+PREEMPT_SIGNALS = ("USR2", "TERM")
 DTYPES = ("bfloat16", "float16", "float32")
 ATTN = ("eager", "flex_attention", "sdpa", "kernels-community/vllm-flash-attn3")
 EXPERTS = (None, "eager", "grouped_mm", "batched_mm")
@@ -124,6 +125,9 @@ def _cluster(cfg: RunConfig) -> list[str]:
     p += _at_least("cluster.signal_delay_s", c.signal_delay_s, 0, "seconds before the time limit")
     p += _at_least("cluster.array_parallelism", c.array_parallelism, 1, "the %N cap of the job array")
     p += _at_least("cluster.max_requeues", c.max_requeues, 0, "how often a preempted job requeues")
+    p += _one_of("cluster.preempt_signal", c.preempt_signal, PREEMPT_SIGNALS, "conf/cluster/<name>.yaml")
+    if c.gpus_per_task is not None and c.gpus_per_task != 1:
+        p.append(f"cluster.gpus_per_task must be 1 or null (got {c.gpus_per_task}): one rank per GPU")
     for key, value in (("cluster.mem", c.mem), ("cluster.mem_per_gpu", c.mem_per_gpu)):
         if value is not None and not _MEM_RE.match(str(value)):
             p.append(f"{key} {value!r} is not sbatch memory syntax; use e.g. 200G, 512000M or 0")

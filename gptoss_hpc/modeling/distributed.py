@@ -17,11 +17,61 @@ from gptoss_hpc.errors import GptossHpcError
 log = logging.getLogger(__name__)
 
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# torch.distributed / torchrun variables a job can inherit from the submitting shell (sbatch's default
+# --export=ALL): left in place, every rank would believe what that shell believed (e.g. rank 0 of 1).
+INHERITED_DIST_ENV = (*DIST_ENV, "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_NAME")
+INHERITED_DIST_PREFIXES = ("TORCHELASTIC_",)
+
+
+def scrub_inherited_env(env: dict[str, str] | os._Environ[str] | None = None) -> list[str]:
+    """Remove RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*/TORCHELASTIC_* ... (as lingua's stool does); returns the names."""
+    env = os.environ if env is None else env
+    names = [k for k in list(env) if k in INHERITED_DIST_ENV or k.startswith(INHERITED_DIST_PREFIXES)]
+    for k in names:
+        del env[k]
+    return sorted(names)
+
+
+def _under_scheduler() -> bool:
+    """A Slurm task or a submitit job: the scheduler, not the environment, says who is which rank."""
+    return "SLURM_JOB_ID" in os.environ or bool(os.environ.get("SUBMITIT_EXECUTOR"))
+
+
+def _spawned_by_torchrun() -> bool:
+    """torchrun (or `python -m torch.distributed.run`) is this process's parent, so its RANK etc. are fresh."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            parent = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return "torchrun" in parent or "torch.distributed.run" in parent
+
+
+def global_rank() -> int:
+    """This process's rank before or after setup_distributed: Slurm's/submitit's task id under a scheduler
+    (an inherited RANK says nothing there), torchrun's RANK otherwise."""
+    env = os.environ
+    if _under_scheduler() and not _spawned_by_torchrun():
+        for key in ("SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID"):
+            if env.get(key, "").isdigit():
+                return int(env[key])
+    value = env.get("RANK", "0")
+    return int(value) if value.isdigit() else 0
 
 
 def setup_distributed(cfg: RunConfig) -> dict[str, Any]:
     """Export RANK/WORLD_SIZE/MASTER_* for torch.distributed (env:// init, done by accelerate/DeepSpeed)."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    scrubbed: list[str] = []
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if torchrun and _under_scheduler() and not _spawned_by_torchrun():
+        torchrun = False  # inherited from the shell that ran sbatch: Slurm's values win
+    if not torchrun:
+        scrubbed = scrub_inherited_env()
+        if scrubbed:
+            log.warning("ignoring inherited %s: the ranks come from Slurm/submitit", " ".join(scrubbed))
+    if torchrun:
         source = "env (torchrun)"
     elif _num_tasks() > 1:
         # Slurm tasks (srun / submitit) or submitit's local executor with tasks_per_node > 1.
@@ -34,6 +84,7 @@ def setup_distributed(cfg: RunConfig) -> dict[str, Any]:
         else:  # plain `srun python -m gptoss_hpc.stages.train ...`
             _export_srun_env()
             source = "srun"
+        _bind_task_gpu()
     else:
         # One process without torchrun: DeepSpeed/accelerate still want env:// values (else mpi4py).
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
@@ -45,9 +96,41 @@ def setup_distributed(cfg: RunConfig) -> dict[str, Any]:
         log.warning("ignoring ACCELERATE_USE_CPU (it disables DeepSpeed); cluster.accelerator=cpu sets use_cpu")
     if cfg.cluster.accelerator == "cpu":
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-    info = {"rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"]), "source": source}
-    log.info("rank %d of %d (%s)", info["rank"], info["world_size"], source)
+    info = {
+        "rank": int(os.environ["RANK"]),
+        "world_size": int(os.environ["WORLD_SIZE"]),
+        "source": source,
+        "nodes": _num_nodes(),
+        "master": f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}",
+        "backend": "gloo" if cfg.cluster.accelerator == "cpu" else "nccl",
+        "scrubbed": scrubbed,
+    }
+    if info["rank"] == 0:
+        log.info(
+            "distributed: world size %d on %d node(s), master %s, backend %s, ranks from %s",
+            info["world_size"],
+            info["nodes"],
+            info["master"],
+            info["backend"],
+            source,
+        )
     return info
+
+
+def _num_nodes() -> int:
+    env = os.environ
+    for key in ("SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "GROUP_WORLD_SIZE"):
+        if env.get(key, "").isdigit():
+            return max(1, int(env[key]))
+    return 1
+
+
+def _bind_task_gpu() -> None:
+    """Per-task GPU binding (`--gpus-per-task=1`): every task sees one device, its device 0, so LOCAL_RANK
+    (accelerate's and DeepSpeed's device index) must be 0, else ranks above 0 hit "invalid device ordinal"."""
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if len(visible) == 1 and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        os.environ.update(LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
 
 
 def _num_tasks() -> int:
@@ -86,6 +169,17 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def rank_hostnames() -> list[str]:
+    """Every rank's hostname, by rank (all_gather_object; a normal-path collective, never in an error path)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [socket.gethostname()]
+    names: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(names, socket.gethostname())
+    return [str(n) for n in names]
 
 
 def any_rank(flag: bool) -> bool:

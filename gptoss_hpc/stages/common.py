@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import sys
 import time
@@ -32,15 +31,9 @@ def stage_warning(message: str) -> None:
 
 
 def is_rank_zero() -> bool:
-    """RANK, else the launcher's own task id: the train stage removes RANK again when it returns or raises
-    (in-process callers), and then every rank of an srun step would think it is rank 0."""
-    env = os.environ
-    rank = env.get("RANK")
-    if rank is None and "SLURM_STEP_ID" in env:
-        rank = env.get("SLURM_PROCID")
-    if rank is None:
-        rank = env.get("SUBMITIT_LOCAL_GLOBALID")
-    return int(rank or "0") == 0
+    from gptoss_hpc.modeling.distributed import global_rank
+
+    return global_rank() == 0
 
 
 # perf_counter() when run_stage started each stage in this process: wall_s in its status records.

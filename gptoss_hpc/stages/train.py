@@ -5,9 +5,10 @@
     srun --ntasks-per-node=8 python -m gptoss_hpc.stages.train logs/demo/20261125-081500/p000/config.yaml
 
 Ranks come from torchrun's env, else from Slurm/submitit (``TorchDistributedEnvironment``), else one
-process. A re-run resumes from the newest complete ``train/checkpoint-N``. On SIGUSR2 (Slurm's warning
-before the time limit, or preemption) every rank finishes its step, a checkpoint is saved, and under the
-launcher (``TrainJob``) the job requeues itself; run by hand it exits non-zero saying how to resume.
+process. A re-run resumes from the newest complete ``train/checkpoint-N``. On ``cluster.preempt_signal``
+(SIGUSR2 by default, or SIGTERM: Slurm's warning before the time limit, or preemption) every rank finishes
+its step, a checkpoint is saved, and under the launcher (``TrainJob``) the job requeues itself up to
+``cluster.max_requeues`` times (stages/requeue.py); run by hand it exits non-zero saying how to resume.
 
 Outputs (rank 0): ``adapter/`` (adapter safetensors + config, tokenizer, deepspeed.json), ``metrics.jsonl``
 (one JSON line per logging step), ``train_metrics.json``, TensorBoard in ``train/runs/``; W&B only when
@@ -31,12 +32,13 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import submitit
 
-from gptoss_hpc.config import RunConfig
+from gptoss_hpc.config import RunConfig, load_run_config
 from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.fileio import write_atomic
 from gptoss_hpc.modeling.distributed import (
@@ -44,6 +46,8 @@ from gptoss_hpc.modeling.distributed import (
     abort_distributed,
     any_rank,
     collective_timeout_s,
+    global_rank,
+    rank_hostnames,
     set_collective_timeout,
     setup_distributed,
     shutdown_distributed,
@@ -51,7 +55,15 @@ from gptoss_hpc.modeling.distributed import (
 from gptoss_hpc.modeling.tracking import finish_wandb, start_wandb
 from gptoss_hpc.modeling.trainer import speed_knobs_callback, trainer_class
 from gptoss_hpc.paths import PointPaths
-from gptoss_hpc.stages.common import is_rank_zero, run_stage, stage_cli, stage_warning, write_status
+from gptoss_hpc.stages.common import run_stage, stage_cli, stage_warning, write_status
+from gptoss_hpc.stages.requeue import (
+    RequeueLimitError,
+    RequeuePolicy,
+    preempt_signum,
+    requeue,
+    requeue_target,
+    restart_count,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +71,7 @@ STAGE = "train"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Test-only: "<rank>:<step>" makes that rank raise InjectedFault after that step (tests/test_faults_slurm.py).
 FAULT_ENV = "GPTOSS_HPC_TEST_RAISE_AT"
-# Set by the SIGUSR2 handler (or TrainJob.checkpoint); read by the trainer callback at each step end.
+# Set by the preempt-signal handler (or TrainJob.checkpoint); read by the trainer callback at each step end.
 PREEMPT = threading.Event()
 
 
@@ -68,7 +80,7 @@ class InjectedFault(GptossHpcError):
 
 
 class Preempted(GptossHpcError):
-    """Training stopped on SIGUSR2 after saving a checkpoint; re-running the job resumes from it."""
+    """Training stopped on the preempt signal after saving a checkpoint; re-running the job resumes from it."""
 
     def __init__(self, checkpoint: str | None, step: int) -> None:
         self.checkpoint, self.step = checkpoint, step
@@ -124,7 +136,7 @@ def _callbacks(paths: PointPaths, world_size: int) -> tuple[Any, Any]:
                 f.write(json.dumps(record) + "\n")
 
     class PreemptionCallback(TrainerCallback):
-        """On SIGUSR2 (any rank): all ranks agree at a step end, save a checkpoint and stop."""
+        """On the preempt signal (any rank): all ranks agree at a step end, save a checkpoint and stop."""
 
         def __init__(self) -> None:
             self.triggered = False
@@ -164,8 +176,8 @@ def _fault_callback() -> Any:
     return FaultCallback()
 
 
-def _on_usr2(signum, frame) -> None:
-    log.warning("caught SIGUSR2: will checkpoint at the end of this step")
+def _on_preempt(signum, frame) -> None:
+    log.warning("caught %s: will checkpoint at the end of this step", signal.Signals(signum).name)
     PREEMPT.set()
 
 
@@ -180,7 +192,7 @@ def train(cfg: RunConfig, paths: PointPaths) -> dict[str, Any]:
     saved_env = {k: os.environ.get(k) for k in DIST_ENV}
     dist_info = setup_distributed(cfg)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGUSR2, _on_usr2)
+        signal.signal(preempt_signum(cfg.cluster), _on_preempt)
     try:
         check_reachable(cfg)  # model/tokenizer: one message before any rank loads anything heavy
         result = _train(cfg, paths, dist_info)
@@ -332,6 +344,8 @@ def _engine_facts(trainer) -> dict[str, Any]:
         "distributed_world_size": dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1,
         "device": str(trainer.args.device),
         "pg_timeout_s": collective_timeout_s(),
+        "hosts": rank_hostnames(),  # every rank's hostname, by rank: how many nodes really took part
+        "master_addr": os.environ.get("MASTER_ADDR"),
     }
 
 
@@ -387,24 +401,51 @@ def push_adapter(cfg: RunConfig, paths: PointPaths) -> str | None:
 class TrainJob(submitit.helpers.Checkpointable):
     """What the launcher submits (``executor.map_array(TrainJob(), config_paths)``).
 
-    On SIGUSR2 submitit calls ``checkpoint`` on rank 0 and then requeues the job; we first let every rank
-    finish its step and save a checkpoint (our own SIGUSR2 handler + the trainer callback), then hand the
-    signal to submitit's handler, which calls ``checkpoint`` and requeues. The requeued job resumes.
+    On ``cluster.preempt_signal`` (USR2 or TERM: the time-limit warning or preemption) every rank finishes its
+    step and a checkpoint is saved (our handler + the trainer callback); then rank 0 requeues this job (an
+    array task: only itself) while ``cluster.max_requeues`` allows, else the job fails saying so. The requeued
+    job resumes from the checkpoint at the same global step.
     """
 
+    clock: Callable[[], float] = time.time  # class default: a job pickled before this attribute existed
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+
     def __call__(self, config_path: str) -> dict[str, Any]:
+        started = self.clock()
         submitit_handler = signal.getsignal(signal.SIGUSR2)
         try:
             return main(config_path)
         except Preempted as exc:
             paths = PointPaths.from_config(config_path)
-            write_status(paths, STAGE, "REQUEUED", checkpoint=exc.checkpoint, step=exc.step)
-            if not is_rank_zero():
-                time.sleep(120)  # rank 0 requeues the whole job, which ends this task
-                raise
-            if callable(submitit_handler):
+            if "SLURM_JOB_ID" not in os.environ and callable(submitit_handler):
+                # submitit's local executor: its own handler checkpoints and restarts the tasks
+                write_status(paths, STAGE, "REQUEUED", checkpoint=exc.checkpoint, step=exc.step)
+                if int(os.environ.get("RANK", "0")) != 0:
+                    time.sleep(120)  # rank 0 requeues the whole job, which ends this task
+                    raise
                 submitit_handler(signal.SIGUSR2, None)  # submitit: checkpoint() → requeue → sys.exit
-            raise
+                raise
+            cluster = load_run_config(paths.config).cluster
+            decision = RequeuePolicy.for_cluster(cluster, started, self.clock).decide(restart_count())
+            message = decision.describe(exc.step, exc.checkpoint)
+            rank0 = global_rank() == 0
+            if not decision.requeue:
+                if rank0:
+                    write_status(paths, STAGE, "FAILED", error=message, checkpoint=exc.checkpoint, step=exc.step)
+                raise RequeueLimitError(message) from exc
+            if rank0:
+                write_status(paths, STAGE, "REQUEUED", checkpoint=exc.checkpoint, step=exc.step, reason=message)
+            log.warning("%s", message)
+            if not rank0:
+                time.sleep(120)  # rank 0 requeues the job, which ends this task
+                raise
+            # requeueing sends SIGTERM to every task: it must not start another checkpoint
+            signal.signal(preempt_signum(cluster), signal.SIG_IGN)
+            requeue(requeue_target())
+            # SystemExit, not an exception: submitit then writes no result, and the requeued run writes it
+            raise SystemExit(f"requeued: {message}") from exc
 
     def checkpoint(self, config_path: str) -> submitit.helpers.DelayedSubmission:
         PREEMPT.set()  # if the signal reached submitit's handler first, the running trainer still stops

@@ -77,11 +77,13 @@ def slurm_parameters(
             time=derive.slurm_time_minutes(c.time),
         )
         gpus = c.gpus_per_node
+        if c.gpus_per_task is not None and gpus > 0:
+            params["gpus_per_task"] = c.gpus_per_task  # per-task binding: every task sees its device 0
     else:
         params.update(nodes=1, ntasks_per_node=1, time=derive.slurm_time_minutes(c.aux_time))
         params["cpus_per_task"] = c.cpus_per_task if stage != "report" else min(c.cpus_per_task, 4)
         gpus = 0 if stage == "report" else min(c.aux_gpus, c.gpus_per_node)
-    if gpus > 0:
+    if gpus > 0 and "gpus_per_task" not in params:
         params["gpus_per_node"] = gpus
     if c.mem is not None:
         params["mem"] = c.mem
@@ -97,6 +99,10 @@ def slurm_parameters(
         extra["kill-on-invalid-dep"] = "yes"
     if stage == "train" and c.max_requeues > 0:
         extra["requeue"] = True
+    elif stage == "train":
+        extra["no-requeue"] = True  # else Slurm's JobRequeue=1 default requeues it after a node failure
+    if stage == "train":
+        extra["signal"] = f"{c.preempt_signal}@{c.signal_delay_s}"  # what stages/train.py checkpoints on
     if extra:
         params["additional_parameters"] = extra
 
