@@ -138,13 +138,19 @@ def fused_experts_forward(self, hidden_states, top_k_index, top_k_weights, lora:
         lora.get("down_proj"),
     )
     backend = compile_backend(hidden_states.device.type)
-    if backend is None or _COMPILED.get("disabled"):
+    if backend is None or _COMPILED.get("disabled") or _COMPILED.get("eager_by_config"):
         return moe_experts_core(*args)
-    # Also compiled under (non-reentrant) gradient checkpointing: the recomputation runs the same compiled graph,
-    # so it saves the same tensors as the first forward; checkpointing's early stop passes through untouched.
+    # checkpointing's early stop passes through call_compiled untouched (it is not a compile failure)
     return call_compiled(
         _compiled_core(backend), moe_experts_core, args, what="experts", flag="disabled", state=_COMPILED
     )
+
+
+def set_compiled_experts(enabled: bool) -> None:
+    """Whether the fused experts core runs compiled (the default) or eagerly. Eager under gradient checkpointing:
+    on the H200 the compiled core with train=reference (checkpointing, unpacked rows of varying length) took
+    ~100 s per 16k-token optimizer step, a recompile per new shape (docs/BENCHMARKS.md, GPU check run 2)."""
+    _COMPILED["eager_by_config"] = not enabled
 
 
 def expert_lora_factors(wrapper, adapter: str, dtype):

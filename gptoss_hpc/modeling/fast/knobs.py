@@ -12,7 +12,12 @@ if TYPE_CHECKING:
     from gptoss_hpc.config.schema import RunConfig
 
 from gptoss_hpc.modeling.fast.anatomy import FUSED_EXPERTS, unwrap
-from gptoss_hpc.modeling.fast.experts import factor_expert_lora, register_fused_experts, unfactor_expert_lora
+from gptoss_hpc.modeling.fast.experts import (
+    factor_expert_lora,
+    register_fused_experts,
+    set_compiled_experts,
+    unfactor_expert_lora,
+)
 from gptoss_hpc.modeling.fast.fallback import compile_backend
 from gptoss_hpc.modeling.fast.packing import isolate_packed_sequences
 from gptoss_hpc.modeling.fast.prefix import (
@@ -100,6 +105,13 @@ def apply_speed_knobs(model: nn.Module, cfg: RunConfig) -> SpeedKnobs:
             knobs.experts_before = "grouped_mm"
         set_experts_implementation(model, FUSED_EXPERTS)
         knobs.experts_after = FUSED_EXPERTS
+        checkpointing = bool(getattr(t, "gradient_checkpointing", False))
+        set_compiled_experts(not checkpointing)
+        if checkpointing:
+            log.warning(
+                "model.fused_experts runs its core eagerly with train.gradient_checkpointing=true (compiled, it "
+                "recompiled per micro-batch shape on the H200: ~100 s per step; docs/BENCHMARKS.md)"
+            )
         knobs.factored_lora = factor_expert_lora(model)
     if getattr(m, "experts_dtype", "bfloat16") == "mxfp4":
         from gptoss_hpc.modeling.fast.mxfp4_experts import release_placeholders
