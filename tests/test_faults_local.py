@@ -42,5 +42,6 @@ def test_rank_0_exception_ends_both_local_ranks(tmp_path: Path) -> None:
     assert record["state"] == "FAILED"
     assert record["error"] == f"InjectedFault: test fault injected by {FAULT_ENV}=0:3 on rank 0 at step 3"
     logs = "".join(p.read_text() for p in (manifest.parent / "slurm" / "train").glob("*_log.err"))
-    assert "rank 1 of 2" in logs  # two ranks really ran
+    assert "distributed: world size 2" in logs  # rank 0's one line (modeling/distributed.py)
+    assert list((manifest.parent / "slurm" / "train").glob("*_1_log.err"))  # rank 1 ran and wrote its own log
     assert not point.stage_status("merge").exists()  # merge never started on the failed point

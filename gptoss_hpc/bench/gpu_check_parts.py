@@ -232,7 +232,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             r.get("result"),
             r.get("wall_s"),
             r.get("peak_gpu_gib"),
-            f"{_fmt(r.get('train_tok_s'))}; {_fmt(r.get('train_tok_s_mean'))}" if r.get("train_tok_s") else None,
+            "; ".join(_fmt(r[k]) for k in ("train_tok_s", "train_tok_s_mean") if r.get(k)) or None,
             r.get("bench_tok_s"),
             ratio,
             tokens,
