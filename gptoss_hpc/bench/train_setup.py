@@ -159,3 +159,35 @@ def micro_batches(cfg, rng, vocab: int, n: int, mode: str) -> list[dict[str, Any
             }
         )
     return out
+
+
+def is_cuda(device: str) -> bool:
+    return str(device).startswith("cuda")
+
+
+def sync_device(device: str) -> None:
+    import torch
+
+    if is_cuda(device):
+        torch.cuda.synchronize()
+
+
+def to_device(batch: dict[str, Any], device: str) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if hasattr(v, "to")}
+
+
+def loss_of(model, knobs, batch: dict[str, Any], num_items):
+    from gptoss_hpc.modeling.fast import causal_lm_loss
+
+    if knobs.loss_chunk_tokens > 0:
+        return causal_lm_loss(model, batch, chunk_tokens=knobs.loss_chunk_tokens, num_items_in_batch=num_items)
+    return model(**batch, use_cache=False, num_items_in_batch=num_items).loss
+
+
+def preset_name(cfg) -> str:
+    lo = cfg.lora
+    if lo.target_modules == "all-linear":
+        return "all_linear"
+    if lo.target_modules:
+        return "attention" if lo.expert_layers == [] else "custom"
+    return "experts"
