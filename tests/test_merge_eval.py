@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gptoss_hpc.config import compose, save_run_config, to_run_config
-from gptoss_hpc.harmony import (
+from gptoss_hpc.modeling.harmony import (
     ParsedCompletion,
     adheres,
     detect_language,

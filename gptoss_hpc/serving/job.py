@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from gptoss_hpc.serve import DEFAULT_MAX_NEW_TOKENS_CAP, DEFAULT_PORT, default_model_name, serve
+from gptoss_hpc.serving.app import DEFAULT_MAX_NEW_TOKENS_CAP, DEFAULT_PORT, default_model_name, serve
 from gptoss_hpc.serving.auth import API_KEY_ENV, ServeError, job_api_key, read_key_file
 
 log = logging.getLogger(__name__)
