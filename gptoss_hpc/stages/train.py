@@ -52,6 +52,7 @@ from gptoss_hpc.modeling.distributed import (
     setup_distributed,
     shutdown_distributed,
 )
+from gptoss_hpc.modeling.hub import push_folder
 from gptoss_hpc.modeling.tracking import finish_wandb, start_wandb
 from gptoss_hpc.modeling.trainer import speed_knobs_callback, trainer_class
 from gptoss_hpc.paths import PointPaths
@@ -317,7 +318,7 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
         finish_wandb()
         write_atomic(paths.train_metrics, json.dumps(metrics, indent=2) + "\n")
         try:
-            metrics["hub_repo"] = push_adapter(cfg, paths)
+            metrics["hub_repo"] = push_folder(cfg, paths, paths.adapter, what="adapter")
             metrics["hub_push"] = "pushed" if metrics["hub_repo"] else None
         except GptossHpcError as exc:  # the adapter is saved: a push that failed must not fail the run
             metrics["hub_push"] = f"push failed: {exc}"
@@ -364,37 +365,6 @@ def _drop_none_turn_keys(tokenizer) -> None:
         return original(conversation, *args, **kwargs)
 
     tokenizer.apply_chat_template = apply_chat_template
-
-
-def push_adapter(cfg: RunConfig, paths: PointPaths) -> str | None:
-    """Upload adapter/ to the Hub with the env's HF_TOKEN (never written anywhere); None when not asked."""
-    from gptoss_hpc.submission.secrets import hf_token, hub_offline
-
-    if not (hf_token() and cfg.train.push_to_hub):  # HF_TOKEN, or the token file (HF_TOKEN_PATH)
-        return None
-    if hub_offline():  # cluster.hf_home: jobs run offline; push from the login node
-        log.warning("HF_HUB_OFFLINE=1: adapter not pushed; upload it with `hf upload <repo> %s`", paths.adapter)
-        return None
-    if os.environ.get("PUSH_TO_HUB", "").lower() == "false":
-        return None
-    from huggingface_hub import HfApi
-
-    from gptoss_hpc.modeling.hub import unreachable
-
-    api = HfApi()
-    repo_id = cfg.train.hub_model_id
-    try:
-        if repo_id is None:
-            user = os.environ.get("HF_USER") or api.whoami()["name"]
-            repo_id = f"{user}/{cfg.name}-{paths.root.name}"
-        api.create_repo(repo_id, private=True, exist_ok=True)
-        api.upload_folder(folder_path=str(paths.adapter), repo_id=repo_id, commit_message=f"{cfg.name} adapter")
-    except Exception as exc:
-        raise unreachable(
-            "Hub repo", repo_id or "<HF_USER>/…", None, exc, "check HF_TOKEN has write access, or PUSH_TO_HUB=false"
-        ) from exc  # the caller turns it into a warning: the adapter is saved either way
-    log.info("pushed the adapter to https://huggingface.co/%s", repo_id)
-    return repo_id
 
 
 # -------------------------------------------------------------------------------------- the Slurm job
