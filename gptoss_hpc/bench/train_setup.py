@@ -29,7 +29,7 @@ def build_model(cfg, device: str, vocab_size: int | None = None):
     import torch
     from transformers import AutoModelForCausalLM, GptOssConfig
 
-    from gptoss_hpc.modeling.model import torch_dtype
+    from gptoss_hpc.modeling.model import load_kwargs
 
     m = cfg.model
     config = GptOssConfig.from_json_file(str(model_config_json(cfg)))
@@ -44,9 +44,7 @@ def build_model(cfg, device: str, vocab_size: int | None = None):
             if getattr(config, key, None) is not None and getattr(config, key) >= vocab_size:
                 setattr(config, key, vocab_size - 1)
     config.use_cache = False
-    kwargs: dict[str, Any] = {"dtype": torch_dtype(m.dtype), "attn_implementation": m.attn_implementation}
-    if m.experts_implementation is not None:
-        kwargs["experts_implementation"] = m.experts_implementation
+    kwargs = load_kwargs(cfg)
     if getattr(m, "experts_dtype", "bfloat16") == "mxfp4":
         from gptoss_hpc.modeling.mxfp4 import build_random_mxfp4_model
 

@@ -75,8 +75,10 @@ class ScoreResponse(BaseModel):
     completion: str
 
 
-def load_model(model_dir: str | os.PathLike[str]) -> tuple[Any, Any]:
-    """(model, tokenizer) from a merged folder; on the GPU when there is one."""
+def load_model(model_dir: str | os.PathLike[str], cfg: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from a merged folder; on the GPU when there is one. With the point's RunConfig (the
+    serve stage) it loads as the eval stage does (model.dtype, eval.attn_implementation, experts kernels);
+    without, in the folder's dtype with eager attention."""
     from transformers import AutoTokenizer
 
     from gptoss_hpc.modeling.model import load_inference_model
@@ -85,7 +87,7 @@ def load_model(model_dir: str | os.PathLike[str]) -> tuple[Any, Any]:
     if not (folder / "config.json").is_file():
         raise ServeError(f"{folder} holds no model (config.json missing): give a merged/ folder")
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    return load_inference_model(folder), tokenizer
+    return load_inference_model(folder, cfg), tokenizer
 
 
 def create_app(
@@ -98,6 +100,7 @@ def create_app(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     served_model_name: str | None = None,
     generate_for_tests: Callable[..., str] | None = None,
+    cfg: Any = None,
 ) -> Any:
     """The FastAPI app serving ``model_dir`` (loaded now, so a bad folder fails before serving).
 
@@ -123,7 +126,7 @@ def create_app(
         problems.append(f"--max-new-tokens-cap must be >= 1 (got {max_new_tokens_cap})")
     if problems:
         raise ServeError("; ".join(problems))
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(model_dir, cfg)
     name = served_model_name or default_model_name(model_dir)
     generator = Generator(
         model,

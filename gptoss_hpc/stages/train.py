@@ -170,7 +170,7 @@ def _fault_callback() -> Any:
 
     class FaultCallback(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if int(os.environ.get("RANK", "0")) == rank and state.global_step == step:
+            if global_rank() == rank and state.global_step == step:
                 raise InjectedFault(f"test fault injected by {FAULT_ENV}={spec} on rank {rank} at step {step}")
 
     log.warning("%s=%s is set: rank %d will raise at step %d (test-only fault hook)", FAULT_ENV, spec, rank, step)
@@ -392,7 +392,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             if "SLURM_JOB_ID" not in os.environ and callable(submitit_handler):
                 # submitit's local executor: its own handler checkpoints and restarts the tasks
                 write_status(paths, STAGE, "REQUEUED", checkpoint=exc.checkpoint, step=exc.step)
-                if int(os.environ.get("RANK", "0")) != 0:
+                if global_rank() != 0:
                     time.sleep(120)  # rank 0 requeues the whole job, which ends this task
                     raise
                 submitit_handler(signal.SIGUSR2, None)  # submitit: checkpoint() → requeue → sys.exit
