@@ -72,7 +72,8 @@ def _dequant_ms(model, device: str) -> dict[str, Any]:
     import torch
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from gptoss_hpc.modeling.fast.mxfp4_experts import Mxfp4Experts, _dequantize
+    from gptoss_hpc.modeling.fast.mxfp4_experts import Mxfp4Experts
+    from gptoss_hpc.modeling.fast.mxfp4_mm import _dequantize
 
     experts = next(m for m in model.modules() if isinstance(m, Mxfp4Experts))
     out: dict[str, Any] = {}

@@ -7,7 +7,7 @@
 Builds a launch like the launcher's: a held train array of N/2 tasks and a merge array of N/2 tasks
 waiting on it (aftercorr), with its launch.json. Nothing runs. Once sacct knows every task, it times
 `python -m gptoss_hpc.status RUN_DIR` (rich table to a pipe) and `--json` as subprocesses, exactly as a
-user runs them (Python start-up included), then cancels the launch with `gptoss_hpc.cancel` and checks
+user runs them (Python start-up included), then cancels the launch with `gptoss_hpc.monitor.cancel` and checks
 that nothing is left. Target (issue 7): < 1 s.
 """
 
