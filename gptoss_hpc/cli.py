@@ -23,14 +23,14 @@ from collections.abc import Sequence
 
 COMMANDS = {
     "launch": ("gptoss_hpc.launch", "submit a run or sweep (Hydra overrides)"),
-    "status": ("gptoss_hpc.status", "table of every job of a launch"),
-    "logs": ("gptoss_hpc.logs", "print or follow a job's log"),
-    "cancel": ("gptoss_hpc.cancel", "cancel every job of a launch"),
-    "report": ("gptoss_hpc.report", "build a run's report"),
+    "status": ("gptoss_hpc.monitor.status", "table of every job of a launch"),
+    "logs": ("gptoss_hpc.monitor.logs", "print or follow a job's log"),
+    "cancel": ("gptoss_hpc.monitor.cancel", "cancel every job of a launch"),
+    "report": ("gptoss_hpc.stages.report", "build a run's report"),
 }
 
 
-ENTRY_POINTS = ("main", "cli")  # gptoss_hpc.report exposes cli(argv); stages.report.main is the job body
+ENTRY_POINTS = ("cli", "main")  # stages.report: cli(argv) is the CLI, main(run_dir) the job body
 
 
 def _usage() -> str:

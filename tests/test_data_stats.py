@@ -30,7 +30,6 @@ def test_histogram_is_a_png(tmp_path: Path) -> None:
 def test_stats_cli_on_local_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    pytest.importorskip("gptoss_hpc.modeling.tokenizer")
     monkeypatch.setenv("GPTOSS_HPC_CACHE", str(tmp_path / "cache"))
     rows = [
         {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello " * n}]}

@@ -8,10 +8,9 @@ experts and layers) are checked by ``python -m gptoss_hpc.bench train --check`` 
 from __future__ import annotations
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from gptoss_hpc.config import compose, to_run_config  # noqa: E402
+from gptoss_hpc.config import compose, to_run_config
 
 VOCAB = 384
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gptoss_hpc.config.io import compose, to_run_config
-from gptoss_hpc.stages.merge import should_push
+from gptoss_hpc.modeling.hub import should_push
 from gptoss_hpc.submission import secrets
 
 

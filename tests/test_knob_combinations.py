@@ -18,12 +18,11 @@ import json
 import math
 
 import pytest
+import torch
 
 from gptoss_hpc.bench.gpu_check_knobs import GPU_KNOBS, Knobs, knob_matrix
 from gptoss_hpc.config import compose, save_run_config, to_run_config, validate
 from gptoss_hpc.paths import PointPaths
-
-torch = pytest.importorskip("torch")
 
 
 @pytest.mark.parametrize("k", knob_matrix(), ids=lambda k: k.name)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gptoss_hpc.config import compose, save_run_config, to_run_config
-from gptoss_hpc.harmony import (
+from gptoss_hpc.modeling.harmony import (
     ParsedCompletion,
     adheres,
     detect_language,
@@ -214,7 +214,7 @@ def _cfg_paths(paths: PointPaths):
 
 
 def test_hub_push_needs_token_flag_and_env(trained_point: PointPaths):
-    from gptoss_hpc.stages.merge import should_push
+    from gptoss_hpc.modeling.hub import should_push
 
     cfg, _ = _cfg_paths(trained_point)
     cfg.train.push_to_hub = True
@@ -226,16 +226,16 @@ def test_hub_push_needs_token_flag_and_env(trained_point: PointPaths):
 
 
 def test_hub_repo_names(trained_point: PointPaths):
-    from gptoss_hpc.stages.merge import MergeError, hub_repo_id
+    from gptoss_hpc.modeling.hub import HubPushError, hub_repo_id
 
     cfg, paths = _cfg_paths(trained_point)
     cfg.train.hub_model_id = None
-    assert hub_repo_id(cfg, paths, {"HF_USER": "alice"}) == "alice/demo-p000-merged"
-    assert hub_repo_id(cfg, paths, {}, whoami=lambda: "bob") == "bob/demo-p000-merged"
-    with pytest.raises(MergeError, match="HF_USER"):
+    assert hub_repo_id(cfg, paths, {"HF_USER": "alice"}, suffix="-merged") == "alice/demo-p000-merged"
+    assert hub_repo_id(cfg, paths, {}, whoami=lambda: "bob", suffix="-merged") == "bob/demo-p000-merged"
+    with pytest.raises(HubPushError, match="HF_USER"):
         hub_repo_id(cfg, paths, {})
     cfg.train.hub_model_id = "org/gptoss-demo"
-    assert hub_repo_id(cfg, paths, {}) == "org/gptoss-demo-merged"  # one point: no point suffix
+    assert hub_repo_id(cfg, paths, {}, suffix="-merged") == "org/gptoss-demo-merged"  # one point: no point suffix
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ def offline():
 def harmony():
     from openai_harmony import HarmonyEncodingName, load_harmony_encoding
 
-    from gptoss_hpc.vocab import use_offline_harmony_vocab
+    from gptoss_hpc.modeling.vocab import use_offline_harmony_vocab
 
     use_offline_harmony_vocab()
     return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)

@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from gptoss_hpc.config import compose, to_run_config  # noqa: E402
-from gptoss_hpc.errors import GptossHpcError  # noqa: E402
+from gptoss_hpc.config import compose, to_run_config
+from gptoss_hpc.errors import GptossHpcError
 
 VOCAB = 384
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from gptoss_hpc.paths import RunPaths
-from gptoss_hpc.slurm_query import expand_task_ids
 from gptoss_hpc.submission.manifest import Manifest
+from gptoss_hpc.submission.slurm import expand_task_ids
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -48,7 +48,7 @@ def model_dir(tmp_path_factory) -> Path:
 def client(model_dir: Path):
     from fastapi.testclient import TestClient
 
-    from gptoss_hpc.serve import create_app
+    from gptoss_hpc.serving.app import create_app
 
     with TestClient(create_app(model_dir, max_new_tokens_cap=CAP)) as c:
         yield c
@@ -114,13 +114,13 @@ def test_harmony_output_is_split_into_channels(model_dir, monkeypatch):
     that /score splits it (the parsing path is the real one)."""
     from fastapi.testclient import TestClient
 
-    from gptoss_hpc import serve
+    from gptoss_hpc.serving import app as serve
 
     completion = (
         "<|channel|>analysis<|message|>Die Hauptstadt ist Canberra.<|end|>"
         "<|start|>assistant<|channel|>final<|message|>Canberra.<|return|>"
     )
-    monkeypatch.setattr("gptoss_hpc.harmony.generate_completion", lambda *a, **k: completion)
+    monkeypatch.setattr("gptoss_hpc.modeling.harmony.generate_completion", lambda *a, **k: completion)
     with TestClient(serve.create_app(model_dir, max_new_tokens_cap=CAP)) as c:
         body = _check_answer(c.post("/score", json={"prompt": "Hauptstadt?", "max_new_tokens": 4}))
     assert body["valid"] and body["output"] == "Canberra." and body["analysis"] == "Die Hauptstadt ist Canberra."
@@ -179,7 +179,7 @@ def test_twenty_malformed_requests_then_a_valid_one(client):
 
 
 def test_missing_model_dir_fails_before_serving(tmp_path: Path):
-    from gptoss_hpc.serve import ServeError, create_app
+    from gptoss_hpc.serving.app import ServeError, create_app
 
     with pytest.raises(ServeError, match=r"config\.json"):
         create_app(tmp_path)
@@ -203,7 +203,7 @@ def test_free_port_skips_a_taken_one():
 @pytest.fixture(scope="module")
 def keyed_url(model_dir: Path) -> Iterator[str]:
     """The tiny merged model behind a real uvicorn that requires KEY."""
-    from gptoss_hpc.serve import create_app
+    from gptoss_hpc.serving.app import create_app
 
     with running(create_app(model_dir, max_new_tokens_cap=CAP, api_key=KEY)) as url:
         yield url
@@ -270,7 +270,7 @@ def test_chat_completion_splits_harmony_channels_and_passes_sampling(model_dir: 
     and records the sampling it was asked for; the splitting and the OpenAI shapes are the real ones."""
     import openai
 
-    from gptoss_hpc.serve import create_app
+    from gptoss_hpc.serving.app import create_app
 
     seen: list[tuple[int, bool, float]] = []
 
@@ -298,7 +298,7 @@ def test_chat_completion_splits_harmony_channels_and_passes_sampling(model_dir: 
 def test_a_full_queue_answers_429_and_the_queued_requests_finish(model_dir: Path):
     import openai
 
-    from gptoss_hpc.serve import create_app
+    from gptoss_hpc.serving.app import create_app
 
     started, release = threading.Event(), threading.Event()
 
@@ -350,7 +350,7 @@ def test_a_full_queue_answers_429_and_the_queued_requests_finish(model_dir: Path
 def test_request_body_over_the_limit_gets_413(model_dir: Path):
     from fastapi.testclient import TestClient
 
-    from gptoss_hpc.serve import create_app
+    from gptoss_hpc.serving.app import create_app
 
     with TestClient(create_app(model_dir, max_new_tokens_cap=CAP, api_key=KEY, max_request_bytes=2048)) as c:
         big = {"prompt": "x" * 3000, "max_new_tokens": 2}
@@ -383,15 +383,16 @@ def test_chat_without_user_content_is_422(client, messages):
 
 
 def test_a_non_loopback_host_needs_a_key(model_dir: Path, monkeypatch, capsys):
-    from gptoss_hpc.serve import ServeError, main, serve
+    from gptoss_hpc.serving.app import ServeError, serve
     from gptoss_hpc.serving.auth import is_loopback
+    from gptoss_hpc.stages.serve import cli
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.0.2.2") and not is_loopback("no-such-host.invalid")
     monkeypatch.delenv("SERVE_API_KEY", raising=False)
     with pytest.raises(ServeError, match="SERVE_API_KEY"):
         serve(model_dir, "0.0.0.0", 8000)
-    assert main([str(model_dir), "--host", "0.0.0.0"]) == 1
+    assert cli([str(model_dir), "--host", "0.0.0.0"]) == 1
     err = capsys.readouterr().err
     assert "refusing to serve on 0.0.0.0 without an API key" in err and "--api-key-file" in err
 

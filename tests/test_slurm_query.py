@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from gptoss_hpc import slurm_query
-from gptoss_hpc.launch_state import JobRow, collect, last_metrics, log_paths, tail_lines
-from gptoss_hpc.slurm_query import (
+from gptoss_hpc.monitor.state import JobRow, collect, last_metrics, log_paths, tail_lines
+from gptoss_hpc.submission import slurm
+from gptoss_hpc.submission.manifest import JobRecord, Manifest, PointRecord
+from gptoss_hpc.submission.slurm import (
     SlurmNotReachableError,
     expand_task_ids,
     merge_states,
@@ -20,7 +21,6 @@ from gptoss_hpc.slurm_query import (
     parse_sacct,
     parse_squeue,
 )
-from gptoss_hpc.submission.manifest import JobRecord, Manifest, PointRecord
 
 # 2.5 s after submission: train tasks 0,1 run, 2-3 wait on the %2 throttle, merge waits on train.
 SACCT_RUNNING = """\
@@ -112,7 +112,7 @@ def test_task_lines_win_over_stale_range_lines() -> None:
     assert states["380_0"].state == "COMPLETED" and not states["380_0"].grouped
     assert states["380_2"].state == "CANCELLED" and states["380_2"].grouped
     early = parse_sacct("379_2|FAILED|1:0|00:00:01|vm|t\n380_[0-2]|CANCELLED|0:0|00:00:00|None assigned|m\n")
-    res = slurm_query.QueryResult(early, "sacct")
+    res = slurm.QueryResult(early, "sacct")
     assert res.get("379_0") is None  # not "FAILED" from somewhere else: unknown until squeue says
     live = merge_states(early, parse_squeue("379_0|RUNNING|None|0:03|vm|t\n380_0|PENDING|Dependency|0:00||m\n"))
     assert live["379_0"].state == "RUNNING" and live["380_0"].state == "PENDING"
@@ -165,7 +165,7 @@ def test_unsplit_array_record_stands_for_its_tasks() -> None:
         "205|CANCELLED by 0|0:0|00:00:00|None assigned|allocation\n"
         "206|CANCELLED by 0|0:0|00:00:00|None assigned|allocation\n"
     )
-    res = slurm_query.QueryResult(sacct, "sacct")
+    res = slurm.QueryResult(sacct, "sacct")
     assert res.get("205_2").state == "CANCELLED" and res.get("206_0").terminal
     assert res.get("207_0") is None
 
@@ -178,7 +178,7 @@ def test_query_one_sacct_one_squeue_and_fallback(monkeypatch: pytest.MonkeyPatch
         "run",
         _fake_run({"sacct": ok([], 0, SACCT_RUNNING, ""), "squeue": ok([], 0, SQUEUE_RUNNING, "")}, calls),
     )
-    res = slurm_query.query(["13", "14", "15"])
+    res = slurm.query(["13", "14", "15"])
     assert [c[0] for c in calls] == ["sacct", "squeue"]
     assert "13,14,15" in calls[0] and "13,14,15" in calls[1]
     assert res.source == "sacct" and res.states["14_0"].reason == "Dependency"
@@ -187,7 +187,7 @@ def test_query_one_sacct_one_squeue_and_fallback(monkeypatch: pytest.MonkeyPatch
     calls.clear()
     monkeypatch.setattr(subprocess, "run", _fake_run({"sacct": ok([], 0, SACCT_DONE, "")}, calls))
     done = ["13_0", "13_1", "13_2", "13_3", "14_0", "14_1", "14_2", "14_3", "16"]
-    assert slurm_query.query(["13", "14", "16"], tasks=done).source == "sacct"
+    assert slurm.query(["13", "14", "16"], tasks=done).source == "sacct"
     assert [c[0] for c in calls] == ["sacct"]
     # a task sacct does not list on its own line yet (it lists running array tasks late): ask squeue
     calls.clear()
@@ -198,14 +198,14 @@ def test_query_one_sacct_one_squeue_and_fallback(monkeypatch: pytest.MonkeyPatch
             {"sacct": ok([], 0, SACCT_DONE, ""), "squeue": ok([], 0, "13_4|RUNNING|None|0:01|vm|x\n", "")}, calls
         ),
     )
-    res = slurm_query.query(["13"], tasks=["13_0", "13_4"])
+    res = slurm.query(["13"], tasks=["13_0", "13_4"])
     assert [c[0] for c in calls] == ["sacct", "squeue"] and res.states["13_4"].state == "RUNNING"
 
     # accounting disabled: squeue only, and the header can say why
     calls.clear()
     err = subprocess.CalledProcessError(1, ["sacct"], "", "sacct: error: Slurm accounting storage is disabled\n")
     monkeypatch.setattr(subprocess, "run", _fake_run({"sacct": err, "squeue": ok([], 0, SQUEUE_RUNNING, "")}, calls))
-    res = slurm_query.query(["13", "14"])
+    res = slurm.query(["13", "14"])
     assert res.source == "squeue" and "accounting storage is disabled" in res.sacct_error
     assert res.states["13_0"].state == "RUNNING"
 
@@ -222,7 +222,7 @@ def test_unreachable_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     monkeypatch.setattr(subprocess, "run", _fake_run({"sacct": err, "squeue": err}, []))
     with pytest.raises(SlurmNotReachableError) as info:
-        slurm_query.query(["13"])
+        slurm.query(["13"])
     msg = str(info.value)
     assert "\n" not in msg and msg.startswith("Slurm not reachable") and "SLURM_CONF" in msg
 
@@ -231,14 +231,14 @@ def test_unreachable_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(subprocess, "run", missing)
     with pytest.raises(SlurmNotReachableError, match="not installed"):
-        slurm_query.check_reachable()
-    assert not slurm_query.available()
+        slurm.check_reachable()
+    assert not slurm.available()
 
 
 def test_squeue_forgotten_job_is_empty(monkeypatch: pytest.MonkeyPatch) -> None:
     err = subprocess.CalledProcessError(1, ["squeue"], "", "slurm_load_jobs error: Invalid job id specified\n")
     monkeypatch.setattr(subprocess, "run", _fake_run({"squeue": err}, []))
-    assert slurm_query.squeue(["99999"]) == {}
+    assert slurm.squeue(["99999"]) == {}
 
 
 def test_log_paths_match_submitit_naming(tmp_path: Path) -> None:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from gptoss_hpc import slurm_query
-from gptoss_hpc.launch_state import LaunchStatus, collect
+from gptoss_hpc.monitor.state import LaunchStatus, collect
 from gptoss_hpc.paths import point_dirname
+from gptoss_hpc.submission import slurm
 from gptoss_hpc.submission.manifest import JobRecord, Manifest, PointRecord
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,7 +190,7 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 def launches(tmp_path_factory: pytest.TempPathFactory, local_slurm: Path) -> Iterator[Launches]:
     ls = Launches(tmp_path_factory.mktemp("runs"))
     yield ls
-    slurm_query.scancel(ls.job_ids)  # never leave jobs behind in the shared Slurm
+    slurm.scancel(ls.job_ids)  # never leave jobs behind in the shared Slurm
 
 
 # ------------------------------------------------------------------------------------------- tests
@@ -370,7 +370,7 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1 and "Slurm not reachable" in _one_line_error(proc)
 
-    out = cli("report", str(tmp_path / "nope"))  # delegated lazily to gptoss_hpc.report
+    out = cli("report", str(tmp_path / "nope"))  # delegated lazily to gptoss_hpc.stages.report
     assert out.returncode == 1 and "launch.json not found" in _one_line_error(out)
 
     out = cli("frobnicate")
@@ -381,7 +381,7 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
 
 def test_logs_of_a_local_launch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """backend local: one comma-joined id per point (submitit LocalExecutor pids), states from status files."""
-    from gptoss_hpc import logs
+    from gptoss_hpc.monitor import logs
 
     run = tmp_path / "loc" / "20261125-000000"
     for i, state in enumerate(["COMPLETED", "FAILED"]):
@@ -415,7 +415,7 @@ def test_follow_waits_for_a_late_file_and_rereads_a_truncated_one(tmp_path: Path
     import io
     import threading
 
-    from gptoss_hpc.logs import follow
+    from gptoss_hpc.monitor.logs import follow
 
     log = tmp_path / "1_0_log.out"
     state = {"now": "PENDING"}

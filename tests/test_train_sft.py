@@ -211,10 +211,14 @@ def test_sigusr2_saves_a_checkpoint_and_a_rerun_resumes(tmp_path):
 
 
 def test_push_adapter_only_when_asked_with_the_env_token(tmp_path, monkeypatch):
-    """The Hub is faked: a recording stand-in for huggingface_hub.HfApi."""
+    """The Hub is faked: a recording stand-in for huggingface_hub.HfApi. The train stage's push (adapter/) and
+    the merge stage's (merged/, repo + "-merged") are the one helper, modeling.hub.push_folder."""
     import huggingface_hub
 
-    from gptoss_hpc.stages.train import push_adapter
+    from gptoss_hpc.modeling.hub import push_folder
+
+    def push_adapter(cfg, paths):
+        return push_folder(cfg, paths, paths.adapter, what="adapter")
 
     calls = []
 
@@ -242,13 +246,16 @@ def test_push_adapter_only_when_asked_with_the_env_token(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_USER", "me")
     assert push_adapter(cfg, paths) == "me/demo-p000"
     assert calls == [
-        ("create_repo", "me/demo-p000", {"private": True, "exist_ok": True}),
+        ("create_repo", "me/demo-p000", {"private": True, "exist_ok": True, "repo_type": "model"}),
         ("upload_folder", "me/demo-p000", str(paths.adapter)),
     ]
     monkeypatch.delenv("HF_USER")
     assert push_adapter(cfg, paths) == "someone/demo-p000"
+    assert push_folder(cfg, paths, paths.adapter, what="merged model", suffix="-merged") == "someone/demo-p000-merged"
     cfg.train.hub_model_id = "org/custom"
     assert push_adapter(cfg, paths) == "org/custom"
+    (paths.run_dir / "p001").mkdir()  # a sweep: one repo per point, for the adapter as for the merged model
+    assert push_adapter(cfg, paths) == "org/custom-p000"
     cfg.train.push_to_hub = False
     assert push_adapter(cfg, paths) is None
 

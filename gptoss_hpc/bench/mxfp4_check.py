@@ -52,7 +52,7 @@ def _copy_weights(mx_model, bf_model) -> None:
 def _step(model, knobs, batch, device: str) -> tuple[float, dict[str, Any], float | None]:
     import torch
 
-    from gptoss_hpc.bench.train import _sync, _to, loss_of
+    from gptoss_hpc.bench.train_setup import loss_of, sync_device, to_device
 
     for p in model.parameters():
         p.grad = None
@@ -60,9 +60,9 @@ def _step(model, knobs, batch, device: str) -> tuple[float, dict[str, Any], floa
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     n_items = int((batch["labels"][..., 1:] != -100).sum())
-    loss = loss_of(model, knobs, _to(batch, device), n_items)
+    loss = loss_of(model, knobs, to_device(batch, device), n_items)
     loss.backward()
-    _sync(device)
+    sync_device(device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return float(loss.detach()), grads, peak
@@ -72,7 +72,8 @@ def _dequant_ms(model, device: str) -> dict[str, Any]:
     import torch
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from gptoss_hpc.modeling.fast.mxfp4_experts import Mxfp4Experts, _dequantize
+    from gptoss_hpc.modeling.fast.mxfp4_experts import Mxfp4Experts
+    from gptoss_hpc.modeling.fast.mxfp4_mm import _dequantize
 
     experts = next(m for m in model.modules() if isinstance(m, Mxfp4Experts))
     out: dict[str, Any] = {}

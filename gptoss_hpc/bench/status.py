@@ -7,7 +7,7 @@
 Builds a launch like the launcher's: a held train array of N/2 tasks and a merge array of N/2 tasks
 waiting on it (aftercorr), with its launch.json. Nothing runs. Once sacct knows every task, it times
 `python -m gptoss_hpc.status RUN_DIR` (rich table to a pipe) and `--json` as subprocesses, exactly as a
-user runs them (Python start-up included), then cancels the launch with `gptoss_hpc.cancel` and checks
+user runs them (Python start-up included), then cancels the launch with `gptoss_hpc.monitor.cancel` and checks
 that nothing is left. Target (issue 7): < 1 s.
 """
 
@@ -26,9 +26,9 @@ from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
-from gptoss_hpc import slurm_query
-from gptoss_hpc.cancel import cancel_launch
+from gptoss_hpc.monitor.cancel import cancel_launch
 from gptoss_hpc.paths import point_dirname
+from gptoss_hpc.submission import slurm
 from gptoss_hpc.submission.manifest import JobRecord, Manifest, PointRecord
 
 SECTION = "## Status over 500 jobs"
@@ -92,7 +92,7 @@ def _wait_for_sacct(manifest: Manifest, timeout: float = 60) -> int:
     want = sum(len(j.points) for j in manifest.jobs)
     deadline = time.monotonic() + timeout
     while True:
-        known = len(slurm_query.sacct(j.job_id for j in manifest.jobs))
+        known = len(slurm.sacct(j.job_id for j in manifest.jobs))
         if known >= want or time.monotonic() > deadline:
             return known
         time.sleep(0.5)
@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
     try:
-        slurm_query.check_reachable()
-    except slurm_query.SlurmError as exc:
+        slurm.check_reachable()
+    except slurm.SlurmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -163,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             cancelled = cancel_launch(manifest.run_dir)
             cancel_s = time.perf_counter() - t0
         except BaseException:
-            slurm_query.scancel(j.job_id for j in manifest.jobs)
+            slurm.scancel(j.job_id for j in manifest.jobs)
             raise
-    left = [s for s in slurm_query.squeue(j.job_id for j in manifest.jobs).values() if not s.terminal]
+    left = [s for s in slurm.squeue(j.job_id for j in manifest.jobs).values() if not s.terminal]
 
     result = {
         "jobs": n_jobs,

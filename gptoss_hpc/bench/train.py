@@ -36,11 +36,16 @@ from typing import Any
 from gptoss_hpc.bench.train_setup import (  # noqa: F401  (re-exported for tests)
     active_matmul_params,
     build_model,
+    is_cuda,
+    loss_of,
     make_sequence,
     micro_batches,
     model_config_json,
     prepare,
+    preset_name,
+    sync_device,
     synthetic_lengths,
+    to_device,
 )
 
 PRESETS = ("experts", "attention", "all_linear")
@@ -101,29 +106,6 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _cuda(device: str) -> bool:
-    return str(device).startswith("cuda")
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if _cuda(device):
-        torch.cuda.synchronize()
-
-
-def _to(batch: dict[str, Any], device: str) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if hasattr(v, "to")}
-
-
-def loss_of(model, knobs, batch: dict[str, Any], num_items):
-    from gptoss_hpc.modeling.fast import causal_lm_loss
-
-    if knobs.loss_chunk_tokens > 0:
-        return causal_lm_loss(model, batch, chunk_tokens=knobs.loss_chunk_tokens, num_items_in_batch=num_items)
-    return model(**batch, use_cache=False, num_items_in_batch=num_items).loss
-
-
 # ----------------------------------------------------------------------------------------------------------
 # timing
 # ----------------------------------------------------------------------------------------------------------
@@ -163,7 +145,7 @@ def run_stack(
     t = cfg.train
     row: dict[str, Any] = {
         "name": name,
-        "lora": _preset_name(cfg),
+        "lora": preset_name(cfg),
         "attn": cfg.model.attn_implementation,
         "experts": cfg.model.experts_implementation,
         "fused_experts": cfg.model.fused_experts,
@@ -176,7 +158,7 @@ def run_stack(
         "lengths": lengths or args.lengths,
     }
     model = knobs = opt = None
-    if _cuda(device):
+    if is_cuda(device):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     try:
@@ -207,18 +189,18 @@ def run_stack(
                 from torch.profiler import profile as torch_profile
 
                 prof_ctx = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-            _sync(device)
+            sync_device(device)
             start = time.perf_counter()
             with prof_ctx as prof:
                 step_loss = 0.0
                 for mb in chunk:
-                    loss = loss_of(model, knobs, _to(mb, device), n_items)
+                    loss = loss_of(model, knobs, to_device(mb, device), n_items)
                     loss.backward()
                     step_loss += float(loss.detach())
                 torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                _sync(device)
+                sync_device(device)
             elapsed = time.perf_counter() - start
             if step >= args.warmup:
                 times.append(elapsed)
@@ -242,7 +224,7 @@ def run_stack(
             tok_s=round(tok / step_s),
             loss=round(losses[-1], 4),
         )
-        if _cuda(device):
+        if is_cuda(device):
             row["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
             row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 1)
         if peak_tflops:
@@ -259,7 +241,7 @@ def run_stack(
             knobs.remove()
         del model, knobs, opt
         gc.collect()
-        if _cuda(device):
+        if is_cuda(device):
             torch.cuda.empty_cache()
         _fresh_compile_state()
     print(json.dumps(row), flush=True)
@@ -309,15 +291,6 @@ def ladder(cfg) -> list[tuple[str, Any]]:
         cur_t, cur_m = replace(cur_t, **dt), replace(cur_m, **dm)
         out.append((name, replace(cfg, train=cur_t, model=cur_m)))
     return out
-
-
-def _preset_name(cfg) -> str:
-    lo = cfg.lora
-    if lo.target_modules == "all-linear":
-        return "all_linear"
-    if lo.target_modules:
-        return "attention" if lo.expert_layers == [] else "custom"
-    return "experts"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -382,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = args.device
-    if _cuda(device) and not torch.cuda.is_available():
+    if is_cuda(device) and not torch.cuda.is_available():
         print(
             "no CUDA device: the training bench needs a GPU (tests/test_fast_path.py covers the CPU path)",
             file=sys.stderr,
@@ -391,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     env = environment()
     print(json.dumps(env), flush=True)
-    peak = None if args.no_peak or not _cuda(device) else measure_peak_tflops(device)
+    peak = None if args.no_peak or not is_cuda(device) else measure_peak_tflops(device)
     env["bf16_matmul_tflops"] = round(peak, 1) if peak else None
     rows: list[dict[str, Any]] = []
     result = {"env": env, "command": "python -m gptoss_hpc.bench train " + " ".join(argv or sys.argv[1:]), "rows": rows}
@@ -432,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     # Checks last: after their many fp32/bf16 compiles, later timed stacks of the same process ran slower (the
     # attention preset: 14.7k tok/s after them, 20.6k in a process without them; 2026-11-25).
     for i, cfg in checks:
-        if i == 0 and _cuda(device):
+        if i == 0 and is_cuda(device):
             rows.append(check_attention_core(device))
             rows.append(check_experts_core(cfg, device))
         rows.append(check(cfg, args, device))

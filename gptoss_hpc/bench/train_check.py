@@ -10,8 +10,15 @@ import json
 import math
 from typing import Any
 
-from gptoss_hpc.bench.train import _cuda, _preset_name, _to, loss_of
-from gptoss_hpc.bench.train_setup import micro_batches, model_config_json, prepare
+from gptoss_hpc.bench.train_setup import (
+    is_cuda,
+    loss_of,
+    micro_batches,
+    model_config_json,
+    prepare,
+    preset_name,
+    to_device,
+)
 
 
 def _rel(a, b) -> float:
@@ -177,7 +184,7 @@ def check(cfg, args, device: str) -> dict[str, Any]:
 
     from gptoss_hpc.modeling.fast import apply_speed_knobs, set_experts_implementation, unwrap
 
-    out: dict[str, Any] = {"name": "check fast vs stock", "lora": _preset_name(cfg)}
+    out: dict[str, Any] = {"name": "check fast vs stock", "lora": preset_name(cfg)}
     model = knobs = None
     try:
         small = replace(cfg, model=replace(cfg.model, num_hidden_layers=args.check_layers, dtype="float32"))
@@ -190,7 +197,7 @@ def check(cfg, args, device: str) -> dict[str, Any]:
         attn_impl, experts_impl = base_model.config._attn_implementation, base_model.config._experts_implementation
         batch = micro_batches(small, random.Random(args.seed + 7), vocab, 1, "lognormal")[0]
         n_items = int((batch["labels"][..., 1:] != -100).sum())
-        dev_batch = _to(batch, device)
+        dev_batch = to_device(batch, device)
 
         def grads_of(knobs):
             params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -245,7 +252,7 @@ def check(cfg, args, device: str) -> dict[str, Any]:
     finally:
         model = knobs = None
         gc.collect()
-        if _cuda(device):
+        if is_cuda(device):
             torch.cuda.empty_cache()
     print(json.dumps(out), flush=True)
     return out

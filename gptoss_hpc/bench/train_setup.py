@@ -29,7 +29,7 @@ def build_model(cfg, device: str, vocab_size: int | None = None):
     import torch
     from transformers import AutoModelForCausalLM, GptOssConfig
 
-    from gptoss_hpc.modeling.model import torch_dtype
+    from gptoss_hpc.modeling.model import load_kwargs
 
     m = cfg.model
     config = GptOssConfig.from_json_file(str(model_config_json(cfg)))
@@ -44,9 +44,7 @@ def build_model(cfg, device: str, vocab_size: int | None = None):
             if getattr(config, key, None) is not None and getattr(config, key) >= vocab_size:
                 setattr(config, key, vocab_size - 1)
     config.use_cache = False
-    kwargs: dict[str, Any] = {"dtype": torch_dtype(m.dtype), "attn_implementation": m.attn_implementation}
-    if m.experts_implementation is not None:
-        kwargs["experts_implementation"] = m.experts_implementation
+    kwargs = load_kwargs(cfg)
     if getattr(m, "experts_dtype", "bfloat16") == "mxfp4":
         from gptoss_hpc.modeling.mxfp4 import build_random_mxfp4_model
 
@@ -159,3 +157,35 @@ def micro_batches(cfg, rng, vocab: int, n: int, mode: str) -> list[dict[str, Any
             }
         )
     return out
+
+
+def is_cuda(device: str) -> bool:
+    return str(device).startswith("cuda")
+
+
+def sync_device(device: str) -> None:
+    import torch
+
+    if is_cuda(device):
+        torch.cuda.synchronize()
+
+
+def to_device(batch: dict[str, Any], device: str) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if hasattr(v, "to")}
+
+
+def loss_of(model, knobs, batch: dict[str, Any], num_items):
+    from gptoss_hpc.modeling.fast import causal_lm_loss
+
+    if knobs.loss_chunk_tokens > 0:
+        return causal_lm_loss(model, batch, chunk_tokens=knobs.loss_chunk_tokens, num_items_in_batch=num_items)
+    return model(**batch, use_cache=False, num_items_in_batch=num_items).loss
+
+
+def preset_name(cfg) -> str:
+    lo = cfg.lora
+    if lo.target_modules == "all-linear":
+        return "all_linear"
+    if lo.target_modules:
+        return "attention" if lo.expert_layers == [] else "custom"
+    return "experts"

@@ -216,6 +216,9 @@ class TrainConfig:
     # A failed push is a warning (status shows "push failed: <reason>"): the stage still succeeds.
     push_to_hub: bool = True
     hub_model_id: str | None = None
+    # Any other trl.SFTConfig field, passed through as is (e.g. {neftune_noise_alpha: 5}); names are checked
+    # against SFTConfig at launch: unknown ones, and the ones a key above sets, are refused.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

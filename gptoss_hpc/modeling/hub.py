@@ -1,16 +1,19 @@
-"""Hugging Face Hub access: failures (offline, gated, missing) as one error with the fix; the launch-time prefetch."""
+"""Hugging Face Hub access: failures (offline, gated, missing) as one error with the fix; the launch-time prefetch;
+the one push helper (train: adapter/, merge: merged/) and its repo naming."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gptoss_hpc.errors import ResourceNotReachableError
+from gptoss_hpc.errors import GptossHpcError, ResourceNotReachableError
 
 if TYPE_CHECKING:
     from gptoss_hpc.config.schema import RunConfig
+    from gptoss_hpc.paths import PointPaths
 
 log = logging.getLogger(__name__)
 
@@ -147,3 +150,65 @@ def _endpoint() -> str:
     from huggingface_hub import constants
 
     return constants.ENDPOINT
+
+
+# ------------------------------------------------------------------------------------------ pushing
+
+
+class HubPushError(GptossHpcError):
+    """A push was asked for but there is no repo name to push to."""
+
+
+def should_push(cfg: RunConfig, env: Mapping[str, str]) -> bool:
+    """Hub push only with a token (HF_TOKEN or the token file), push_to_hub on, and PUSH_TO_HUB not "false"."""
+    from gptoss_hpc.submission.secrets import hf_token, hub_offline
+
+    if hub_offline(env):  # jobs of a cluster.hf_home launch run offline: push from the login node
+        return False
+    return bool(hf_token(env)) and cfg.train.push_to_hub and env.get("PUSH_TO_HUB", "").lower() != "false"
+
+
+def hub_repo_id(cfg: RunConfig, paths: PointPaths, env: Mapping[str, str], whoami: Any = None, suffix: str = "") -> str:
+    """The repo a point pushes to (train: the adapter, suffix ""; merge: suffix "-merged"):
+    <train.hub_model_id>[-<point> in a sweep]<suffix>, else <HF_USER or the token's user>/<name>-<point><suffix>."""
+    if cfg.train.hub_model_id:
+        base = cfg.train.hub_model_id
+        if sum(1 for p in paths.run_dir.glob("p[0-9][0-9][0-9]") if p.is_dir()) > 1:  # a sweep: a repo per point
+            base = f"{base}-{paths.root.name}"
+        return f"{base}{suffix}"
+    user = env.get("HF_USER") or (whoami() if whoami is not None else None)
+    if not user:
+        raise HubPushError(
+            "train.push_to_hub is on but neither train.hub_model_id nor HF_USER is set; set one, "
+            "or export PUSH_TO_HUB=false"
+        )
+    return f"{user}/{cfg.name}-{paths.root.name}{suffix}"
+
+
+def push_folder(cfg: RunConfig, paths: PointPaths, folder: Path, *, what: str, suffix: str = "") -> str | None:
+    """Upload ``folder`` as a private model repo (name: hub_repo_id) with the env's HF_TOKEN (never written
+    anywhere); None when no push is asked for. Raises GptossHpcError on failure: callers make it a warning,
+    the folder is saved either way."""
+    from gptoss_hpc.submission.secrets import hf_token, hub_offline
+
+    if not should_push(cfg, os.environ):
+        if hub_offline() and hf_token() and cfg.train.push_to_hub:
+            log.warning("HF_HUB_OFFLINE=1: %s not pushed; upload it with `hf upload <repo> %s`", what, folder)
+        return None
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    repo_id = None
+    try:
+        repo_id = hub_repo_id(cfg, paths, os.environ, whoami=lambda: api.whoami()["name"], suffix=suffix)
+        log.info("pushing %s to the Hub as %s (private)", folder, repo_id)
+        api.create_repo(repo_id, private=True, exist_ok=True, repo_type="model")
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=f"{cfg.name} {what}")
+    except HubPushError:
+        raise
+    except Exception as exc:
+        raise unreachable(
+            "Hub repo", repo_id or "<HF_USER>/…", None, exc, "check HF_TOKEN has write access, or PUSH_TO_HUB=false"
+        ) from exc
+    log.info("pushed the %s to https://huggingface.co/%s", what, repo_id)
+    return repo_id

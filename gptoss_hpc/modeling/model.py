@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gptoss_hpc.config.schema import RunConfig
 from gptoss_hpc.errors import GptossHpcError, ResourceNotReachableError
@@ -44,6 +44,17 @@ def torch_dtype(name: str):
     import torch
 
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def load_kwargs(cfg: RunConfig, *, for_generation: bool = False) -> dict[str, Any]:
+    """dtype, attention and experts kernels: what every loader (train, merge, eval, serve, the bench) passes to
+    ``from_pretrained`` / ``from_config``. ``for_generation``: attention is ``eval.attn_implementation``."""
+    m = cfg.model
+    attn = cfg.eval.attn_implementation if for_generation else m.attn_implementation
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(m.dtype), "attn_implementation": attn}
+    if m.experts_implementation is not None:
+        kwargs["experts_implementation"] = m.experts_implementation
+    return kwargs
 
 
 def check_reachable(cfg: RunConfig) -> None:
@@ -108,12 +119,10 @@ def load_inference_model(folder: str | Path, cfg: RunConfig | None = None) -> Pr
     ``eval.attn_implementation`` (eager by default: see EvalConfig)."""
     from transformers import AutoModelForCausalLM
 
-    attn = cfg.eval.attn_implementation if cfg is not None else "eager"
-    kwargs: dict = {"dtype": "auto", "device_map": cuda_device_map(), "attn_implementation": attn}
-    if cfg is not None:
-        kwargs["dtype"] = torch_dtype(cfg.model.dtype)
-        if cfg.model.experts_implementation is not None:
-            kwargs["experts_implementation"] = cfg.model.experts_implementation
+    kwargs = (
+        load_kwargs(cfg, for_generation=True) if cfg is not None else {"dtype": "auto", "attn_implementation": "eager"}
+    )
+    kwargs["device_map"] = cuda_device_map()
     model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     model.config.use_cache = True
     return model.eval()
@@ -141,13 +150,10 @@ def _load_pretrained(cfg: RunConfig, for_training: bool) -> PreTrainedModel:
         return _load_mxfp4(cfg)
     kwargs: dict = {
         "revision": m.revision,
-        "dtype": torch_dtype(m.dtype),
-        "attn_implementation": m.attn_implementation,
+        **load_kwargs(cfg),
         "use_cache": not for_training,
         "trust_remote_code": m.trust_remote_code,
     }
-    if m.experts_implementation is not None:
-        kwargs["experts_implementation"] = m.experts_implementation
     device_map = cuda_device_map()
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -205,15 +211,14 @@ def _tiny_complete(folder: Path) -> bool:
 def _load_tiny(cfg: RunConfig, paths: PointPaths | None) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
-    m = cfg.model
-    kwargs: dict = {"dtype": torch_dtype(m.dtype), "attn_implementation": m.attn_implementation}
-    if m.experts_implementation is not None:
-        kwargs["experts_implementation"] = m.experts_implementation
+    kwargs = load_kwargs(cfg)
     if paths is not None and _tiny_complete(paths.base):
         log.info("loading the tiny base from %s", paths.base)
         return AutoModelForCausalLM.from_pretrained(str(paths.base), **kwargs)
     model = build_tiny_model(cfg)
-    if paths is not None and int(os.environ.get("RANK", "0")) == 0:
+    from gptoss_hpc.modeling.distributed import global_rank
+
+    if paths is not None and global_rank() == 0:
         _save_atomic(model, paths.base)
     return model
 
@@ -238,9 +243,7 @@ def build_tiny_model(cfg: RunConfig) -> PreTrainedModel:
             f"model.num_hidden_layers={m.num_hidden_layers} but {m.tiny_config}.json has "
             f"{config.num_hidden_layers}; set model.num_hidden_layers={config.num_hidden_layers}"
         )
-    kwargs: dict = {"dtype": torch_dtype(m.dtype), "attn_implementation": m.attn_implementation}
-    if m.experts_implementation is not None:
-        kwargs["experts_implementation"] = m.experts_implementation
+    kwargs = load_kwargs(cfg)
     torch.manual_seed(cfg.train.seed)
     model = AutoModelForCausalLM.from_config(config, **kwargs)
     log.info("built tiny gpt-oss: %d params, vocab %d, seed %d", model.num_parameters(), len(tok), cfg.train.seed)

@@ -2,7 +2,7 @@
 
 ``model.tokenizer``:
     "auto"      AutoTokenizer.from_pretrained(model.name_or_path, revision)
-    "offline"   o200k_base (from the bpe-openai package, see gptoss_hpc.vocab) + the Harmony special tokens
+    "offline"   o200k_base (from the bpe-openai package, see gptoss_hpc.modeling.vocab) + the Harmony special tokens
                 at ids 199998..201087 = the 201,088-token gpt-oss tokenizer, with no Hub access
     "tiny-bpe"  a ~3k BPE trained deterministically on the bundled sample + the same special tokens
     <path>      AutoTokenizer.from_pretrained(path)
@@ -10,7 +10,7 @@
 Both built tokenizers carry our gpt-oss chat template (gptoss_hpc.modeling.chat_template: TRL's training
 variant with ``{% generation %}`` marks, rendering the developer message as openai-harmony does), pad
 <|endoftext|>, eos <|return|>, bos <|startoftext|> as gpt-oss ships them, and are cached under
-``gptoss_hpc.vocab.cache_root()/tokenizers/`` (built in a temp dir, then renamed). A Hub/path tokenizer
+``gptoss_hpc.modeling.vocab.cache_root()/tokenizers/`` (built in a temp dir, then renamed). A Hub/path tokenizer
 that carries the released gpt-oss template gets ours instead; any other template is left as it is.
 """
 
@@ -30,7 +30,7 @@ from gptoss_hpc.config.schema import ModelConfig
 from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.modeling.chat_template import gptoss_chat_template, is_gptoss_template
 from gptoss_hpc.modeling.hub import is_local, unreachable
-from gptoss_hpc.vocab import O200K_FILE, cache_root, o200k_dir
+from gptoss_hpc.modeling.vocab import O200K_FILE, cache_root, o200k_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from gptoss_hpc.serve import DEFAULT_MAX_NEW_TOKENS_CAP, DEFAULT_PORT, default_model_name, serve
+from gptoss_hpc.serving.app import DEFAULT_MAX_NEW_TOKENS_CAP, DEFAULT_PORT, default_model_name, serve
 from gptoss_hpc.serving.auth import API_KEY_ENV, ServeError, job_api_key, read_key_file
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,17 @@ def _serve_point(  # the job body proper, under serve_job's signal handling
     print(address, flush=True)
     log.info("serving %s as %r at %s; API key: %s", paths.merged, name, url, where.get("api_key_file", API_KEY_ENV))
     cap = options.pop("max_new_tokens_cap", None) or max(DEFAULT_MAX_NEW_TOKENS_CAP, cfg.eval.max_new_tokens)
-    serve(paths.merged, bind, bound_port, cap, api_key=key, served_model_name=name, before_run=before_run, **options)
+    serve(
+        paths.merged,
+        bind,
+        bound_port,
+        cap,
+        api_key=key,
+        served_model_name=name,
+        before_run=before_run,
+        cfg=cfg,
+        **options,
+    )
 
 
 class _StoppedBeforeServing(BaseException):  # a BaseException: no `except Exception` in loading code eats it

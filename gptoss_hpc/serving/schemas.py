@@ -1,4 +1,4 @@
-"""OpenAI chat-completion bodies (the ``/score`` ones live in ``gptoss_hpc.serve``).
+"""OpenAI chat-completion bodies (the ``/score`` ones live in ``gptoss_hpc.serving.app``).
 
 A request with no user content is refused (422): an empty prompt would make the model write from nothing.
 """

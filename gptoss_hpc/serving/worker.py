@@ -152,7 +152,7 @@ class Generator:
                 config.temperature, config.top_p = saved
 
     def _split(self, text: str) -> Answer:
-        from gptoss_hpc.harmony import STOP_TOKENS, parse_completion
+        from gptoss_hpc.modeling.harmony import STOP_TOKENS, parse_completion
 
         parsed = parse_completion(text)
         stops = [*STOP_TOKENS, *([self.tokenizer.eos_token] if self.tokenizer.eos_token else [])]

@@ -30,12 +30,6 @@ def stage_warning(message: str) -> None:
     _WARNINGS.append(message)
 
 
-def is_rank_zero() -> bool:
-    from gptoss_hpc.modeling.distributed import global_rank
-
-    return global_rank() == 0
-
-
 # perf_counter() when run_stage started each stage in this process: wall_s in its status records.
 _STARTED: dict[str, float] = {}
 
@@ -63,7 +57,9 @@ def usage(stage: str) -> dict[str, float | None]:
 def write_status(paths: PointPaths, stage: str, state: str, **extra: object) -> None:
     """status/<stage>.json: read by the report and status tools (rank 0 only). Every record carries the
     stage's wall_s and peak_gpu_gib so far (rank 0's GPU; null on CPU)."""
-    if not is_rank_zero():
+    from gptoss_hpc.modeling.distributed import global_rank
+
+    if global_rank() != 0:
         return
     paths.status.mkdir(parents=True, exist_ok=True)
     record = {

@@ -23,7 +23,7 @@ from typing import Any
 from gptoss_hpc.config import RunConfig
 from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.fileio import write_atomic
-from gptoss_hpc.harmony import (
+from gptoss_hpc.modeling.harmony import (
     HarmonyFormatError,
     ParsedCompletion,
     adheres,

@@ -25,6 +25,7 @@ from typing import Any
 from gptoss_hpc.config import RunConfig
 from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.fileio import write_atomic
+from gptoss_hpc.modeling.hub import push_folder
 from gptoss_hpc.paths import PointPaths
 from gptoss_hpc.stages.common import run_stage, stage_cli, stage_warning
 
@@ -61,36 +62,6 @@ class MergeError(GptossHpcError):
 def tolerance(dtype_name: str, logits_scale: float) -> float:
     atol, rtol = TOLERANCES.get(dtype_name, TOLERANCES["bfloat16"])
     return atol + rtol * logits_scale
-
-
-def should_push(cfg: RunConfig, env: Mapping[str, str]) -> bool:
-    """Hub push only with a token (HF_TOKEN or the token file), push_to_hub on, and PUSH_TO_HUB not "false"."""
-    from gptoss_hpc.submission.secrets import hf_token, hub_offline
-
-    if hub_offline(env):  # jobs of a cluster.hf_home launch run offline: push from the login node
-        return False
-    return bool(hf_token(env)) and cfg.train.push_to_hub and env.get("PUSH_TO_HUB", "").lower() != "false"
-
-
-def hub_repo_id(cfg: RunConfig, paths: PointPaths, env: Mapping[str, str], whoami: Any = None) -> str:
-    """The adapter's repo name (as the train stage pushes it) + "-merged": <train.hub_model_id>[-<point> in
-    a sweep]-merged, else <HF_USER or the token's user>/<name>-<point>-merged."""
-    if cfg.train.hub_model_id:
-        base = cfg.train.hub_model_id
-        if _num_points(paths) > 1:  # a sweep: one repo per point
-            base = f"{base}-{paths.root.name}"
-        return f"{base}-merged"
-    user = env.get("HF_USER") or (whoami() if whoami is not None else None)
-    if not user:
-        raise MergeError(
-            "train.push_to_hub is on but neither train.hub_model_id nor HF_USER is set; set one, "
-            "or export PUSH_TO_HUB=false"
-        )
-    return f"{user}/{cfg.name}-{paths.root.name}-merged"
-
-
-def _num_points(paths: PointPaths) -> int:
-    return sum(1 for p in paths.run_dir.glob("p[0-9][0-9][0-9]") if p.is_dir())
 
 
 def load_adapter_tokenizer(cfg: RunConfig, paths: PointPaths) -> Any:
@@ -338,35 +309,11 @@ def body(cfg: RunConfig, paths: PointPaths) -> Path:
     os.replace(tmp, paths.merged)
     log.info("merged model saved to %s", paths.merged)
 
-    if should_push(cfg, os.environ):
-        try:
-            repo_id = push_to_hub(cfg, paths)
-            log.info("pushed the merged model to https://huggingface.co/%s", repo_id)
-        except GptossHpcError as exc:  # merged/ is complete on disk: a failed upload must not fail the stage
-            stage_warning(f"push failed: {exc}")
-    return paths.merged
-
-
-def push_to_hub(cfg: RunConfig, paths: PointPaths) -> str:
-    """Upload merged/ as a private repo; huggingface_hub reads HF_TOKEN from the environment itself."""
-    from huggingface_hub import HfApi
-
-    from gptoss_hpc.modeling.hub import unreachable
-
-    api = HfApi()
-    repo_id = None
     try:
-        repo_id = hub_repo_id(cfg, paths, os.environ, whoami=lambda: api.whoami()["name"])
-        log.info("pushing %s to the Hub as %s (private)", paths.merged, repo_id)
-        api.create_repo(repo_id, private=True, exist_ok=True, repo_type="model")
-        api.upload_folder(folder_path=str(paths.merged), repo_id=repo_id, commit_message=f"{cfg.name} merged model")
-    except MergeError:
-        raise
-    except Exception as exc:
-        raise unreachable(
-            "Hub repo", repo_id or "<HF_USER>/…", None, exc, "check HF_TOKEN has write access, or PUSH_TO_HUB=false"
-        ) from exc
-    return repo_id
+        push_folder(cfg, paths, paths.merged, what="merged model", suffix="-merged")
+    except GptossHpcError as exc:  # merged/ is complete on disk: a failed upload must not fail the stage
+        stage_warning(f"push failed: {exc}")
+    return paths.merged
 
 
 def main(config_path: str | os.PathLike[str]) -> Path:

@@ -11,10 +11,12 @@ points failed (it is the job that tells the user) and fails only when no point h
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,8 +24,9 @@ from typing import Any
 
 from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.fileio import write_atomic
+from gptoss_hpc.monitor.state import log_tail, point_log_files, read_json, read_metrics
 from gptoss_hpc.paths import PointPaths, RunPaths
-from gptoss_hpc.submission.manifest import JobRecord, Manifest
+from gptoss_hpc.submission.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -66,31 +69,6 @@ class PointSummary:
 # --- reading ----------------------------------------------------------------------------------------
 
 
-def read_metrics(path: Path) -> tuple[list[int], list[float]]:
-    """(steps, losses) of the training rows of metrics.jsonl; a torn last line is ignored."""
-    steps: list[int] = []
-    losses: list[float] = []
-    if not path.is_file():
-        return steps, losses
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("loss"), int | float) and "step" in row:
-            steps.append(int(row["step"]))
-            losses.append(float(row["loss"]))
-    return steps, losses
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _hyperparameters(config: Path) -> tuple[int | None, float | None, list[str]]:
     """(lora.r, train.learning_rate, stages) from a point's config.yaml, read as plain YAML."""
     from omegaconf import OmegaConf
@@ -111,42 +89,6 @@ def _hyperparameters(config: Path) -> tuple[int | None, float | None, list[str]]
     )
 
 
-def log_files(run: RunPaths, job: JobRecord | None, stage: str, point: int) -> list[Path]:
-    """The stage's log files for one point: array task logs <array>_<point>_*_log.*, or (one job per point)
-    the job at the point's position in the manifest's id list."""
-    folder = run.slurm(stage)
-    if not folder.is_dir():
-        return []
-    patterns: list[str] = []
-    if job is not None and job.array:
-        patterns.append(f"{job.job_id}_{point}_*_log.*")
-    elif job is not None:
-        ids = [i for i in job.job_id.split(",") if i]
-        if len(ids) == len(job.points) and point in job.points:
-            patterns.append(f"{ids[job.points.index(point)]}_*_log.*")
-        elif len(ids) == 1:
-            patterns.append(f"{ids[0]}_*_log.*")
-    else:
-        patterns.append(f"*_{point}_*_log.*")
-    found: list[Path] = []
-    for pattern in patterns:
-        found.extend(sorted(folder.glob(pattern), key=lambda p: (p.suffix != ".err", p.name)))
-    return found
-
-
-def log_tail(files: Sequence[Path], lines: int = LOG_TAIL_LINES) -> list[str]:
-    """The last non-empty lines of the first log file (stderr first) that has any."""
-    for path in files:
-        try:
-            text = path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            continue
-        kept = [line.rstrip() for line in text.splitlines() if line.strip()]
-        if kept:
-            return [f"{path.name}:", *kept[-lines:]]
-    return []
-
-
 def summarize_point(run: RunPaths, manifest: Manifest, record: Any) -> PointSummary:
     paths = PointPaths(run.root / record.dir)
     r, lr, stages = _hyperparameters(paths.config)
@@ -155,9 +97,9 @@ def summarize_point(run: RunPaths, manifest: Manifest, record: Any) -> PointSumm
     )
     summary.steps, summary.losses = read_metrics(paths.metrics)
     summary.final_train_loss = summary.losses[-1] if summary.losses else None
-    summary.eval = _read_json(paths.eval / "eval.json")
+    summary.eval = read_json(paths.eval / "eval.json")
     for stage in stages:
-        status = _read_json(paths.stage_status(stage))
+        status = read_json(paths.stage_status(stage))
         state = str(status.get("state", "UNKNOWN")) if status else "MISSING"
         summary.stages[stage] = state
         summary.warnings += [f"{stage}: {w}" for w in (status or {}).get("warnings") or []]
@@ -168,7 +110,7 @@ def summarize_point(run: RunPaths, manifest: Manifest, record: Any) -> PointSumm
             error = (status or {}).get("error") or "failed (no error line recorded)"
             summary.errors.append(f"{stage}: {error}")
             continue
-        tail = log_tail(log_files(run, manifest.job(stage), stage, record.index))
+        tail = log_tail(point_log_files(run, manifest.job(stage), stage, record.index), LOG_TAIL_LINES)
         if state == "MISSING" and any(summary.stages.get(s) == "FAILED" for s in stages):
             summary.errors.append(f"{stage}: did not run (an earlier stage failed)")
         elif state == "MISSING":
@@ -331,7 +273,19 @@ def main(run_dir: str | os.PathLike[str]) -> Path:
     return build_report(run_dir)
 
 
-if __name__ == "__main__":
-    from gptoss_hpc.report import cli
+def cli(argv: Sequence[str] | None = None) -> int:
+    """`python -m gptoss_hpc.report RUN_DIR` / `gptoss-hpc report RUN_DIR`: exit 1 only when no point has a result."""
+    parser = argparse.ArgumentParser(prog="python -m gptoss_hpc.report", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="a launch directory (holds launch.json)")
+    args = parser.parse_args(argv)
+    try:
+        path = main(args.run_dir)
+    except GptossHpcError as exc:
+        print(f"report failed: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
 
+
+if __name__ == "__main__":
     raise SystemExit(cli())

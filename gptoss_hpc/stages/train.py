@@ -52,6 +52,7 @@ from gptoss_hpc.modeling.distributed import (
     setup_distributed,
     shutdown_distributed,
 )
+from gptoss_hpc.modeling.hub import push_folder
 from gptoss_hpc.modeling.tracking import finish_wandb, start_wandb
 from gptoss_hpc.modeling.trainer import speed_knobs_callback, trainer_class
 from gptoss_hpc.paths import PointPaths
@@ -169,7 +170,7 @@ def _fault_callback() -> Any:
 
     class FaultCallback(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if int(os.environ.get("RANK", "0")) == rank and state.global_step == step:
+            if global_rank() == rank and state.global_step == step:
                 raise InjectedFault(f"test fault injected by {FAULT_ENV}={spec} on rank {rank} at step {step}")
 
     log.warning("%s=%s is set: rank %d will raise at step %d (test-only fault hook)", FAULT_ENV, spec, rank, step)
@@ -317,7 +318,7 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
         finish_wandb()
         write_atomic(paths.train_metrics, json.dumps(metrics, indent=2) + "\n")
         try:
-            metrics["hub_repo"] = push_adapter(cfg, paths)
+            metrics["hub_repo"] = push_folder(cfg, paths, paths.adapter, what="adapter")
             metrics["hub_push"] = "pushed" if metrics["hub_repo"] else None
         except GptossHpcError as exc:  # the adapter is saved: a push that failed must not fail the run
             metrics["hub_push"] = f"push failed: {exc}"
@@ -366,37 +367,6 @@ def _drop_none_turn_keys(tokenizer) -> None:
     tokenizer.apply_chat_template = apply_chat_template
 
 
-def push_adapter(cfg: RunConfig, paths: PointPaths) -> str | None:
-    """Upload adapter/ to the Hub with the env's HF_TOKEN (never written anywhere); None when not asked."""
-    from gptoss_hpc.submission.secrets import hf_token, hub_offline
-
-    if not (hf_token() and cfg.train.push_to_hub):  # HF_TOKEN, or the token file (HF_TOKEN_PATH)
-        return None
-    if hub_offline():  # cluster.hf_home: jobs run offline; push from the login node
-        log.warning("HF_HUB_OFFLINE=1: adapter not pushed; upload it with `hf upload <repo> %s`", paths.adapter)
-        return None
-    if os.environ.get("PUSH_TO_HUB", "").lower() == "false":
-        return None
-    from huggingface_hub import HfApi
-
-    from gptoss_hpc.modeling.hub import unreachable
-
-    api = HfApi()
-    repo_id = cfg.train.hub_model_id
-    try:
-        if repo_id is None:
-            user = os.environ.get("HF_USER") or api.whoami()["name"]
-            repo_id = f"{user}/{cfg.name}-{paths.root.name}"
-        api.create_repo(repo_id, private=True, exist_ok=True)
-        api.upload_folder(folder_path=str(paths.adapter), repo_id=repo_id, commit_message=f"{cfg.name} adapter")
-    except Exception as exc:
-        raise unreachable(
-            "Hub repo", repo_id or "<HF_USER>/…", None, exc, "check HF_TOKEN has write access, or PUSH_TO_HUB=false"
-        ) from exc  # the caller turns it into a warning: the adapter is saved either way
-    log.info("pushed the adapter to https://huggingface.co/%s", repo_id)
-    return repo_id
-
-
 # -------------------------------------------------------------------------------------- the Slurm job
 class TrainJob(submitit.helpers.Checkpointable):
     """What the launcher submits (``executor.map_array(TrainJob(), config_paths)``).
@@ -422,7 +392,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             if "SLURM_JOB_ID" not in os.environ and callable(submitit_handler):
                 # submitit's local executor: its own handler checkpoints and restarts the tasks
                 write_status(paths, STAGE, "REQUEUED", checkpoint=exc.checkpoint, step=exc.step)
-                if int(os.environ.get("RANK", "0")) != 0:
+                if global_rank() != 0:
                     time.sleep(120)  # rank 0 requeues the whole job, which ends this task
                     raise
                 submitit_handler(signal.SIGUSR2, None)  # submitit: checkpoint() → requeue → sys.exit

@@ -22,10 +22,7 @@ class StageCall:
         self.stage = stage
 
     def __call__(self, target: str) -> Any:
-        module = importlib.import_module(STAGE_MODULES[self.stage])
-        if self.stage == "serve":
-            return module.serve_job(target)
-        return module.main(target)
+        return importlib.import_module(STAGE_MODULES[self.stage]).main(target)
 
     def __repr__(self) -> str:
         return f"StageCall({self.stage!r})"

@@ -15,7 +15,6 @@ import dataclasses
 import datetime as dt
 import logging
 import os
-import subprocess
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -28,7 +27,7 @@ from gptoss_hpc.config.io import compose_sweep, to_run_config
 from gptoss_hpc.config.schema import STAGES
 from gptoss_hpc.errors import ConfigError, GptossHpcError, SubmissionError
 from gptoss_hpc.paths import RunPaths, point_dirname
-from gptoss_hpc.submission import sbatch, secrets
+from gptoss_hpc.submission import sbatch, secrets, slurm
 from gptoss_hpc.submission.executor import RenderOnlyExecutor, TaggedSlurmExecutor, job_tag
 from gptoss_hpc.submission.manifest import JobRecord, Manifest, PointRecord
 
@@ -318,8 +317,8 @@ def _cancel(job_ids: list[str]) -> str:
     if not job_ids:
         return "nothing to cancel"
     try:
-        subprocess.run(["scancel", *job_ids], check=True, capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
+        slurm.scancel(job_ids)
+    except (OSError, slurm.SlurmError) as exc:
         return f"could NOT cancel them ({_error_text(exc)}): run `scancel {' '.join(job_ids)}`"
     return f"cancelled them (scancel {' '.join(job_ids)})"
 

@@ -20,7 +20,7 @@ STAGE_MODULES = {
     "train": "gptoss_hpc.stages.train",
     "merge": "gptoss_hpc.stages.merge",
     "eval": "gptoss_hpc.stages.eval",
-    "serve": "gptoss_hpc.serve",
+    "serve": "gptoss_hpc.stages.serve",
     "report": "gptoss_hpc.stages.report",
 }
 # The stage each one waits for: the first of these that the launch runs.

@@ -8,31 +8,16 @@ from typing import Any
 
 from gptoss_hpc.modeling.fast.anatomy import _COMPILED, FUSED_EXPERTS
 from gptoss_hpc.modeling.fast.fallback import call_compiled, compile_backend
+from gptoss_hpc.modeling.fast.grouped_mm import grouped_mm as _grouped_mm
 
 log = logging.getLogger(__name__)
-
-
-def _grouped_mm(x, w, offs):
-    """torch's grouped_mm for bf16 on CUDA (also under torch.compile); transformers' dispatcher otherwise (its
-    fallback op covers fp32 on CUDA, used by the bench's fp32 check, and CPU). transformers 5.17's dispatcher
-    takes the slow per-expert fallback inside torch.compile, so it is not used for bf16 on CUDA."""
-    import torch
-
-    if x.is_cuda and w.dtype == torch.bfloat16:
-        fn = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
-        return fn(x.to(w.dtype), w, offs=offs)
-    try:
-        from transformers.integrations.moe import _grouped_mm as dispatch
-    except ImportError:
-        dispatch = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
-    return dispatch(x, w, offs=offs)
 
 
 def _expert_mm(x, w, offs, dtype):
     """x @ W_e per expert group; ``w`` is the [E, in, out] weight or MXFP4 (blocks, scales) dequantized just in
     time (gptoss_hpc.modeling.fast.mxfp4_experts)."""
     if isinstance(w, tuple):
-        from gptoss_hpc.modeling.fast.mxfp4_experts import mxfp4_grouped_mm
+        from gptoss_hpc.modeling.fast.mxfp4_mm import mxfp4_grouped_mm
 
         return mxfp4_grouped_mm(x, *w, offs, dtype)
     return _grouped_mm(x.to(w.dtype), w, offs)

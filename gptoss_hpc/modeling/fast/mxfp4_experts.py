@@ -19,77 +19,10 @@ from torch import nn
 
 from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.modeling.fast.anatomy import _COMPILED
-from gptoss_hpc.modeling.mxfp4 import BLOCK, EXPERT_PARAMS, SCALE_BIAS, dequantize_mxfp4
+from gptoss_hpc.modeling.fast.mxfp4_mm import _compile, _compiles
+from gptoss_hpc.modeling.mxfp4_format import BLOCK, EXPERT_PARAMS, SCALE_BIAS, dequantize_mxfp4
 
 log = logging.getLogger(__name__)
-
-
-def _compiles(device: torch.device) -> bool:
-    """Compile on CUDA; ``_COMPILED["mxfp4_compile_backend"]`` (tests) also compiles elsewhere, with that backend."""
-    return device.type == "cuda" or "mxfp4_compile_backend" in _COMPILED
-
-
-def _compile(fn):
-    return torch.compile(fn, dynamic=False, backend=_COMPILED.get("mxfp4_compile_backend", "inductor"))
-
-
-def _dequantize(blocks, scales, dtype):
-    """dequantize_mxfp4, through torch.compile on CUDA (one fused pass; the eager version makes ~6 passes)."""
-    if not _compiles(blocks.device) or _COMPILED.get("mxfp4_dequant_disabled"):
-        return dequantize_mxfp4(blocks, scales, dtype)
-    if "mxfp4_dequant" not in _COMPILED:
-        _COMPILED["mxfp4_dequant"] = _compile(dequantize_mxfp4)
-    try:
-        return _COMPILED["mxfp4_dequant"](blocks, scales, dtype)
-    except Exception as exc:  # a torch.compile failure must not kill a training run
-        log.warning("compiled MXFP4 dequant failed (%s: %s); dequantizing eagerly", type(exc).__name__, exc)
-        _COMPILED["mxfp4_dequant_disabled"] = True
-        return dequantize_mxfp4(blocks, scales, dtype)
-
-
-# A custom op, opaque to torch.compile: AOTAutograd's partitioner cannot decide to keep the dequantized weight
-# (1-4 GiB per layer) alive for the backward; only blocks, scales and offsets are saved, and the backward is the
-# same op on the transposed weight.
-@torch.library.custom_op(
-    "gptoss_hpc::mxfp4_grouped_mm",
-    mutates_args=(),
-    # spelled out: the annotations are strings under `from __future__ import annotations`
-    schema="(Tensor x, Tensor blocks, Tensor scales, Tensor offs, bool transpose) -> Tensor",
-)
-def mxfp4_grouped_mm_op(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, offs: torch.Tensor,
-                        transpose: bool) -> torch.Tensor:  # fmt: skip
-    """x @ W_e per expert group with W = dequant(blocks, scales) [E, in, out] (transpose: W_e^T, for the input
-    gradient)."""
-    from gptoss_hpc.modeling.fast.experts import _grouped_mm
-
-    w = _dequantize(blocks, scales, x.dtype)
-    if transpose:
-        w = w.transpose(-2, -1)
-    return _grouped_mm(x.contiguous(), w, offs)
-
-
-@mxfp4_grouped_mm_op.register_fake
-def _(x, blocks, scales, offs, transpose):
-    _, d_out, groups, half = blocks.shape
-    return x.new_empty(x.shape[0], d_out if not transpose else groups * 2 * half)
-
-
-def _setup_context(ctx, inputs, output):
-    _, blocks, scales, offs, transpose = inputs
-    ctx.save_for_backward(blocks, scales, offs)
-    ctx.transpose = transpose
-
-
-def _backward(ctx, grad_out):
-    blocks, scales, offs = ctx.saved_tensors
-    return mxfp4_grouped_mm_op(grad_out, blocks, scales, offs, not ctx.transpose), None, None, None, None
-
-
-mxfp4_grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def mxfp4_grouped_mm(x, blocks, scales, offs, dtype):
-    return mxfp4_grouped_mm_op(x.to(dtype), blocks, scales, offs, False)
 
 
 class Mxfp4Experts(nn.Module):

@@ -3,7 +3,7 @@ and the two format metrics eval reports (format validity, reasoning-language adh
 
 Parsing goes through openai-harmony on the *text* of a completion (decoded with special tokens kept and
 re-encoded with the o200k Harmony encoding), so it works with the real gpt-oss tokenizer and with the
-small test BPE alike. Shared by ``gptoss_hpc.stages.eval`` and ``gptoss_hpc.serve``.
+small test BPE alike. Shared by ``gptoss_hpc.stages.eval`` and ``gptoss_hpc.serving``.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def harmony_encoding() -> Any:
     """openai-harmony's gpt-oss encoding, with the o200k vocabulary from the local bpe-openai package."""
     from openai_harmony import HarmonyEncodingName, load_harmony_encoding
 
-    from gptoss_hpc.vocab import use_offline_harmony_vocab
+    from gptoss_hpc.modeling.vocab import use_offline_harmony_vocab
 
     use_offline_harmony_vocab()
     try:

@@ -1,4 +1,5 @@
-"""Thin, typed wrappers over sacct / squeue / scancel: what the status, logs and cancel tools ask Slurm.
+"""Thin, typed wrappers over sacct / squeue / scancel / sinfo: every Slurm query of the package (the monitor CLIs
+and the cancel of a half-submitted launch). sbatch itself is run by submitit (submission/executor.py).
 
 One refresh costs at most one `sacct` and one `squeue` call, whatever the number of jobs:
 

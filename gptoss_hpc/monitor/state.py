@@ -1,5 +1,6 @@
 """The state of every job of a launch, from launch.json + one sacct and one squeue call (or, for the local
-backend, the points' status/<stage>.json): what `status`, `logs` and `cancel` all read. No rendering here.
+backend, the points' status/<stage>.json), and the readers of a run directory (status files, metrics.jsonl,
+a point's logs and their tails): what `status`, `logs`, `cancel` and the report stage all read. No rendering.
 """
 
 from __future__ import annotations
@@ -7,12 +8,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from gptoss_hpc import slurm_query
 from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.paths import RunPaths, point_dirname
+from gptoss_hpc.submission import slurm
 from gptoss_hpc.submission.manifest import MANIFEST, JobRecord, Manifest
 
 log = logging.getLogger(__name__)
@@ -111,7 +114,7 @@ class JobRow:
 
     @property
     def terminal(self) -> bool:
-        return self.state in slurm_query.TERMINAL_STATES
+        return self.state in slurm.TERMINAL_STATES
 
     @property
     def failed(self) -> bool:
@@ -255,20 +258,78 @@ def last_metrics(path: str | Path) -> tuple[int | None, float | None]:
     return step, loss
 
 
-def _local_state(run_dir: Path, point: int, stage: str) -> str | None:
+def read_json(path: str | Path) -> dict[str, Any] | None:
+    """A JSON object file (status/<stage>.json, eval/eval.json); None when missing, torn or not an object."""
     try:
-        return str(json.loads(RunPaths(run_dir).point(point).stage_status(stage).read_text()).get("state"))
-    except (OSError, ValueError, AttributeError):
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
+
+
+def read_stage_status(run_dir: Path, point: int, stage: str) -> dict[str, Any] | None:
+    """pNNN/status/<stage>.json: the stage's own record (state, error, warnings, host)."""
+    return read_json(RunPaths(run_dir).point(point).stage_status(stage))
+
+
+def read_metrics(path: Path) -> tuple[list[int], list[float]]:
+    """(steps, losses) of the training rows of metrics.jsonl; a torn last line is ignored."""
+    steps: list[int] = []
+    losses: list[float] = []
+    if not path.is_file():
+        return steps, losses
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("loss"), int | float) and "step" in row:
+            steps.append(int(row["step"]))
+            losses.append(float(row["loss"]))
+    return steps, losses
+
+
+def point_log_files(run: RunPaths, job: JobRecord | None, stage: str, point: int) -> list[Path]:
+    """The stage's log files for one point, stderr first: array task logs <array>_<point>_*_log.*, or (one job
+    per point) the job at the point's position in the manifest's id list."""
+    folder = run.slurm(stage)
+    if not folder.is_dir():
+        return []
+    patterns: list[str] = []
+    if job is not None and job.array:
+        patterns.append(f"{job.job_id}_{point}_*_log.*")
+    elif job is not None:
+        ids = [i for i in job.job_id.split(",") if i]
+        if len(ids) == len(job.points) and point in job.points:
+            patterns.append(f"{ids[job.points.index(point)]}_*_log.*")
+        elif len(ids) == 1:
+            patterns.append(f"{ids[0]}_*_log.*")
+    else:
+        patterns.append(f"*_{point}_*_log.*")
+    found: list[Path] = []
+    for pattern in patterns:
+        found.extend(sorted(folder.glob(pattern), key=lambda p: (p.suffix != ".err", p.name)))
+    return found
+
+
+def log_tail(files: Sequence[Path], lines: int = STDERR_TAIL_LINES) -> list[str]:
+    """'<name>:' and the last non-empty lines of the first log file (stderr first) that has any."""
+    for path in files:
+        kept = tail_lines(path, lines)
+        if kept:
+            return [f"{path.name}:", *kept]
+    return []
+
+
+def _local_state(run_dir: Path, point: int, stage: str) -> str | None:
+    rec = read_stage_status(run_dir, point, stage)
+    return str(rec.get("state")) if rec is not None else None
 
 
 def _status_error(run_dir: Path, point: int, stage: str) -> str:
     """The error line the stage recorded in pNNN/status/<stage>.json when it FAILED (e.g. requeues used up)."""
-    try:
-        rec = json.loads(RunPaths(run_dir).point(point).stage_status(stage).read_text())
-    except (OSError, ValueError):
-        return ""
-    if not isinstance(rec, dict) or rec.get("state") != "FAILED":
+    rec = read_stage_status(run_dir, point, stage)
+    if rec is None or rec.get("state") != "FAILED":
         return ""
     return str(rec.get("error") or "")
 
@@ -287,9 +348,8 @@ def _fill_local(rows: list[JobRow], run_dir: Path) -> None:
             continue
         states = []
         for f in stage_files:
-            try:
-                rec = json.loads(f.read_text())
-            except (OSError, ValueError):
+            rec = read_json(f)
+            if rec is None:
                 states.append("PENDING")
                 continue
             states.append(str(rec.get("state", "UNKNOWN")))
@@ -312,11 +372,8 @@ def _fill_from_status_file(row: JobRow, run_dir: Path) -> None:
     """The point's own record of this stage: its warnings, and (Slurm) the error line sacct cannot give."""
     if len(row.points) != 1 or row.state == "PENDING":
         return
-    try:
-        rec = json.loads(RunPaths(run_dir).point(row.points[0]).stage_status(row.stage).read_text())
-    except (OSError, ValueError):
-        return
-    if not isinstance(rec, dict):
+    rec = read_stage_status(run_dir, row.points[0], row.stage)
+    if rec is None:
         return
     row.warnings = [str(w) for w in rec.get("warnings") or []]
     if row.failed and not row.error and rec.get("state") == "FAILED" and rec.get("error"):
@@ -324,7 +381,7 @@ def _fill_from_status_file(row: JobRow, run_dir: Path) -> None:
 
 
 def _fill_slurm(rows: list[JobRow], manifest: Manifest, use_sacct: bool) -> tuple[str, str]:
-    result = slurm_query.query([j.job_id for j in manifest.jobs], tasks=[r.job_id for r in rows], use_sacct=use_sacct)
+    result = slurm.query([j.job_id for j in manifest.jobs], tasks=[r.job_id for r in rows], use_sacct=use_sacct)
     for row in rows:
         st = result.get(row.job_id)
         if st is None:
@@ -334,7 +391,7 @@ def _fill_slurm(rows: list[JobRow], manifest: Manifest, use_sacct: bool) -> tupl
         row.reason, row.exit_code = st.reason, st.exit_code
         if row.state == "NODE_FAIL":
             # which node of the allocation failed, and why (slurmctld's reason, e.g. "Not responding")
-            down = slurm_query.node_reasons(row.node)
+            down = slurm.node_reasons(row.node)
             row.error = "node failure: " + (
                 "; ".join(f"{n}: {why}" for n, why in sorted(down.items())) or f"a node of {row.node}"
             )
@@ -348,11 +405,8 @@ def _fill_slurm(rows: list[JobRow], manifest: Manifest, use_sacct: bool) -> tupl
 
 def serve_endpoint(status_file: Path) -> str:
     """'<url> · model <id> · API key: <where>' while a serve job runs (its status/serve.json); '' otherwise."""
-    try:
-        rec = json.loads(status_file.read_text())
-    except (OSError, ValueError):
-        return ""
-    if rec.get("state") != "RUNNING" or not rec.get("url"):
+    rec = read_json(status_file)
+    if rec is None or rec.get("state") != "RUNNING" or not rec.get("url"):
         return ""
     if rec.get("api_key_file"):
         key = f"in {rec['api_key_file']} (mode 600)"

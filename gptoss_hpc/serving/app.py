@@ -1,0 +1,231 @@
+"""The HTTP layer of the serve stage: FastAPI app (OpenAI-compatible chat endpoint and the Azure-style
+``/score``, Harmony output split into analysis/final), model loading and ``serve()`` (uvicorn). The stage's
+entry points (``python -m gptoss_hpc.serve``, the Slurm job body) are in ``gptoss_hpc.stages.serve``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+
+from gptoss_hpc.serving.auth import (
+    RequestGuard,
+    ServeError,
+    error_body,
+    require_key_off_loopback,
+)
+from gptoss_hpc.serving.schemas import NO_USER_CONTENT, has_user_content
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_MAX_NEW_TOKENS_CAP = 2048
+DEFAULT_PORT = 8000
+DEFAULT_MAX_QUEUE = 8  # requests waiting behind the one being generated; one more gets 429
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # 1 MiB of JSON: far more text than gpt-oss's context holds
+
+__all__ = ["ServeError", "create_app", "load_model", "serve"]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr
+    thinking: StrictStr | None = None
+
+
+class ScoreRequest(BaseModel):
+    """Exactly one of ``messages`` (a chat) or ``prompt`` (one user turn)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    prompt: StrictStr | None = None
+    # None: min(DEFAULT_MAX_NEW_TOKENS, the server's cap)
+    max_new_tokens: StrictInt | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> ScoreRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of 'messages' (a list of {role, content}) or 'prompt' (a string)")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("prompt is empty: give the user's text")
+        if self.messages is not None and not has_user_content(self.chat()):
+            raise ValueError(NO_USER_CONTENT)
+        return self
+
+    def chat(self) -> list[dict[str, Any]]:
+        if self.prompt is not None:
+            return [{"role": "user", "content": self.prompt}]
+        assert self.messages is not None
+        return [m.model_dump(exclude_none=True) for m in self.messages]
+
+
+class ScoreResponse(BaseModel):
+    output: str
+    analysis: str
+    valid: bool
+    parse_error: str | None = None
+    completion: str
+
+
+def load_model(model_dir: str | os.PathLike[str], cfg: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from a merged folder; on the GPU when there is one. With the point's RunConfig (the
+    serve stage) it loads as the eval stage does (model.dtype, eval.attn_implementation, experts kernels);
+    without, in the folder's dtype with eager attention."""
+    from transformers import AutoTokenizer
+
+    from gptoss_hpc.modeling.model import load_inference_model
+
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise ServeError(f"{folder} holds no model (config.json missing): give a merged/ folder")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return load_inference_model(folder, cfg), tokenizer
+
+
+def create_app(
+    model_dir: str | os.PathLike[str],
+    max_new_tokens_cap: int = DEFAULT_MAX_NEW_TOKENS_CAP,
+    *,
+    do_sample: bool = False,
+    api_key: str | None = None,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    served_model_name: str | None = None,
+    generate_for_tests: Callable[..., str] | None = None,
+    cfg: Any = None,
+) -> Any:
+    """The FastAPI app serving ``model_dir`` (loaded now, so a bad folder fails before serving).
+
+    ``api_key``: when set, every path but /health needs it. ``generate_for_tests`` replaces
+    harmony.generate_completion (same signature): tests only, e.g. a slow generation that fills the queue.
+    """
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    from gptoss_hpc.modeling.harmony import generate_completion
+    from gptoss_hpc.serving.openai_api import add_openai_routes
+    from gptoss_hpc.serving.worker import GenerationFailedError, Generator, OverCapError, QueueFullError
+
+    problems = []
+    if max_queue < 1:
+        problems.append(f"--max-queue must be >= 1 (got {max_queue})")
+    if max_request_bytes < 1024:
+        problems.append(f"--max-request-bytes must be >= 1024 (got {max_request_bytes})")
+    if max_new_tokens_cap < 1:
+        problems.append(f"--max-new-tokens-cap must be >= 1 (got {max_new_tokens_cap})")
+    if problems:
+        raise ServeError("; ".join(problems))
+    model, tokenizer = load_model(model_dir, cfg)
+    name = served_model_name or default_model_name(model_dir)
+    generator = Generator(
+        model,
+        tokenizer,
+        generate_for_tests or generate_completion,
+        max_new_tokens_cap=max_new_tokens_cap,
+        default_max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
+        max_waiting=max_queue,
+        do_sample=do_sample,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: Any) -> Any:
+        yield
+        generator.close()
+
+    app = FastAPI(title="gptoss_hpc serve", description=f"serving {name}", lifespan=lifespan)
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_request_bytes)
+
+    def problem(request: Request, status: int, problems: list[str], kind: str, **headers: str) -> JSONResponse:
+        return JSONResponse(
+            status_code=status, content=error_body(request.url.path, problems, kind=kind), headers=headers or None
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            if err.get("type") == "json_invalid":
+                problems.append(f"body: not valid JSON ({(err.get('ctx') or {}).get('error', 'decode error')})")
+                continue
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+            problems.append(f"{where}: {err.get('msg', 'invalid')}")
+        return problem(request, 422, problems, "invalid_request_error")
+
+    @app.exception_handler(OverCapError)
+    async def _over_cap(request: Request, exc: OverCapError) -> JSONResponse:
+        return problem(request, 422, [str(exc)], "invalid_request_error")
+
+    @app.exception_handler(QueueFullError)
+    async def _busy(request: Request, exc: QueueFullError) -> JSONResponse:
+        return problem(request, 429, [str(exc)], "rate_limit_error", **{"retry-after": "5"})
+
+    @app.exception_handler(GenerationFailedError)
+    async def _failed(request: Request, exc: GenerationFailedError) -> JSONResponse:
+        return problem(request, 400, [str(exc)], "invalid_request_error")
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": name,
+            "max_new_tokens_cap": max_new_tokens_cap,
+            "queue": {"waiting": generator.queue.waiting, "max_waiting": max_queue},
+        }
+
+    @app.post("/score", response_model=ScoreResponse, responses={400: {}, 401: {}, 413: {}, 422: {}, 429: {}})
+    async def score(request: ScoreRequest) -> Any:
+        n = generator.check_tokens(request.max_new_tokens, "max_new_tokens")
+        answer = await generator.answer(request.chat(), n)
+        return ScoreResponse(
+            output=answer.content,
+            analysis=answer.reasoning,
+            valid=answer.valid,
+            parse_error=answer.parse_error,
+            completion=answer.completion,
+        )
+
+    add_openai_routes(app, generator, name)
+    return app
+
+
+def default_model_name(model_dir: str | os.PathLike[str]) -> str:
+    """The id /v1/models lists: ``<experiment>/pNNN`` for a run's ``logs/<experiment>/<ts>/pNNN/merged``,
+    else the folder's name."""
+    folder = Path(model_dir).resolve()
+    if folder.name == "merged" and len(folder.parents) >= 3:
+        return f"{folder.parents[2].name}/{folder.parent.name}"
+    return folder.name
+
+
+def serve(
+    model_dir: str | os.PathLike[str],
+    host: str,
+    port: int,
+    max_new_tokens_cap: int = DEFAULT_MAX_NEW_TOKENS_CAP,
+    *,
+    api_key: str | None = None,
+    before_run: Callable[[], None] | None = None,
+    **options: Any,
+) -> None:
+    """Run uvicorn on ``host:port`` until stopped; refuses a non-loopback host without an API key.
+    ``options``: create_app's (max_queue, max_request_bytes, served_model_name); ``before_run`` is called
+    once the model is loaded, right before uvicorn takes over the signals."""
+    import uvicorn
+
+    require_key_off_loopback(host, api_key)
+    app = create_app(model_dir, max_new_tokens_cap, api_key=api_key, **options)
+    log.info("API key %s", "required on every path but /health" if api_key else "not required (loopback only)")
+    if before_run is not None:
+        before_run()
+    uvicorn.run(app, host=host, port=port, log_level="info")
