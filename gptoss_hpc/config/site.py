@@ -31,7 +31,7 @@ OWNED_SBATCH = {
     "export": "jobs must inherit the submitting environment (secrets travel that way)",
     "export-file": "jobs must inherit the submitting environment (secrets travel that way)",
     "get-user-env": "jobs must inherit the submitting environment (secrets travel that way)",
-    "signal": "set cluster.signal_delay_s (USR2 drives checkpoint + requeue)",
+    "signal": "set cluster.preempt_signal (USR2 or TERM) and cluster.signal_delay_s (it drives checkpoint + requeue)",
     "requeue": "set cluster.max_requeues (0 = no requeue)",
     "no-requeue": "set cluster.max_requeues (0 = no requeue)",
     "comment": "the launcher tags each job with its launch id there (sbatch retry adopts by it)",
