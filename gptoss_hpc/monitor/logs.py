@@ -13,7 +13,6 @@ goes on into the new attempt (a file that is truncated or replaced is re-read fr
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 import time
@@ -23,11 +22,11 @@ from pathlib import Path
 from typing import TextIO
 
 from gptoss_hpc.errors import GptossHpcError
+from gptoss_hpc.monitor.cli_errors import run_cli
 from gptoss_hpc.monitor.state import (
     DEFAULT_RUN_ROOT,
     JobRow,
     LaunchNotFoundError,
-    cli_exit_status,
     collect,
     job_rows,
     load_manifest,
@@ -198,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         t = find_target(args.target, point=args.point, stage=args.stage, run_root=args.run_root)
         if not t.task_id:
             raise GptossHpcError(
@@ -225,14 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"==> job {t.task_id} ended: {final or 'unknown'}", file=sys.stderr, flush=True)
         return 0
-    except GptossHpcError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return cli_exit_status(exc)
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # `... | head`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -29,11 +29,6 @@ class LaunchNotFoundError(GptossHpcError):
     """No launch matches what the user asked for (run dir, experiment name or job id)."""
 
 
-def cli_exit_status(exc: GptossHpcError) -> int:
-    """The exit status of status / logs / cancel for an error: 2 when no launch matches what was asked, else 1."""
-    return 2 if isinstance(exc, LaunchNotFoundError) else 1
-
-
 # ------------------------------------------------------------------------------------------ launches
 
 

@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from gptoss_hpc.errors import GptossHpcError
+from gptoss_hpc.monitor.cli_errors import run_cli
 from gptoss_hpc.monitor.state import (
     DEFAULT_RUN_ROOT,
     JobRow,
     LaunchStatus,
-    cli_exit_status,
     collect,
     resolve_run_dir,
 )
@@ -167,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         run_dir = resolve_run_dir(args.target, args.run_root)
         if args.json and args.watch is None:
             print(json.dumps(collect(run_dir, use_sacct=not args.no_sacct).to_dict(), indent=2))
@@ -176,14 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _console().print(render(collect(run_dir, use_sacct=not args.no_sacct)))
             return 0
         return _watch(run_dir, args.watch, as_json=args.json, use_sacct=not args.no_sacct)
-    except GptossHpcError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return cli_exit_status(exc)
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # `... | head`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+
+    return run_cli(body)
 
 
 def _console():  # -> rich.console.Console
