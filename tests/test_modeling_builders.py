@@ -65,10 +65,11 @@ GOLDEN_SFT_GPU = {
     "learning_rate": 2e-4,
     "num_train_epochs": 10.0,
     "max_steps": -1,
-    "per_device_train_batch_size": 4,
+    # train.packing_bin=micro_batch: each micro-batch is one packed bin of 4 x 2048 tokens
+    "per_device_train_batch_size": 1,
     "per_device_eval_batch_size": 2,
     "gradient_accumulation_steps": 2,
-    "max_length": 2048,
+    "max_length": 8192,
     "warmup_steps": 0.03,
     "lr_scheduler_type": "cosine_with_min_lr",
     "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
@@ -108,6 +109,17 @@ def test_sft_kwargs_default_gpu_config():
     kwargs = build_sft_config_kwargs(cfg_of(*GPU), POINT, env={"HF_TOKEN": "hf_secret"})
     assert kwargs == GOLDEN_SFT_GPU
     assert "hub_token" not in kwargs and "hf_secret" not in json.dumps(kwargs)
+
+
+def test_sft_kwargs_packing_bin():
+    # TRL's own packing: bins of max_length, per_device_train_batch_size of them flattened per micro-batch
+    trl_bins = build_sft_config_kwargs(cfg_of(*GPU, "train.packing_bin=max_length"), POINT, env={})
+    assert (trl_bins["per_device_train_batch_size"], trl_bins["max_length"]) == (4, 2048)
+    # unpacked rows are rows whatever the bin says
+    unpacked = build_sft_config_kwargs(cfg_of(*GPU, "train.packing=false"), POINT, env={})
+    assert (unpacked["per_device_train_batch_size"], unpacked["max_length"]) == (4, 2048)
+    # the compile bound is the same token budget either way: one shape
+    assert trl_bins["pad_to_multiple_of"] == GOLDEN_SFT_GPU["pad_to_multiple_of"] == 4 * 2048
 
 
 def test_sft_kwargs_pad_to_multiple_of_bounds_shapes_for_compiled_layers():

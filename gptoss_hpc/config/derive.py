@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from gptoss_hpc.config.schema import ClusterConfig, LoraConfig, ModelConfig
+from gptoss_hpc.config.schema import ClusterConfig, LoraConfig, ModelConfig, TrainConfig
 
 # The reference recipe targets layers 7, 15 and 23 of gpt-oss-20b's 24: the last layer of each third.
 _REFERENCE_LAYERS, _REFERENCE_DEPTH = (7, 15, 23), 24
@@ -55,3 +55,15 @@ def tasks_per_node(cluster: ClusterConfig) -> int:
 
 def world_size(cluster: ClusterConfig) -> int:
     return cluster.nodes * tasks_per_node(cluster)
+
+
+def trl_micro_batch(train: TrainConfig) -> tuple[int, int]:
+    """(per_device_train_batch_size, max_length) as TRL gets them. With packing and train.packing_bin=micro_batch a
+    micro-batch is one packed bin of per_device_train_batch_size x max_length tokens: TRL's padding-free collator
+    flattens a micro-batch into one row anyway, so this holds the same tokens and the same per-sequence masks as
+    per_device_train_batch_size bins of max_length, with fewer padding slots (best-fit packing has more room
+    to fill). Rows are already <= max_length (data.max_length_policy), so TRL's truncation at the bin size
+    cuts nothing."""
+    if train.packing and train.packing_bin == "micro_batch":
+        return 1, train.per_device_train_batch_size * train.max_length
+    return train.per_device_train_batch_size, train.max_length

@@ -308,6 +308,7 @@ def _train(cfg: RunConfig) -> list[str]:
             f"train.loss_chunk_tokens={t.loss_chunk_tokens} with {ranks} ranks needs train.deepspeed=true (the "
             "fused loss bypasses DDP's forward, which its gradient sync needs); or set train.loss_chunk_tokens=0"
         )
+    p += _one_of("train.packing_bin", t.packing_bin, ("micro_batch", "max_length"), "the train yaml")
     if t.pad_to_multiple_of is not None and t.pad_to_multiple_of < 1:
         p.append(f"train.pad_to_multiple_of must be >= 1 or null (got {t.pad_to_multiple_of})")
     if t.loss_chunk_tokens < 0:

@@ -23,15 +23,19 @@ log = logging.getLogger(__name__)
 def expected_facts(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     """What the config says one optimizer step is, for ``world_size`` ranks (pure)."""
     t = cfg.train
-    effective = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
+    # as TRL gets them: with train.packing_bin=micro_batch one packed row of rows x max_length per micro-batch
+    rows, row_tokens = derive.trl_micro_batch(t)
+    effective = rows * t.gradient_accumulation_steps * world_size
     return {
         "world_size": world_size,
-        "per_device_train_batch_size": t.per_device_train_batch_size,
+        "per_device_train_batch_size": rows,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "effective_batch": effective,
-        # packed rows hold up to max_length tokens each; padded rows up to max_length
-        "max_tokens_per_step": effective * t.max_length,
+        # packed rows hold up to their bin's tokens each; padded rows up to max_length
+        "max_tokens_per_step": effective * row_tokens,
         "packing": bool(t.packing or t.padding_free),
+        "packing_bin": t.packing_bin if t.packing else None,
+        "tokens_per_micro_batch": rows * row_tokens,
         "max_length": t.max_length,
     }
 
@@ -49,7 +53,7 @@ def observed_facts(cfg: RunConfig, args: Any, ds_json: Path | None) -> tuple[dic
         "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
     }
     got["effective_batch"] = got["per_device_train_batch_size"] * got["gradient_accumulation_steps"] * world
-    got["max_tokens_per_step"] = got["effective_batch"] * cfg.train.max_length
+    got["max_tokens_per_step"] = got["effective_batch"] * int(args.max_length or cfg.train.max_length)
     problems = [
         f"{key} is {got[key]} on this rank but the config says {want[key]}"
         for key in ("per_device_train_batch_size", "gradient_accumulation_steps")

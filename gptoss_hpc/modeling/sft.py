@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from gptoss_hpc.config import derive
 from gptoss_hpc.config.schema import RunConfig
 from gptoss_hpc.modeling.deepspeed import use_bf16
 from gptoss_hpc.paths import PointPaths
@@ -113,15 +114,16 @@ def sft_dataset(dataset: Any) -> Any:
 def build_sft_config_kwargs(cfg: RunConfig, paths: PointPaths, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     t = cfg.train
     on_cpu = cfg.cluster.accelerator == "cpu"
+    rows, max_length = derive.trl_micro_batch(t)
     kwargs: dict[str, Any] = {
         "output_dir": str(paths.train),
         "learning_rate": t.learning_rate,
         "num_train_epochs": t.num_train_epochs,
         "max_steps": t.max_steps,
-        "per_device_train_batch_size": t.per_device_train_batch_size,
+        "per_device_train_batch_size": rows,
         "per_device_eval_batch_size": t.per_device_eval_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "max_length": t.max_length,
+        "max_length": max_length,
         # transformers 5: warmup_steps < 1 is a fraction of the total steps (warmup_ratio is gone)
         "warmup_steps": t.warmup_ratio,
         "lr_scheduler_type": t.lr_scheduler_type,
