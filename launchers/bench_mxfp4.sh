@@ -5,6 +5,8 @@
 #   bash launchers/bench_mxfp4.sh 20b       # 20b: bf16 train=fast, mxfp4 at 4x2048 / 2x2048 / 1x2048
 #   bash launchers/bench_mxfp4.sh 120b      # 120b mxfp4 at 4x2048 (best on an H200) / 2x2048, and the <= 78 GiB
 #                                           # candidates 1x2048 and 4x2048 with recompute
+#   bash launchers/bench_mxfp4.sh fit80     # 120b's two <= 78 GiB candidates (an 80 GB H100): 1x2048 x 8 and
+#                                           # 4x2048 x 2 with recompute
 #   bash launchers/bench_mxfp4.sh presets   # attention and all_linear, mxfp4, 20b and 120b at 2x2048
 #   bash launchers/bench_mxfp4.sh quick     # the headline rows in one call: 20b bf16 and mxfp4 2x2048 (<= 24 GiB),
 #                                           # 120b mxfp4 4x2048 (best) and 1x2048 (<= 78 GiB); 2 timed steps each
@@ -13,7 +15,7 @@
 # Writes $OUT/mxfp4_<part>.json (bench rows), .log, and .md (measured vs plan). Every stack is train=fast
 # (packed, compiled layers, no recompute) with 16,384 tokens per optimizer step.
 set -uo pipefail
-part=${1:?usage: bash launchers/bench_mxfp4.sh quick|20b|120b|presets|check}
+part=${1:?usage: bash launchers/bench_mxfp4.sh quick|20b|120b|fit80|presets|check}
 out=${OUT:-logs/bench}
 py=${PYTHON:-python}
 limit=${BENCH_TIMEOUT:-560}
@@ -46,12 +48,15 @@ case "$part" in
     "120b mxfp4 2x2048=model=gpt_oss_120b $mx $b2"
     "120b mxfp4 1x2048=model=gpt_oss_120b $mx $b1"
     "120b mxfp4 4x2048 recompute=model=gpt_oss_120b $mx $b4 train.gradient_checkpointing=true") ;;
+  fit80) variants=(
+    "120b mxfp4 1x2048=model=gpt_oss_120b $mx $b1"
+    "120b mxfp4 4x2048 recompute=model=gpt_oss_120b $mx $b4 train.gradient_checkpointing=true") ;;
   presets) variants=(
     "20b mxfp4 attention 2x2048=lora=attention $mx $b2"
     "20b mxfp4 all_linear 2x2048=lora=all_linear $mx $b2"
     "120b mxfp4 attention 2x2048=model=gpt_oss_120b lora=attention $mx $b2"
     "120b mxfp4 all_linear 2x2048=model=gpt_oss_120b lora=all_linear $mx $b2") ;;
-  *) echo "unknown part $part: use quick, 20b, 120b, presets or check" >&2; exit 2 ;;
+  *) echo "unknown part $part: use quick, 20b, 120b, fit80, presets or check" >&2; exit 2 ;;
 esac
 args=()
 for v in "${variants[@]}"; do args+=(--variant "$v"); done

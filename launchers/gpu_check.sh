@@ -37,7 +37,8 @@ PYTHON=${PYTHON:-python3}
 # The carried wheels are for the GPU box's Python (3.12); the CPU form runs in the project's own venv.
 if [[ " $* " != *" --cpu "* ]] && compgen -G ".whl/*.whl" >/dev/null; then
   site=${GPU_CHECK_SITE:-/tmp/site}
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
+  # launchers/gpu_pair.sh installs once for both GPUs (a stamp), so that two checks do not write one site at once
+  [ -f "$site/.gptoss_wheels" ] || "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
   export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
