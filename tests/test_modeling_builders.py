@@ -87,6 +87,7 @@ GOLDEN_SFT_GPU = {
     "pad_to_multiple_of": 8192,
     "use_liger_kernel": False,
     "logging_steps": 1,
+    "logging_nan_inf_filter": False,
     "include_num_input_tokens_seen": "non_padding",
     "save_strategy": "steps",
     "save_steps": 100,

@@ -35,6 +35,7 @@ OWNED_FIELDS: dict[str, str] = {
         )
     },
     "output_dir": "the run directory (logs/<name>/<timestamp>/pNNN/train, set by the launcher)",
+    "logging_nan_inf_filter": "nothing: it is false, so a NaN/inf loss is logged as it is",
     "warmup_steps": "train.warmup_ratio",
     "warmup_ratio": "train.warmup_ratio",
     "lr_scheduler_kwargs": "train.min_lr_rate (with lr_scheduler_type=cosine_with_min_lr)",
@@ -145,6 +146,9 @@ def build_sft_config_kwargs(cfg: RunConfig, paths: PointPaths, env: Mapping[str,
         "pad_to_multiple_of": pad_to_multiple_of(cfg),
         "use_liger_kernel": t.use_liger_kernel,
         "logging_steps": t.logging_steps,
+        # transformers' filter logs a NaN/inf micro-batch loss as the mean of earlier ones, so a diverging run
+        # looks healthy; it also costs a host sync per micro-batch
+        "logging_nan_inf_filter": False,
         "include_num_input_tokens_seen": "non_padding",
         "save_strategy": "steps",
         "save_steps": t.save_steps,

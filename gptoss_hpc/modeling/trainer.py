@@ -39,20 +39,51 @@ def speed_knobs_callback(cfg: RunConfig):
 
 
 def trainer_class(base: type, cfg: RunConfig, world_size: int, deepspeed: bool) -> type:
-    """SFTTrainer, or with train.loss_chunk_tokens > 0 a subclass whose training loss is lm_head + CE in
-    chunks (gptoss_hpc.modeling.fast): the same numbers without [tokens, 201088] fp32 logits."""
+    """SFTTrainer with the real-token count kept on the device (see ``DeviceTokenCount``), and with
+    train.loss_chunk_tokens > 0 a training loss of lm_head + CE in chunks (gptoss_hpc.modeling.fast): the same
+    numbers without [tokens, 201088] fp32 logits."""
     chunk = int(getattr(cfg.train, "loss_chunk_tokens", 0) or 0)
-    if chunk <= 0:
-        return base
-    if world_size > 1 and not deepspeed:
+    if chunk > 0 and world_size > 1 and not deepspeed:
         # The fused loss runs the decoder module directly; DDP syncs gradients only through its own forward.
         raise GptossHpcError(
             f"train.loss_chunk_tokens={chunk} with {world_size} ranks needs train.deepspeed=true "
-            "(ZeRO reduces gradients by hooks; DDP would skip its sync); set train.deepspeed=true or "
-            "train.loss_chunk_tokens=0"
+            "(ZeRO reduces gradients by hooks; DDP would skip its sync); set train.loss_chunk_tokens=0"
         )
 
-    class ChunkedLossSFTTrainer(base):
+    class DeviceTokenCount(base):
+        """transformers counts each micro-batch's real tokens with a gather and ``.item()``: a host sync per
+        micro-batch, so the GPU idles while the host prepares the next one. Here the count stays a device tensor
+        and is added to ``state.num_input_tokens_seen`` once per optimizer step, where every rank already meets
+        (the loss gather of logging, before any checkpoint save): the same numbers in logs and checkpoints."""
+
+        _pending_tokens: Any = None
+
+        def _track_num_input_tokens(self, inputs):
+            pad = getattr(self.processing_class, "pad_token_id", None)
+            ids = inputs.get("input_ids")
+            if self.args.include_num_input_tokens_seen != "non_padding" or "attention_mask" in inputs or pad is None:
+                return super()._track_num_input_tokens(inputs)
+            if ids is None:
+                return super()._track_num_input_tokens(inputs)
+            count = (ids != pad).sum()
+            self._pending_tokens = count if self._pending_tokens is None else self._pending_tokens + count
+
+        def _fold_token_count(self) -> None:
+            import torch
+
+            pending, self._pending_tokens = self._pending_tokens, None
+            if pending is not None:
+                pending = torch.as_tensor(pending, device=self.args.device, dtype=torch.int64)
+                self.state.num_input_tokens_seen += int(self.accelerator.gather(pending).sum().item())
+
+        def _maybe_log_save_evaluate(self, *args, **kwargs):
+            self._fold_token_count()  # every rank calls this after every optimizer step
+            return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+    if chunk <= 0:
+        return DeviceTokenCount
+
+    class ChunkedLossSFTTrainer(DeviceTokenCount):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if return_outputs or inputs.get("labels") is None:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
