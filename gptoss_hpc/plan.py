@@ -15,23 +15,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from gptoss_hpc.config.memory import USABLE, Estimate, arch_for, estimate_stages, gpu_memory_gib, train_estimate
 
 CARDS = (24, 48, 80, 141)
-# Settings tried for --fits, fastest first (docs/BENCHMARKS.md), on top of train=fast (16k tokens per optimizer
-# step): (label, experts_dtype, micro-batch rows, gradient checkpointing)
-_SETTINGS = (
-    ("bf16 4x2048", "bfloat16", 4, False),
-    ("bf16 2x2048", "bfloat16", 2, False),
-    ("mxfp4 4x2048", "mxfp4", 4, False),
-    ("mxfp4 2x2048", "mxfp4", 2, False),
-    ("mxfp4 1x2048", "mxfp4", 1, False),
-    ("mxfp4 4x2048 recompute", "mxfp4", 4, True),
-    ("mxfp4 1x2048 recompute", "mxfp4", 1, True),
-)
 
 
 def _compose(overrides: list[str]):
@@ -57,33 +45,25 @@ def format_table(estimates: list[Estimate]) -> str:
 
 
 def fits_table(base: list[str], lora: str = "experts") -> str:
-    """For gpt-oss-20b and -120b and each card size: the first setting of _SETTINGS whose train stage fits."""
-    lines = [f"LoRA `{lora}`, train=fast (16k tokens per optimizer step), GiB of one GPU: first setting that fits", ""]
-    lines.append("| model | " + " | ".join(f"{c} GB" for c in CARDS) + " |")
-    lines.append("|---|" + "---|" * len(CARDS))
+    """For gpt-oss-20b and -120b and each card size: the setting train.fit_memory would train with (the fastest
+    candidate of gptoss_hpc.config.fit whose train stage fits)."""
+    from gptoss_hpc.config.fit import candidates
+
+    lines = [f"LoRA `{lora}`, train=default (16k tokens per optimizer step), GiB of one GPU: fastest setting that fits"]
+    lines += ["", "| model | " + " | ".join(f"{c} GB" for c in CARDS) + " |", "|---|" + "---|" * len(CARDS)]
     for model in ("gpt_oss_20b", "gpt_oss_120b"):
-        base_cfg = _compose([f"model={model}", f"lora={lora}", "train=fast", *base])
+        base_cfg = _compose([f"model={model}", f"lora={lora}", "train=default", *base])
         arch = arch_for(base_cfg)
         cells = []
         for card in CARDS:
             cell = "does not fit"
-            for label, experts_dtype, rows, recompute in _SETTINGS:
-                t = base_cfg.train
-                cfg = replace(
-                    base_cfg,
-                    model=replace(base_cfg.model, experts_dtype=experts_dtype),
-                    train=replace(
-                        t,
-                        per_device_train_batch_size=rows,
-                        gradient_accumulation_steps=max(
-                            1, t.per_device_train_batch_size * t.gradient_accumulation_steps // rows
-                        ),
-                        gradient_checkpointing=recompute,
-                    ),
-                )
+            for _, _, cfg in candidates(base_cfg):
                 est = train_estimate(cfg, arch, card)
                 if est.fits:
-                    cell = f"{label} ({est.card:.0f})"
+                    t = cfg.train
+                    dtype = "bf16" if cfg.model.experts_dtype == "bfloat16" else cfg.model.experts_dtype
+                    recompute = " recompute" if t.gradient_checkpointing else ""
+                    cell = f"{dtype} {t.per_device_train_batch_size}x{t.max_length}{recompute} ({est.card:.0f})"
                     break
             cells.append(cell)
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
@@ -127,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.fits:
         print(fits_table(args.overrides, args.lora))
         return 0
-    cfg = _compose(args.overrides)
+    from gptoss_hpc.config.fit import fit_to_card
+
+    cfg, fitted = fit_to_card(_compose(args.overrides), args.overrides)  # what the launcher would train
     capacity = gpu_memory_gib(cfg)
     estimates = estimate_stages(cfg, capacity)
     if not estimates:
@@ -140,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         f"compiled layers={cfg.model.compile_layers} gpu_memory_gib={capacity if capacity is not None else 'unknown'}"
     )
     print(format_table(estimates))
+    if fitted:
+        print(fitted)
     return 1 if estimates[0].fits is False else 0
 
 

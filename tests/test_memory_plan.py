@@ -106,8 +106,12 @@ def test_plan_cli_prints_the_stages_and_exits_by_the_train_verdict(tmp_path: Pat
     ok = _plan("cluster=coreweave_h100")
     assert ok.returncode == 0, ok.stderr
     assert "train |" in ok.stdout and "serve |" in ok.stdout and "capacity" in ok.stdout
-    bad = _plan("cluster=coreweave_h100", "model=gpt_oss_120b", "train=fast")
+    bad = _plan("cluster=coreweave_h100", "model=gpt_oss_120b", "train=fast", "train.fit_memory=false")
     assert bad.returncode == 1 and "NO" in bad.stdout.splitlines()[2]
+    # the shipped default fits itself to the card (gptoss_hpc.config.fit), as the launcher would
+    fitted = _plan("cluster=coreweave_h100", "model=gpt_oss_120b", "stages=[train]")
+    assert fitted.returncode == 0 and "recompute=True" in fitted.stdout.splitlines()[0], fitted.stdout
+    assert "training with train.gradient_checkpointing=true instead" in fitted.stdout
     fits = _plan("--fits")
     assert fits.returncode == 0 and "| gpt_oss_120b |" in fits.stdout and "24 GB" in fits.stdout
     bench = tmp_path / "bench.json"

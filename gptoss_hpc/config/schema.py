@@ -183,6 +183,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"
     gradient_checkpointing: bool = True
+    # Where the memory plan says the train stage does not fit cluster.gpu_memory_gib, train at the fastest setting
+    # that fits (MXFP4 experts, recompute, smaller micro-batches; same tokens per step) and say so, unless the
+    # command line sets one of those keys (gptoss_hpc.config.fit). train=default turns it on.
+    fit_memory: bool = False
     # Speed knobs (gptoss_hpc.modeling.fast, docs/BENCHMARKS.md); the defaults are the stock path.
     # Decoder layers below the lowest layer with a LoRA (trainable) parameter run without autograd: exact,
     # since nothing below it trains (7 of 24 layers with the `experts` preset).

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss_hpc.config import RunConfig, save_run_config, validate
+from gptoss_hpc.config.fit import fit_to_card
 from gptoss_hpc.config.io import compose_sweep, to_run_config
 from gptoss_hpc.config.schema import STAGES
 from gptoss_hpc.errors import ConfigError, GptossHpcError, SubmissionError
@@ -94,7 +95,10 @@ def compose_launch(overrides: Sequence[str], multirun: bool = False) -> Launch:
         point_overrides = [o for o in batch if o.split("=", 1)[0] in swept]
         label = f"point {index} ({' '.join(point_overrides)}): " if swept else ""
         try:
-            cfg = validate(to_run_config(dcfg))
+            cfg, fitted = fit_to_card(to_run_config(dcfg), batch)
+            if fitted:
+                log.warning("%s%s", label, fitted)
+            cfg = validate(cfg)
         except ConfigError as exc:
             problems += [label + p for p in exc.problems]
             continue

@@ -1,0 +1,116 @@
+"""``train.fit_memory``: the shipped default trains at the fastest setting that fits the card.
+
+train=default is the fast path (no recompute, 4 x 2048-token micro-batches, compiled layers): 55.8 GiB for 20b in
+bf16, 85.1 GiB for 120b in MXFP4. Where the memory plan (gptoss_hpc.config.memory) says the train stage does not
+fit ``cluster.gpu_memory_gib``, the launcher switches to the fastest setting that fits, with the same tokens per
+optimizer step, and says so. It never overrides what the user chose: when the command line sets a key the fit
+would change, or train.fit_memory=false (train=reference), validate refuses instead and names the fixes.
+
+Speed of each change relative to the fast path, for the same tokens per optimizer step (one H200, bench train,
+docs/BENCHMARKS.md; 120b MXFP4 4x2048 = 14,649 tok/s):
+- gradient checkpointing: 0.61 (120b: 8,921 tok/s at 67.6 GiB);
+- micro-batch 1 x 2048, GA x4: 0.40 (120b: 5,881 tok/s at 70.4 GiB);
+- micro-batch 2 x 2048, GA x2: not measured; 0.75 is assumed (between the two, closer to 4x2048: the dequant and
+  the kernels' fixed costs are paid twice as often, the GEMMs stay large);
+- MXFP4 experts instead of bf16 (20b): 0.77 (25,648 at 2x2048 against 33,474 bf16 at 4x2048, so an upper
+  bound on the cost); exact, the same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import replace
+
+from gptoss_hpc.config.memory import arch_for, gpu_memory_gib, train_estimate
+from gptoss_hpc.config.schema import RunConfig
+
+log = logging.getLogger(__name__)
+
+# Keys the fit may change: set on the command line, they are the user's choice and are never changed.
+FIT_KEYS = (
+    "model.experts_dtype",
+    "train.per_device_train_batch_size",
+    "train.gradient_accumulation_steps",
+    "train.gradient_checkpointing",
+)
+RECOMPUTE_SPEED = 0.61
+MXFP4_SPEED = 0.77
+_MICRO_BATCH_SPEED = {4: 1.0, 2: 0.75, 1: 0.40}  # relative to 4 x max_length (the module docstring)
+
+
+def _micro_speed(rows: int, start: int) -> float:
+    """Relative speed of ``rows`` per micro-batch against ``start`` (measured from 4; larger counts as 4)."""
+    return _MICRO_BATCH_SPEED.get(min(rows, 4), 0.4) / _MICRO_BATCH_SPEED.get(min(start, 4), 1.0)
+
+
+def candidates(cfg: RunConfig) -> list[tuple[float, str, RunConfig]]:
+    """(relative speed, the overrides, the config) of every setting the fit may pick, fastest first."""
+    t, m = cfg.train, cfg.model
+    dtypes = [m.experts_dtype] + (["mxfp4"] if m.experts_dtype != "mxfp4" else [])
+    out = []
+    for dtype in dtypes:
+        rows = t.per_device_train_batch_size
+        while rows >= 1:
+            accum = t.gradient_accumulation_steps * (t.per_device_train_batch_size // rows)
+            for recompute in sorted({t.gradient_checkpointing, True}):
+                speed = _micro_speed(rows, t.per_device_train_batch_size)
+                speed *= MXFP4_SPEED if dtype != m.experts_dtype else 1.0
+                speed *= RECOMPUTE_SPEED if recompute and not t.gradient_checkpointing else 1.0
+                changes = []
+                if dtype != m.experts_dtype:
+                    changes.append(f"model.experts_dtype={dtype}")
+                if rows != t.per_device_train_batch_size:
+                    changes += [
+                        f"train.per_device_train_batch_size={rows}",
+                        f"train.gradient_accumulation_steps={accum}",
+                    ]
+                if recompute != t.gradient_checkpointing:
+                    changes.append(f"train.gradient_checkpointing={str(recompute).lower()}")
+                new = replace(
+                    cfg,
+                    model=replace(m, experts_dtype=dtype),
+                    train=replace(
+                        t,
+                        per_device_train_batch_size=rows,
+                        gradient_accumulation_steps=accum,
+                        gradient_checkpointing=recompute,
+                    ),
+                )
+                out.append((speed, " ".join(changes), new))
+            if rows % 2:
+                break
+            rows //= 2
+    return sorted(out, key=lambda c: -c[0])
+
+
+def user_set(overrides: Iterable[str]) -> list[str]:
+    """The FIT_KEYS a command line sets (``key=value``, ``+key=value``, ``++key=value``)."""
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    return [k for k in FIT_KEYS if k in keys]
+
+
+def fit_to_card(cfg: RunConfig, overrides: Iterable[str]) -> tuple[RunConfig, str | None]:
+    """``cfg``, or the fastest candidate whose train stage fits the card, and the line that says what changed.
+    Unchanged when train.fit_memory is off, the card or model is unknown, it fits already, the user set a key
+    the fit would change, or nothing fits (validate then refuses with the fixes)."""
+    if not cfg.train.fit_memory or cfg.cluster.accelerator != "gpu" or "train" not in cfg.stages:
+        return cfg, None
+    capacity, arch = gpu_memory_gib(cfg), arch_for(cfg)
+    if capacity is None or arch is None or train_estimate(cfg, arch, capacity).fits:
+        return cfg, None
+    if user_set(overrides):
+        return cfg, None
+    for speed, changes, new in candidates(cfg):
+        if not changes:
+            continue
+        est = train_estimate(new, arch, capacity)
+        if est.fits:
+            before = train_estimate(cfg, arch, capacity)
+            return new, (
+                f"train.fit_memory: the train stage needs ~{before.card:.1f} GiB per GPU as configured, more than "
+                f"cluster.gpu_memory_gib={capacity:g}; training with {changes} instead (~{est.card:.1f} GiB, "
+                f"~{speed:.0%} of the speed, same tokens per optimizer step). Set train.fit_memory=false to be "
+                "refused instead, or set these keys yourself"
+            )
+    return cfg, None
