@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from gptoss_hpc.config.schema import ClusterConfig, LoraConfig, ModelConfig
+from gptoss_hpc.config.schema import ClusterConfig, LoraConfig, ModelConfig, RunConfig
 
 # The reference recipe targets layers 7, 15 and 23 of gpt-oss-20b's 24: the last layer of each third.
 _REFERENCE_LAYERS, _REFERENCE_DEPTH = (7, 15, 23), 24
@@ -55,3 +55,16 @@ def tasks_per_node(cluster: ClusterConfig) -> int:
 
 def world_size(cluster: ClusterConfig) -> int:
     return cluster.nodes * tasks_per_node(cluster)
+
+
+def eval_model(cfg: RunConfig) -> str:
+    """What eval and serve load as the fine-tuned model: eval.model, with "auto" = "adapter" (MXFP4 base +
+    adapter, unmerged) when model.experts_dtype=mxfp4, else "merged"."""
+    if cfg.eval.model != "auto":
+        return cfg.eval.model
+    return "adapter" if cfg.model.experts_dtype == "mxfp4" else "merged"
+
+
+def streaming_merge(cfg: RunConfig) -> bool:
+    """The merge stage merges shard by shard (no model built) when the experts train MXFP4-resident."""
+    return cfg.model.experts_dtype == "mxfp4" and not cfg.model.tiny

@@ -326,4 +326,11 @@ def _eval(cfg: RunConfig) -> list[str]:
     for i, prompt in enumerate(e.prompts):
         if not prompt.get("user"):
             p.append(f"eval.prompts[{i}] has no 'user' text; each prompt is {{system: ..., user: ...}}")
+    p += _one_of("eval.model", e.model, ("auto", "merged", "adapter"), "the command line (eval.model=adapter)")
+    p += _one_of("merge.format", cfg.merge.format, ("bf16", "mxfp4"), "the command line (merge.format=mxfp4)")
+    if cfg.merge.format == "mxfp4" and cfg.model.experts_dtype != "mxfp4":
+        p.append(
+            "merge.format=mxfp4 re-quantizes into the base checkpoint's MXFP4 experts: it needs "
+            "model.experts_dtype=mxfp4 (the streaming merge); use merge.format=bf16"
+        )
     return p
