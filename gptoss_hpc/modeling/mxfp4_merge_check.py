@@ -114,9 +114,7 @@ def check_streaming_merge(
             step = torch.finfo(out_dtype).eps * want.abs().clamp_min(torch.finfo(out_dtype).tiny)
             over = float(((got - want).abs() > step).float().mean())  # more than one rounding step off
         diff = (got - want).abs()
-        row.update(
-            max_abs_diff=float(diff.max()), mismatch=float((diff > 0).float().mean()), over_one_step=over
-        )
+        row.update(max_abs_diff=float(diff.max()), mismatch=float((diff > 0).float().mean()), over_one_step=over)
         row["passed"] = row["mismatch"] <= MAX_MISMATCH and over == 0.0
         rows.append(row)
         del w, delta, got, want, diff
