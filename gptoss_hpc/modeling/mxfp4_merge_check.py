@@ -10,8 +10,11 @@ bf16 output: the written tensor must equal bf16(W + delta) element for element, 
 the fp32 summation order (at most ``MAX_MISMATCH`` of the elements, none over one bf16 step). A merge that lost
 the adapter is told apart only where the adapter changes the bf16 weight at all (``adapter_visible``): when that
 is under ``MIN_VISIBLE`` the record says ``conclusive: false``. MXFP4 output: the written blocks/scales must
-dequantize to Q(W + delta), and ``survival`` = <Q(W + delta) - W, delta> / ||delta||^2 says how much of the
-adapter's weight change the re-quantization kept (1: all of it; 0: the merged model is the base).
+dequantize to Q(W + delta), and ``survival`` says how much of the adapter's weight change the re-quantization
+kept: max(0, 1 - ||Q(W + delta) - W - delta|| / ||delta||) (1: all of it; 0: the merged model is the base, or re-quantization noise as large as the delta), beside the raw
+``projection`` <Q(W + delta) - W, delta> / ||delta||^2 and ``relative_error``. A delta below half an FP4 step of
+its block rounds back to W (the base is on the grid already), and one that crosses a block's top value moves the
+block's scale and re-rounds all 32 values: both show as low survival.
 """
 
 from __future__ import annotations
@@ -104,8 +107,9 @@ def check_streaming_merge(
         if out_format == "mxfp4" and f"{name}_blocks" in merged_files:
             want = dequantize_mxfp4(*quantize_mxfp4(w + delta), torch.float32)
             kept = got - w
-            row["survival"] = float((kept * delta).sum() / delta.pow(2).sum().clamp_min(1e-30))
+            row["projection"] = float((kept * delta).sum() / delta.pow(2).sum().clamp_min(1e-30))
             row["relative_error"] = float((kept - delta).norm() / delta.norm().clamp_min(1e-30))
+            row["survival"] = max(0.0, 1.0 - row["relative_error"])
             row["adapter_visible"] = float((want != w).float().mean())
             over = 0.0
         else:
