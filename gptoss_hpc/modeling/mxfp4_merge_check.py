@@ -10,11 +10,12 @@ bf16 output: the written tensor must equal bf16(W + delta) element for element, 
 the fp32 summation order (at most ``MAX_MISMATCH`` of the elements, none over one bf16 step). A merge that lost
 the adapter is told apart only where the adapter changes the bf16 weight at all (``adapter_visible``): when that
 is under ``MIN_VISIBLE`` the record says ``conclusive: false``. MXFP4 output: the written blocks/scales must
-dequantize to Q(W + delta), and ``survival`` says how much of the adapter's weight change the re-quantization
-kept: max(0, 1 - ||Q(W + delta) - W - delta|| / ||delta||) (1: all of it; 0: the merged model is the base, or re-quantization noise as large as the delta), beside the raw
-``projection`` <Q(W + delta) - W, delta> / ||delta||^2 and ``relative_error``. A delta below half an FP4 step of
-its block rounds back to W (the base is on the grid already), and one that crosses a block's top value moves the
-block's scale and re-rounds all 32 values: both show as low survival.
+dequantize to Q(W + delta), and ``survival`` = max(0, 1 - ||Q(W + delta) - W - delta|| / ||delta||) says how much
+of the adapter's weight change the re-quantization kept (1: all of it; 0: the merged model is the base, or the
+re-quantization noise is as large as the delta), beside the raw ``projection`` <Q(W + delta) - W, delta> /
+||delta||^2 and ``relative_error``. A delta below half an FP4 step of its block rounds back to W (the base is on
+the grid already), and one that lifts a block's largest value moves the block's scale and re-rounds all 32 values:
+both show as low survival.
 """
 
 from __future__ import annotations
