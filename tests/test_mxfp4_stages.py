@@ -75,7 +75,7 @@ def _ids() -> torch.Tensor:
 def test_streaming_merge_stage_writes_bf16_shards_that_reproduce_the_unmerged_adapter(trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from gptoss_hpc.modeling.mxfp4 import load_mxfp4_peft_model
+    from gptoss_hpc.modeling.mxfp4 import load_mxfp4_model, load_mxfp4_peft_model
     from gptoss_hpc.stages.merge import main
 
     ckpt, _ = trained
@@ -97,6 +97,8 @@ def test_streaming_merge_stage_writes_bf16_shards_that_reproduce_the_unmerged_ad
         want, got = unmerged(input_ids=_ids()).logits, merged(input_ids=_ids()).logits
         with unmerged.disable_adapter():
             base = unmerged(input_ids=_ids()).logits
+        plain = load_mxfp4_model(ckpt, "cpu", torch.float32, "eager")(input_ids=_ids()).logits
+    torch.testing.assert_close(base, plain)  # disable_adapter() is the base: what eval's base numbers use
     effect = float((want - base).abs().max())
     assert effect > 0.05, "training must have moved the logits for the comparison to mean much"
     # bf16 rounding of every weight of the merged model against the fp32 unmerged one
