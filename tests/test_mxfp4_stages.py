@@ -184,9 +184,10 @@ def test_serve_app_answers_from_the_adapter_folder(trained, tmp_path):
     _, config = trained
     cfg = load_run_config(config)
     folder = PointPaths.from_config(config).adapter
-    model, _ = load_model(folder, cfg)
-    assert isinstance(model, PeftModel) and mxfp4_modules(model), "the MXFP4 base + adapter, unmerged"
-    del model
+    for with_cfg in (cfg, None):  # the stage (point config), and `python -m gptoss_hpc.serve <adapter folder>`
+        model, _ = load_model(folder, with_cfg)
+        assert isinstance(model, PeftModel) and mxfp4_modules(model), "the MXFP4 base + adapter, unmerged"
+        del model
     with TestClient(create_app(folder, max_new_tokens_cap=8, cfg=cfg)) as client:
         assert client.get("/health").json()["model"].endswith("/p000")
         answer = client.post("/score", json={"prompt": "Hi!", "max_new_tokens": 4})

@@ -105,14 +105,32 @@ def _load_adapter(folder: Path, cfg: Any) -> tuple[Any, Any]:
         from gptoss_hpc.paths import PointPaths
 
         return load_adapter_model(cfg, PointPaths(folder.parent), folder), tokenizer
-    from peft import AutoPeftModelForCausalLM
+    import torch
 
     from gptoss_hpc.modeling.model import cuda_device_map
+
+    if base and (Path(base) / "config.json").is_file() and _is_mxfp4_folder(Path(base)):
+        # an MXFP4 base stays MXFP4 (a dequantized 120b would not fit one GPU)
+        from gptoss_hpc.modeling.mxfp4 import load_mxfp4_peft_model
+
+        cuda = torch.cuda.is_available()
+        model = load_mxfp4_peft_model(
+            base, folder, "cuda" if cuda else "cpu", torch.bfloat16 if cuda else torch.float32, "eager"
+        )
+        return model, tokenizer
+    from peft import AutoPeftModelForCausalLM
 
     model = AutoPeftModelForCausalLM.from_pretrained(
         str(folder), dtype="auto", attn_implementation="eager", device_map=cuda_device_map()
     )
     return model.eval(), tokenizer
+
+
+def _is_mxfp4_folder(folder: Path) -> bool:
+    import json
+
+    quant = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    return quant.get("quant_method") == "mxfp4"
 
 
 def create_app(
