@@ -71,6 +71,22 @@ def _delta(a, b, kind: str, num_experts: int, scale: float):
     return scale * (a.transpose(1, 2) @ b.transpose(1, 2))
 
 
+def dequantize_stack(blocks, scales, device, experts_per_chunk: int = 8):
+    """fp32 [E, in, out] (a transposed view, as ``dequantize_mxfp4`` gives) from blocks/scales on any device,
+    a few experts at a time: the integer temporaries of one pass are ~4x the fp32 result, so a whole 120b stack
+    at once would need ~35 GB more than the 8.5 GB it yields."""
+    import torch
+
+    e, out, groups, half = blocks.shape
+    result = torch.empty((e, out, groups * 2 * half), dtype=torch.float32, device=device)
+    for lo in range(0, e, experts_per_chunk):
+        hi = min(e, lo + experts_per_chunk)
+        part = dequantize_mxfp4(blocks[lo:hi].to(device), scales[lo:hi].to(device), torch.float32)
+        result[lo:hi] = part.transpose(1, 2)
+        del part
+    return result.transpose(1, 2)
+
+
 def merge_mxfp4_adapter(
     base_folder: str | Path,
     adapter_folder: str | Path,
@@ -128,13 +144,13 @@ def merge_mxfp4_adapter(
         if name.endswith("_blocks") and out_format == "mxfp4" and target not in deltas:
             pieces = {name: read(name), f"{target}_scales": read(f"{target}_scales")}  # unadapted: as they are
         elif name.endswith("_blocks"):
-            tensor = dequantize_mxfp4(read(name).to(device), read(f"{target}_scales").to(device), torch.float32)
-            pieces = {target: tensor}
+            pieces = {target: dequantize_stack(read(name), read(f"{target}_scales"), device)}
         else:
             pieces = {target: read(name)}
         if target in deltas:
             a, b, kind = deltas.pop(target)
-            tensor = pieces[target].to(device).float() + _delta(a.to(device), b.to(device), kind, num_experts, scale)
+            tensor = pieces.pop(target).to(device).float()
+            tensor += _delta(a.to(device), b.to(device), kind, num_experts, scale)  # in place: one stack fewer
             pieces = {target: tensor}
             if kind == "experts" and out_format == "mxfp4":
                 blocks, scales = quantize_mxfp4(tensor)
