@@ -146,6 +146,7 @@ def test_merge_format_mxfp4_requantizes_the_experts_and_reports_survival(trained
     assert json.loads((paths.merged / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
     check = json.loads((paths.merged / "merge_check.json").read_text())
     assert check["passed"] and check["survival_mean"] > 0.7 and check["survival_by_layer"]  # lr 5e-2: a big delta
+    assert check["logit_survival"] > 0.5 and check["logit_effect_mean_abs"] > 0, check  # on the probe samples
     assert not json.loads(paths.stage_status("merge").read_text())["warnings"]
     load_mxfp4_model(paths.merged, "cpu", torch.float32, "eager")  # the MXFP4 loader reads it back
 
@@ -156,6 +157,7 @@ def test_merge_format_mxfp4_requantizes_the_experts_and_reports_survival(trained
     check = json.loads((small.merged / "merge_check.json").read_text())
     status = json.loads(small.stage_status("merge").read_text())
     assert check["passed"] and check["survival_mean"] < 0.5, check["survival_mean"]
+    assert check["logit_survival"] < 0.5, check["logit_survival"]
     assert any("kept only" in w for w in status["warnings"]), status
 
 

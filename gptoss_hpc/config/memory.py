@@ -211,16 +211,22 @@ def _bf16_model_gib(cfg: RunConfig, arch: Arch) -> float:
 def merge_estimate(cfg: RunConfig, arch: Arch, capacity_gib: float | None) -> Estimate:
     """bf16 experts: the stage loads the bf16 base whole, adds B@A per weight and saves it. MXFP4-resident experts
     (model.experts_dtype=mxfp4): it streams tensor by tensor (gptoss_hpc.modeling.mxfp4_merge), so the GPU holds
-    about three fp32 expert stacks at its peak (the check's base, PEFT's delta and the merged tensor read back)."""
+    about three fp32 expert stacks at its peak (the check's base, PEFT's delta and the merged tensor read back);
+    with merge.format=mxfp4 the logit check then loads the MXFP4 model (as eval.model=adapter does)."""
     stack = arch.experts * arch.hidden * 2 * arch.intermediate * 4 / GIB  # one layer's gate_up in fp32
     if derive.streaming_merge(cfg):
-        host = MERGE_SHARD_GIB + stack
-        return Estimate(
-            "merge",
-            {"expert stacks": 3 * stack, "workspace": 0.5},
-            capacity_gib,
-            note=f"streaming merge ({cfg.merge.format}): shard by shard, host RAM ~{host:.0f} GiB",
-        )
+        note = f"streaming merge ({cfg.merge.format}): shard by shard, host RAM ~{MERGE_SHARD_GIB + stack:.0f} GiB"
+        parts = {"expert stacks": 3 * stack, "workspace": 0.5}
+        if cfg.merge.format == "mxfp4":  # the logit check loads the MXFP4 model (+ adapter), one at a time
+            non_expert, experts = weights_gib(cfg, arch)
+            parts = {
+                "weights": non_expert + experts,
+                "adapter": lora_params(cfg, arch) * 2 / GIB,
+                "dequant buffer": stack / 2,
+                "workspace": 0.5,
+            }
+            note += "; its logit check holds one MXFP4 model"
+        return Estimate("merge", parts, capacity_gib, note=note)
     layer = arch.expert_weights() * 4 / GIB  # one fp32 delta of an experts stack while it is merged
     return Estimate(
         "merge",

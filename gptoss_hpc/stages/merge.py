@@ -276,7 +276,10 @@ def _check_line(check: Mapping[str, Any]) -> str:
             f"{check['max_mismatch']:.3g} of elements ({check['format']}, {check['dtype']})"
         )
         if "survival_mean" in check:
-            line += f"; MXFP4 re-quantization kept {check['survival_mean']:.1%} of the adapter's weight change"
+            line += (
+                f"; MXFP4 re-quantization kept {check['survival_mean']:.1%} of the adapter's weight change and "
+                f"{check.get('logit_survival', 0.0):.1%} of its logit effect"
+            )
         return line
     return (
         f"- Merge check: max |merged - adapter logits| = {check['max_abs_diff']:.3g} "
@@ -329,7 +332,7 @@ def _streaming(cfg: RunConfig, paths: PointPaths, tokenizer: Any) -> Path:
     """model.experts_dtype=mxfp4: merge shard by shard (gptoss_hpc.stages.merge_streaming), then the same files
     as the in-memory merge beside the weights. Returns the complete temp folder."""
     from gptoss_hpc.modeling.mxfp4_merge_check import LOW_SURVIVAL
-    from gptoss_hpc.stages.merge_streaming import merge_streaming
+    from gptoss_hpc.stages.merge_streaming import logit_survival, merge_streaming
 
     tmp = paths.merged.with_name(paths.merged.name + ".tmp")
     check = merge_streaming(cfg, paths, tmp)
@@ -347,11 +350,15 @@ def _streaming(cfg: RunConfig, paths: PointPaths, tokenizer: Any) -> Path:
             "the adapter changes too few merged weights at this precision for the merge check to tell a correct "
             "merge from a lost adapter (merge_check.json: adapter_visible per tensor)"
         )
-    if check.get("survival_mean") is not None and check["survival_mean"] < LOW_SURVIVAL:
+    if cfg.merge.format == "mxfp4":
+        check.update(logit_survival(cfg, paths, tmp, probe_token_ids(cfg, tokenizer)))
+        log.info("merge.format=mxfp4 keeps %.1f%% of the adapter's logit effect", 100 * check["logit_survival"])
+    if check.get("survival_mean") is not None and min(check["survival_mean"], check["logit_survival"]) < LOW_SURVIVAL:
         stage_warning(
             f"merge.format=mxfp4 kept only {check['survival_mean']:.1%} of the adapter's weight change (min "
-            f"{check['survival_min']:.1%} per tensor): re-quantizing W + delta to MXFP4 rounds most of the LoRA delta "
-            "back to the base weights. Serve the adapter unmerged (eval.model=adapter) or merge.format=bf16"
+            f"{check['survival_min']:.1%} per tensor) and {check['logit_survival']:.1%} of its effect on the logits: "
+            "re-quantizing W + delta to MXFP4 rounds most of the LoRA delta back to the base weights. Serve the "
+            "adapter unmerged (eval.model=adapter) or merge.format=bf16"
         )
     tokenizer.save_pretrained(str(tmp))
     write_atomic(tmp / "merge_check.json", json.dumps(check, indent=2) + "\n")
