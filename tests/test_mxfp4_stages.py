@@ -194,3 +194,15 @@ def test_serve_app_answers_from_the_adapter_folder(trained, tmp_path):
         assert client.get("/health").json()["model"].endswith("/p000")
         answer = client.post("/score", json={"prompt": "Hi!", "max_new_tokens": 4})
         assert answer.status_code == 200 and "completion" in answer.json()
+
+
+def test_eval_and_serve_of_the_adapter_need_no_merge_and_follow_train():
+    from gptoss_hpc.errors import ConfigError
+    from gptoss_hpc.submission.pipeline import _dependency, compose_launch
+
+    args = ["model=gpt_oss_120b", "cluster=coreweave_h200", "cluster.account=a", "stages=[train,eval,serve]"]
+    launch = compose_launch(args)  # validates: model.experts_dtype=mxfp4 -> eval.model=adapter
+    assert _dependency(launch, "eval", {"train": "11"}) == "afterok:11"
+    assert _dependency(launch, "serve", {"train": "11"}) == "afterok:11"
+    with pytest.raises(ConfigError, match="eval without merge"):
+        compose_launch([*args, "eval.model=merged"])

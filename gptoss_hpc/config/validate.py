@@ -74,10 +74,13 @@ def _run(cfg: RunConfig) -> list[str]:
     for stage in ("merge", "eval"):
         if stage in cfg.stages and "train" not in cfg.stages:
             p.append(f"stages has {stage} without train; a {stage} job needs this launch's adapter")
-    if "serve" in cfg.stages and "merge" not in cfg.stages:
-        p.append("stages has serve without merge; serve runs the merged model: add merge")
-    if "eval" in cfg.stages and "merge" not in cfg.stages:
-        p.append("stages has eval without merge; eval scores the merged model: add merge or drop eval")
+    merged = derive.eval_model(cfg) == "merged"  # eval.model=adapter runs adapter/ unmerged: no merge needed
+    if "serve" in cfg.stages and "merge" not in cfg.stages and merged:
+        p.append("stages has serve without merge; serve runs the merged model: add merge (or eval.model=adapter)")
+    if "eval" in cfg.stages and "merge" not in cfg.stages and merged:
+        p.append(
+            "stages has eval without merge; eval scores the merged model: add merge, drop eval or eval.model=adapter"
+        )
     if "report" in cfg.stages and not set(order) & {"train", "merge", "eval"}:
         p.append("stages=[report] alone has nothing to report; run `python -m gptoss_hpc.report RUN_DIR`")
     return p

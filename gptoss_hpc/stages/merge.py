@@ -7,6 +7,9 @@ Reads ``adapter/`` (adapter + tokenizer, from the train stage); writes ``merged/
 tokenizer, ``README.md`` (model card) and ``merge_check.json`` (max/mean |logit diff|, tolerances, the
 adapter's own effect and, in bf16/fp16, the rounding-noise floor the tolerance is calibrated by). The
 folder is written under a temporary name and renamed, so ``merged/`` is either complete or absent.
+With ``model.experts_dtype=mxfp4`` (the 120b default) no model is built: the checkpoint is merged tensor by
+tensor (``gptoss_hpc.stages.merge_streaming``), checked tensor by tensor against PEFT's own delta, and
+``merge.format=mxfp4`` re-quantizes the experts and reports how much of the adapter survived (README).
 Optional Hub push: only when HF_TOKEN is set, ``train.push_to_hub`` is true and PUSH_TO_HUB != "false"; a
 push that fails (read-only token, no network) is a warning ("push failed: ..." in status): merged/ is saved.
 """
@@ -331,14 +334,23 @@ def body(cfg: RunConfig, paths: PointPaths) -> Path:
 def _streaming(cfg: RunConfig, paths: PointPaths, tokenizer: Any) -> Path:
     """model.experts_dtype=mxfp4: merge shard by shard (gptoss_hpc.stages.merge_streaming), then the same files
     as the in-memory merge beside the weights. Returns the complete temp folder."""
-    from gptoss_hpc.modeling.mxfp4_merge_check import LOW_SURVIVAL
-    from gptoss_hpc.stages.merge_streaming import logit_survival, merge_streaming
+    from gptoss_hpc.stages.merge_streaming import merge_streaming
 
     tmp = paths.merged.with_name(paths.merged.name + ".tmp")
-    check = merge_streaming(cfg, paths, tmp)
+    try:
+        return _streaming_checked(cfg, paths, tokenizer, tmp, merge_streaming(cfg, paths, tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp.with_name(tmp.name + ".tmp"), ignore_errors=True)  # the merge's own temp folder
+        raise
+
+
+def _streaming_checked(cfg: RunConfig, paths: PointPaths, tokenizer: Any, tmp: Path, check: dict[str, Any]) -> Path:
+    from gptoss_hpc.modeling.mxfp4_merge_check import LOW_SURVIVAL
+    from gptoss_hpc.stages.merge_streaming import logit_survival
+
     if not check["passed"]:
         bad = [r["tensor"] for r in check["tensors"] if not r["passed"]]
-        shutil.rmtree(tmp, ignore_errors=True)
         raise MergeError(
             f"the merged tensors differ from PEFT's merge of the adapter in {len(bad)} of "
             f"{check['adapted_parameters']} adapted tensors (first: {bad[:3]}; max mismatch "

@@ -24,7 +24,13 @@ STAGE_MODULES = {
     "report": "gptoss_hpc.stages.report",
 }
 # The stage each one waits for: the first of these that the launch runs.
-PARENTS = {"merge": ("train",), "eval": ("merge",), "serve": ("merge",), "report": ("eval", "merge", "train")}
+# the first one launched is the parent; eval/serve follow train directly with eval.model=adapter (no merge)
+PARENTS = {
+    "merge": ("train",),
+    "eval": ("merge", "train"),
+    "serve": ("merge", "train"),
+    "report": ("eval", "merge", "train"),
+}
 
 
 def job_name(cfg: RunConfig, stage: str) -> str:
