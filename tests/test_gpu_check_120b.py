@@ -64,3 +64,23 @@ def test_the_120b_command_line_is_the_shipped_120b_preset_from_the_folder(tmp_pa
     ov = gpu_check_120b._overrides(c, base_overrides(c, tmp_path / "ckpt", 1), 12)
     assert "model=gpt_oss_120b" in ov and not any(o.startswith("model=gpt_oss_20b") for o in ov)
     assert ov.count("train.max_steps=4") == 1 and "merge.format=mxfp4" in ov and "model.num_hidden_layers=12" in ov
+
+
+def test_a_local_gpu_job_keeps_the_gpu_the_check_was_pinned_to(tmp_path, monkeypatch):
+    """`CUDA_VISIBLE_DEVICES=1 bash launchers/gpu_check.sh ...` beside another run on GPU 0: the local jobs must see
+    GPU 1 (submitit numbers them from 0 unless told). Real: submitit's LocalExecutor and its job process."""
+    import os
+
+    import submitit
+
+    from gptoss_hpc.config import compose, to_run_config
+    from gptoss_hpc.submission.sbatch import local_parameters
+
+    cfg = to_run_config(compose(["cluster=local", "cluster.accelerator=gpu", "cluster.gpus_per_node=1"]))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    for stage in ("train", "merge"):
+        executor = submitit.LocalExecutor(folder=tmp_path / stage)
+        executor.update_parameters(**local_parameters(cfg, stage))
+        assert executor.submit(os.getenv, "CUDA_VISIBLE_DEVICES").result() == "1", stage
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert "visible_gpus" not in local_parameters(cfg, "train")
