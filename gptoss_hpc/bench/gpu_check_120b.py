@@ -33,6 +33,9 @@ PHASE = "pipeline120b"
 STATE = "pipeline120b.json"
 STEPS = 6  # optimizer steps: a few, past the compile
 DISK_MARGIN = 5e9
+# Seconds a step is expected to need at least (guesses for the full 120b, not measured yet): one that would be cut
+# off by --hard-s is left to the next command instead of being started and thrown away.
+MIN_LEFT_S = {"train": 240.0, "eval": 150.0, "serve": 90.0, "merge": 240.0}
 
 
 def _overrides(c: Any, base: list[str], layers: int | None) -> list[str]:
@@ -118,10 +121,15 @@ def phase_pipeline120b(c: Any, launch: Callable[..., dict[str, Any]], base_overr
         state_path.write_text(json.dumps(state, indent=1))
 
     def earlier(step: str) -> bool:
+        """True when the step is not to run now: done by an earlier command (its row again), or too little time."""
         if step in state["done"]:
             c.rows.append({**state["done"][step], "note": "earlier command"})
             return True
-        return c.skip(PHASE, step)
+        need = MIN_LEFT_S[step] * (layers / 36 if layers else 1.0)
+        if c.left() < need:
+            c.rows.append({"phase": PHASE, "name": step, "result": f"not run (budget: needs ~{need:.0f} s; run again)"})
+            return True
+        return False
 
     ckpt, row = _checkpoint(c, layers)
     if row is not None:
