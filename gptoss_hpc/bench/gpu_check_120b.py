@@ -101,6 +101,7 @@ def _merge_facts(point: Path) -> dict[str, Any]:
     return {
         "merge_check_passed": check.get("passed"),
         "survival_mean": check.get("survival_mean"),
+        "logit_survival": check.get("logit_survival"),
         "merged_gib": (check.get("merge") or {}).get("merged_gib"),
         "merge_peak_gpu_gib_with_check": (check.get("merge") or {}).get("peak_gpu_gib_with_check"),
     }
@@ -163,5 +164,6 @@ def phase_pipeline120b(c: Any, launch: Callable[..., dict[str, Any]], base_overr
     row = {**_stage_by_hand(c, point, "merge", "merge: streaming, merge.format=mxfp4"), **_merge_facts(point)}
     if row.get("survival_mean") is not None:  # the table has no column for it: in the name
         row["name"] += f" (check {'passed' if row['merge_check_passed'] else 'FAILED'}, adapter kept "
-        row["name"] += f"{row['survival_mean']:.0%}, {row['merged_gib']} GiB)"
+        row["name"] += f"{row['survival_mean']:.0%} of its weight change, {row['logit_survival'] or 0:.0%} of its "
+        row["name"] += f"logit effect; {row['merged_gib']} GiB)"
     record("merge", row)
