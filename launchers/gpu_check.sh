@@ -30,7 +30,7 @@
 #   bash launchers/gpu_check.sh pipeline          bash launchers/gpu_check.sh configs bench
 #   bash launchers/gpu_check.sh knobs:0-7         bash launchers/gpu_check.sh knobs:8-13
 #   bash launchers/gpu_check.sh 2gpu knobs:14-15  (nvidia-h200-x2)
-#   CUDA_VISIBLE_DEVICES=1 GPU_CHECK_SITE=/tmp/site1 bash launchers/gpu_check.sh --work /tmp/gc120 pipeline120b
+#   CUDA_VISIBLE_DEVICES=1 GPU_CHECK_SITE=/tmp/site1 bash launchers/gpu_check.sh --work logs/gc120 pipeline120b
 #     (nvidia-h200-x2, GPU 1 beside another run on GPU 0; 120b end to end, repeat with the same --work to go on)
 #   bash launchers/gpu_check.sh --cpu pipeline configs 2gpu knobs:0-1        (CPU, CI-sized: tests/test_gpu_check.py)
 set -euo pipefail

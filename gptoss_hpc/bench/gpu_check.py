@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     import tempfile
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check."))
+    work = (args.work or Path(tempfile.mkdtemp(prefix="gpu_check."))).absolute()  # paths land in configs
     c = Check(
         cpu=args.cpu,
         work=work,

@@ -1,10 +1,11 @@
 """The GPU check's ``pipeline120b`` phase: gpt-oss-120b end to end on one GPU, through the synthetic checkpoint.
 
-    bash launchers/gpu_check.sh --work /tmp/gc120 pipeline120b       # again with the same --work to go on
-    bash launchers/gpu_check.sh --work /tmp/gc120 pipeline120b:12    # a 12-layer 120b-shaped checkpoint
+    bash launchers/gpu_check.sh --work logs/gc120 pipeline120b       # again with the same --work to go on
+    bash launchers/gpu_check.sh --work logs/gc120 pipeline120b:12    # a 12-layer 120b-shaped checkpoint
 
 Steps, each skipped when an earlier command with the same ``--work`` finished it (``pipeline120b.json`` there keeps
-the point and the rows; the phase does not fit one 10-minute command: the 65 GB checkpoint alone takes ~3 minutes):
+the point and the rows; the phase does not fit one 10-minute command: the 65 GB checkpoint alone takes ~3 minutes;
+``logs/`` is git-ignored, so a work dir there stays on the device machine between commands while it is held):
 the checkpoint (``synth_checkpoint --size 120b``, drawn on the GPU), train with the shipped defaults of
 ``model=gpt_oss_120b`` (MXFP4-resident experts) through ``python -m gptoss_hpc.launch ... stages=[train]``, then the
 point's own stages by hand as a user re-runs one: eval (``eval.model=adapter``: the MXFP4 base + adapter unmerged,
@@ -35,7 +36,7 @@ STEPS = 6  # optimizer steps: a few, past the compile
 DISK_MARGIN = 5e9
 # Seconds a step is expected to need at least (guesses for the full 120b, not measured yet): one that would be cut
 # off by --hard-s is left to the next command instead of being started and thrown away.
-MIN_LEFT_S = {"train": 240.0, "eval": 150.0, "serve": 90.0, "merge": 240.0}
+MIN_LEFT_S = {"train": 360.0, "eval": 150.0, "serve": 90.0, "merge": 240.0}
 
 
 def _overrides(c: Any, base: list[str], layers: int | None) -> list[str]:
