@@ -206,7 +206,8 @@ def merge_mxfp4_adapter(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m gptoss_hpc.modeling.mxfp4_merge BASE_FOLDER ADAPTER_FOLDER OUT_FOLDER [--dtype bfloat16]"""
+    """python -m gptoss_hpc.modeling.mxfp4_merge BASE ADAPTER OUT [--dtype bfloat16] [--device cuda] [--format mxfp4]
+    (the merge alone, without the stage's check)"""
     import argparse
     import sys
 
@@ -215,9 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("out", help="where the merged safetensors go")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", default="cpu", help="where the dequant + delta math runs, e.g. cuda (default cpu)")
+    p.add_argument("--format", default="bf16", choices=["bf16", "mxfp4"], help="as merge.format")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        stats = merge_mxfp4_adapter(args.base, args.adapter, args.out, args.dtype)
+        stats = merge_mxfp4_adapter(
+            args.base, args.adapter, args.out, args.dtype, device=args.device, out_format=args.format
+        )
     except (GptossHpcError, OSError, KeyError) as exc:
         print(f"merge failed: {exc}", file=sys.stderr)
         return 1
