@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # bash launchers/gpu_check.sh [--cpu] [--budget-s S] [PHASE ...]      PHASE: pipeline configs bench 2gpu knobs[:A-B]
+#                                                                          pipeline120b[:LAYERS]
 #
 # The GPU check (issue 13): on a bare GPU box (no internet; torch, transformers, accelerate installed; every other
 # package brought as wheels in .whl/), write a synthetic gpt-oss-20b checkpoint and run the real pipeline
@@ -29,6 +30,8 @@
 #   bash launchers/gpu_check.sh pipeline          bash launchers/gpu_check.sh configs bench
 #   bash launchers/gpu_check.sh knobs:0-7         bash launchers/gpu_check.sh knobs:8-13
 #   bash launchers/gpu_check.sh 2gpu knobs:14-15  (nvidia-h200-x2)
+#   CUDA_VISIBLE_DEVICES=1 GPU_CHECK_SITE=/tmp/site1 bash launchers/gpu_check.sh --work logs/gc120 pipeline120b
+#     (nvidia-h200-x2, GPU 1 beside another run on GPU 0; 120b end to end, repeat with the same --work to go on)
 #   bash launchers/gpu_check.sh --cpu pipeline configs 2gpu knobs:0-1        (CPU, CI-sized: tests/test_gpu_check.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -90,10 +90,17 @@ def test_zero3_refusal_says_why_and_what_instead():
     assert "train.zero.stage" in str(err.value) and "model.experts_dtype=mxfp4" in str(err.value)
 
 
-def test_every_stage_is_estimated_and_120b_merge_is_flagged():
-    stages = estimate_stages(_cfg("model=gpt_oss_120b"), 141)
+def test_every_stage_is_estimated_and_the_120b_streams_its_merge_and_evaluates_unmerged():
+    stages = estimate_stages(_cfg("model=gpt_oss_120b"), 141)  # experts_dtype=mxfp4 by default
     assert [e.stage for e in stages] == ["train", "merge", "eval", "serve"]
-    assert stages[0].fits and not stages[1].fits and "mxfp4_merge" in stages[1].note
+    assert all(e.fits for e in stages), [(e.stage, e.card) for e in stages]
+    merge, eval_ = stages[1], stages[2]
+    assert "streaming" in merge.note and merge.card < 40  # ~three fp32 expert stacks, not the 218 GiB model
+    assert "unmerged" in eval_.note and 60 < eval_.card < 79  # MXFP4 weights (~61 GiB) + adapter + KV
+    bf16 = estimate_stages(_cfg("model=gpt_oss_120b", "model.experts_dtype=bfloat16"), 141)
+    assert not bf16[1].fits and "streams" in bf16[1].note and not bf16[2].fits
+    merged = estimate_stages(_cfg("model=gpt_oss_120b", "eval.model=merged"), 141)
+    assert not merged[2].fits and "merged" in merged[2].note
 
 
 def _plan(*args: str) -> subprocess.CompletedProcess:
@@ -122,10 +129,14 @@ def test_plan_cli_prints_the_stages_and_exits_by_the_train_verdict(tmp_path: Pat
     assert cmp.returncode == 0 and "| x | 4x2048" in cmp.stdout and "55.8" in cmp.stdout
 
 
-def test_merge_and_eval_of_a_model_whose_bf16_copy_does_not_fit_are_refused_before_training():
-    with pytest.raises(ConfigError, match=r"load the merged bf16 model whole .*mxfp4_merge"):
-        validate(_cfg("model=gpt_oss_120b"))  # default stages: train, merge, eval, report
-    validate(_cfg("model=gpt_oss_120b", "stages=[train]"))
+def test_120b_pipeline_fits_one_80gb_card_through_the_streaming_merge_and_unmerged_eval():
+    stages = "stages=[train,merge,eval,serve]"
+    fits = ["cluster.gpu_memory_gib=80", "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=16"]
+    validate(_cfg("model=gpt_oss_120b", stages, *fits))  # MXFP4 train, streaming merge, eval/serve unmerged
+    with pytest.raises(ConfigError, match=r"the eval stage needs .*eval\.model=adapter"):
+        validate(_cfg("model=gpt_oss_120b", stages, *fits, "eval.model=merged"))
+    with pytest.raises(ConfigError, match=r"the merge stage needs .*model\.experts_dtype=mxfp4"):
+        validate(_cfg("model=gpt_oss_120b", "model.experts_dtype=bfloat16", "stages=[train,merge]"))
     validate(_cfg("cluster=coreweave_h100"))  # 20b bf16 trains, merges and evaluates on one 80 GB card
 
 

@@ -61,6 +61,29 @@ def test_dequantize_is_bit_equal_to_transformers():
     # quantize is the inverse on representable weights (how the tests' checkpoints are written)
     w = dequantize_mxfp4(blocks, scales, torch.float32)
     assert torch.equal(dequantize_mxfp4(*quantize_mxfp4(w), torch.float32), w)
+    # the merge's chunked dequant (2 experts + 1) is the same
+    from gptoss_hpc.modeling.mxfp4_merge import dequantize_stack
+
+    assert torch.equal(_bits(dequantize_stack(blocks, scales, "cpu", experts_per_chunk=2)), _bits(w))
+
+
+def test_quantize_rounds_to_the_nearest_e2m1_code_like_a_full_lut_search():
+    """The bucketized quantizer (merge.format=mxfp4) against argmin over the 16 codes, ties to the lower code:
+    midpoints, signs, zeros, a block that is all zero, and chunking over experts."""
+    from gptoss_hpc.modeling.mxfp4 import FP4_VALUES, SCALE_BIAS, quantize_mxfp4
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 64, 24, generator=g) * 0.02
+    w[0, :15, 0] = torch.tensor([0.25, -0.25, 0.75, -0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -5.0, 6.0, 0.0, -0.0, 0.1, -0.1])
+    w[1, :32, 1] = 0.0
+    for x in (w, w * 1e3):
+        blocks, scales = quantize_mxfp4(x, experts_per_chunk=2)
+        v = x.transpose(1, 2).reshape(5, 24, 2, 32)
+        exp = torch.ceil(torch.log2(v.abs().amax(-1).clamp(min=2.0**-126) / 6.0)).clamp(-SCALE_BIAS, 127)
+        lut = torch.tensor(FP4_VALUES)
+        codes = ((v / torch.pow(2.0, exp)[..., None])[..., None] - lut).abs().argmin(-1).to(torch.uint8)
+        assert torch.equal(scales, (exp + SCALE_BIAS).to(torch.uint8))
+        assert torch.equal(blocks, codes[..., 0::2] | (codes[..., 1::2] << 4))
 
 
 def _copy_into_bf16_path(mx_model, bf_model):

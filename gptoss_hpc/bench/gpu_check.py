@@ -5,6 +5,7 @@
     bash launchers/gpu_check.sh configs bench         # train=default and train=reference (stage + bench tok/s)
     bash launchers/gpu_check.sh bench:default configs:reference   # one config each (`:default`, `:reference`)
     bash launchers/gpu_check.sh 2gpu                  # train=default on 2 GPUs: one rank per GPU, as on Slurm
+    bash launchers/gpu_check.sh --work W pipeline120b # 120b on one GPU, resumable (gptoss_hpc.bench.gpu_check_120b)
     bash launchers/gpu_check.sh knobs:0-7             # GPU knob list, entries 0..7 (GPU_KNOBS below)
     bash launchers/gpu_check.sh --cpu pipeline        # CI-sized: tiny checkpoint, CPU ranks (tests/test_gpu_check.py)
     python -m gptoss_hpc.bench.gpu_check table A.json B.json   # one table from several phases' JSON
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gptoss_hpc.bench.gpu_check_120b import phase_pipeline120b
 from gptoss_hpc.bench.gpu_check_knobs import GPU_KNOBS, Knobs, knob_matrix  # noqa: F401  (re-exported)
 from gptoss_hpc.bench.gpu_check_parts import (
     environment,
@@ -45,7 +47,7 @@ from gptoss_hpc.bench.gpu_check_parts import (
 )
 
 TRAIN_CONFIGS = {"train=default": ["train=default"], "train=reference": ["train=reference"]}
-PHASES = ("pipeline", "configs", "bench", "2gpu", "knobs")
+PHASES = ("pipeline", "configs", "bench", "2gpu", "knobs", "pipeline120b")
 DEFAULT_PHASES = ("pipeline", "configs", "bench", "knobs")
 
 
@@ -360,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     import tempfile
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check."))
+    work = (args.work or Path(tempfile.mkdtemp(prefix="gpu_check."))).absolute()  # paths land in configs
     c = Check(
         cpu=args.cpu,
         work=work,
@@ -387,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
                     phase_bench(c, span)
             elif name == "2gpu":
                 phase_2gpu(c)
+            elif name == "pipeline120b":
+                phase_pipeline120b(c, launch, base_overrides, span)
             elif name == "knobs":
                 lo, _, hi = (span or f"0-{len(GPU_KNOBS) - 1}").partition("-")
                 phase_knobs(c, int(lo), int(hi or lo))

@@ -32,11 +32,14 @@ def _get(url: str, body: dict[str, Any] | None = None, timeout: float = 5.0) -> 
         return json.loads(resp.read().decode())
 
 
-def serve_once(merged: Path, env: dict[str, str], log: Path, budget_s: float) -> dict[str, Any]:
+def serve_once(
+    merged: Path, env: dict[str, str], log: Path, budget_s: float, name: str = "serve: shipped defaults (merged model)"
+) -> dict[str, Any]:
+    """Serve ``merged`` (a merged or an adapter folder) on loopback, ask one /score, stop it: the row."""
     port = _free_port()
     cmd = [sys.executable, "-m", "gptoss_hpc.serve", str(merged), "--port", str(port)]
     row: dict[str, Any] = {
-        "name": "serve: shipped defaults (merged model)",
+        "name": name,
         "stage": "serve",
         "command": " ".join(cmd[1:]),
     }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from gptoss_hpc.config.schema import ClusterConfig, LoraConfig, ModelConfig, TrainConfig
+from gptoss_hpc.config.schema import ClusterConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
 
 # The reference recipe targets layers 7, 15 and 23 of gpt-oss-20b's 24: the last layer of each third.
 _REFERENCE_LAYERS, _REFERENCE_DEPTH = (7, 15, 23), 24
@@ -67,3 +67,16 @@ def trl_micro_batch(train: TrainConfig) -> tuple[int, int]:
     if train.packing and train.packing_bin == "micro_batch":
         return 1, train.per_device_train_batch_size * train.max_length
     return train.per_device_train_batch_size, train.max_length
+
+
+def eval_model(cfg: RunConfig) -> str:
+    """What eval and serve load as the fine-tuned model: eval.model, with "auto" = "adapter" (MXFP4 base +
+    adapter, unmerged) when model.experts_dtype=mxfp4, else "merged"."""
+    if cfg.eval.model != "auto":
+        return cfg.eval.model
+    return "adapter" if cfg.model.experts_dtype == "mxfp4" else "merged"
+
+
+def streaming_merge(cfg: RunConfig) -> bool:
+    """The merge stage merges shard by shard (no model built) when the experts train MXFP4-resident."""
+    return cfg.model.experts_dtype == "mxfp4" and not cfg.model.tiny

@@ -44,6 +44,7 @@ LOGIT_BYTES = 8  # per [token, vocab] element without chunking: bf16 logits + fp
 CONTEXT_GIB = 0.6  # CUDA context, outside torch's allocator
 FRAGMENTATION = 0.05  # reserved over allocated at the peak
 USABLE = 0.99  # of the card's nominal GiB (H100 80 GB: 79.2 GiB usable; H200 141: 139.8)
+MERGE_SHARD_GIB = 5e9 / GIB  # the streaming merge's output shard buffer (gptoss_hpc.modeling.mxfp4_merge)
 
 
 @dataclass(frozen=True)
@@ -208,13 +209,30 @@ def _bf16_model_gib(cfg: RunConfig, arch: Arch) -> float:
 
 
 def merge_estimate(cfg: RunConfig, arch: Arch, capacity_gib: float | None) -> Estimate:
-    """The merge stage loads the bf16-dequantized base whole, adds B@A per weight and saves it."""
+    """bf16 experts: the stage loads the bf16 base whole, adds B@A per weight and saves it. MXFP4-resident experts
+    (model.experts_dtype=mxfp4): it streams tensor by tensor (gptoss_hpc.modeling.mxfp4_merge), so the GPU holds
+    about three fp32 expert stacks at its peak (the check's base, PEFT's delta and the merged tensor read back);
+    with merge.format=mxfp4 the logit check then loads the MXFP4 model (as eval.model=adapter does)."""
+    stack = arch.experts * arch.hidden * 2 * arch.intermediate * 4 / GIB  # one layer's gate_up in fp32
+    if derive.streaming_merge(cfg):
+        note = f"streaming merge ({cfg.merge.format}): shard by shard, host RAM ~{MERGE_SHARD_GIB + stack:.0f} GiB"
+        parts = {"expert stacks": 3 * stack, "workspace": 0.5}
+        if cfg.merge.format == "mxfp4":  # the logit check loads the MXFP4 model (+ adapter), one at a time
+            non_expert, experts = weights_gib(cfg, arch)
+            parts = {
+                "weights": non_expert + experts,
+                "adapter": lora_params(cfg, arch) * 2 / GIB,
+                "dequant buffer": stack / 2,
+                "workspace": 0.5,
+            }
+            note += "; its logit check holds one MXFP4 model"
+        return Estimate("merge", parts, capacity_gib, note=note)
     layer = arch.expert_weights() * 4 / GIB  # one fp32 delta of an experts stack while it is merged
     return Estimate(
         "merge",
         {"weights": _bf16_model_gib(cfg, arch), "delta": layer, "workspace": 0.5},
         capacity_gib,
-        note="the stage loads the bf16 base whole; python -m gptoss_hpc.modeling.mxfp4_merge merges on the CPU",
+        note="loads the bf16 base whole; model.experts_dtype=mxfp4 streams it instead",
     )
 
 
@@ -223,12 +241,16 @@ def _generate_estimate(stage: str, cfg: RunConfig, arch: Arch, capacity_gib: flo
     batch = max(1, cfg.train.per_device_eval_batch_size)
     kv = 2 * arch.layers * arch.kv_heads * arch.head_dim * 2 * tokens * batch / GIB
     logits = batch * arch.vocab * 4 * 2 / GIB
-    return Estimate(
-        stage,
-        {"weights": _bf16_model_gib(cfg, arch), "kv cache": kv, "logits": logits, "workspace": 0.5},
-        capacity_gib,
-        note="bf16 merged model (MXFP4 base + adapter unmerged: not wired into the stages yet)",
-    )
+    parts = {"weights": _bf16_model_gib(cfg, arch), "kv cache": kv, "logits": logits, "workspace": 0.5}
+    note = "bf16 merged model (eval.model=merged)"
+    if derive.eval_model(cfg) == "adapter":
+        non_expert, experts = weights_gib(cfg, arch)
+        parts["weights"] = non_expert + experts
+        parts["adapter"] = lora_params(cfg, arch) * 2 / GIB  # unmerged, no optimizer state
+        note = f"base ({cfg.model.experts_dtype} experts) + adapter unmerged (eval.model=adapter)"
+        if cfg.model.experts_dtype == "mxfp4":
+            parts["dequant buffer"] = arch.experts * arch.hidden * 2 * arch.intermediate * 2 / GIB
+    return Estimate(stage, parts, capacity_gib, note=note)
 
 
 def estimate_stages(cfg: RunConfig, capacity_gib: float | None = None) -> list[Estimate]:
@@ -305,18 +327,29 @@ def fixes_that_fit(cfg: RunConfig, arch: Arch, capacity: float, limit: int = 3) 
 
 
 def _later_stage_problems(cfg: RunConfig, arch: Arch, capacity: float) -> list[str]:
-    """merge/eval/serve load the bf16 model whole on one GPU: refuse them before a long training run, not after."""
-    stages = [s for s in ("merge", "eval", "serve") if s in cfg.stages]
-    if not stages:
-        return []
-    est = merge_estimate(cfg, arch, capacity)
-    if est.fits:
-        return []
-    return [
-        f"stages {stages} load the merged bf16 model whole (~{est.card:.0f} GiB) on one GPU of "
-        f"cluster.gpu_memory_gib={capacity:g}: run stages=[train], then merge on the CPU shard by shard with "
-        "`python -m gptoss_hpc.modeling.mxfp4_merge <base> <adapter> <out>` (MXFP4 base), or use a card that holds it"
-    ]
+    """merge/eval/serve run on one GPU: refuse the ones that do not fit before a long training run, not after."""
+    problems = []
+    for stage in ("merge", "eval", "serve"):
+        if stage not in cfg.stages:
+            continue
+        est = (
+            merge_estimate(cfg, arch, capacity) if stage == "merge" else _generate_estimate(stage, cfg, arch, capacity)
+        )
+        if est.fits:
+            continue
+        fix = (
+            "model.experts_dtype=mxfp4 (the merge streams shard by shard, eval/serve run the MXFP4 base + adapter "
+            "unmerged: eval.model=adapter)"
+            if cfg.model.experts_dtype != "mxfp4"
+            else "eval.model=adapter (the MXFP4 base + adapter, unmerged)"
+            if stage != "merge"
+            else "a card that holds it"
+        )
+        problems.append(
+            f"the {stage} stage needs ~{est.card:.0f} GiB on one GPU ({est.note}) but cluster.gpu_memory_gib="
+            f"{capacity:g} leaves {capacity * USABLE:.1f}: use {fix}, or run stages=[train] and that stage elsewhere"
+        )
+    return problems
 
 
 def memory_problems(cfg: RunConfig) -> list[str]:

@@ -242,6 +242,20 @@ class EvalConfig:
     # Not flex_attention: on the H200 (torch 2.11) inductor cannot lower flex_attention for generation's
     # dynamic shapes (NoValidChoicesError); eager handles gpt-oss's attention sinks and short prompts well.
     attn_implementation: str = "eager"
+    # What eval and serve run as the fine-tuned model: "merged" (merged/, from the merge stage), "adapter" (the
+    # base + adapter/ unmerged, PEFT; with model.experts_dtype=mxfp4 the experts stay MXFP4 so a 120b fits one
+    # GPU; eval's base numbers then come from the same model under PEFT's disable_adapter()), or "auto":
+    # adapter when model.experts_dtype=mxfp4, else merged.
+    model: str = "auto"
+
+
+@dataclass
+class MergeConfig:
+    # The merged model's weight format. "bf16": plain bf16 (model.dtype) safetensors, no quantization_config.
+    # "mxfp4" (only with model.experts_dtype=mxfp4): the adapted experts re-quantized into the checkpoint's MXFP4
+    # blocks/scales (120b: ~61 GB instead of ~234 GB); merge_check.json then says how much of the adapter's
+    # weight change survived the re-quantization (a small LoRA delta is mostly rounded away: a warning says so).
+    format: str = "bf16"
 
 
 @dataclass
@@ -259,6 +273,7 @@ class RunConfig:
     data: DataConfig = MISSING
     train: TrainConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
 
 
 def folder_num_hidden_layers(folder: str) -> int:

@@ -74,10 +74,13 @@ def _run(cfg: RunConfig) -> list[str]:
     for stage in ("merge", "eval"):
         if stage in cfg.stages and "train" not in cfg.stages:
             p.append(f"stages has {stage} without train; a {stage} job needs this launch's adapter")
-    if "serve" in cfg.stages and "merge" not in cfg.stages:
-        p.append("stages has serve without merge; serve runs the merged model: add merge")
-    if "eval" in cfg.stages and "merge" not in cfg.stages:
-        p.append("stages has eval without merge; eval scores the merged model: add merge or drop eval")
+    merged = derive.eval_model(cfg) == "merged"  # eval.model=adapter runs adapter/ unmerged: no merge needed
+    if "serve" in cfg.stages and "merge" not in cfg.stages and merged:
+        p.append("stages has serve without merge; serve runs the merged model: add merge (or eval.model=adapter)")
+    if "eval" in cfg.stages and "merge" not in cfg.stages and merged:
+        p.append(
+            "stages has eval without merge; eval scores the merged model: add merge, drop eval or eval.model=adapter"
+        )
     if "report" in cfg.stages and not set(order) & {"train", "merge", "eval"}:
         p.append("stages=[report] alone has nothing to report; run `python -m gptoss_hpc.report RUN_DIR`")
     return p
@@ -327,4 +330,11 @@ def _eval(cfg: RunConfig) -> list[str]:
     for i, prompt in enumerate(e.prompts):
         if not prompt.get("user"):
             p.append(f"eval.prompts[{i}] has no 'user' text; each prompt is {{system: ..., user: ...}}")
+    p += _one_of("eval.model", e.model, ("auto", "merged", "adapter"), "the command line (eval.model=adapter)")
+    p += _one_of("merge.format", cfg.merge.format, ("bf16", "mxfp4"), "the command line (merge.format=mxfp4)")
+    if cfg.merge.format == "mxfp4" and cfg.model.experts_dtype != "mxfp4":
+        p.append(
+            "merge.format=mxfp4 re-quantizes into the base checkpoint's MXFP4 experts: it needs "
+            "model.experts_dtype=mxfp4 (the streaming merge); use merge.format=bf16"
+        )
     return p

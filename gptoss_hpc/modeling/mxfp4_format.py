@@ -71,21 +71,32 @@ def dequantize_mxfp4_lut(blocks: torch.Tensor, scales: torch.Tensor, dtype: torc
     return w.transpose(1, 2)
 
 
-def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[E, in, out] weight -> (blocks, scales) in the Hub layout, round-to-nearest e2m1 with the largest-magnitude
-    element of each 32-block mapped to at most 6. For tests and synthetic checkpoints (the inverse of
-    ``dequantize_mxfp4`` on weights that are already MXFP4-representable)."""
+# Midpoints between the non-negative e2m1 magnitudes (0, 0.5, 1, 1.5, 2, 3, 4, 6): a tie goes to the lower one
+_E2M1_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+def quantize_mxfp4(weight: torch.Tensor, experts_per_chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, in, out] weight -> (blocks, scales) in the Hub layout, round-to-nearest e2m1 (ties to the smaller
+    magnitude, values that round to zero stored as +0) with the largest-magnitude element of each 32-block mapped
+    to at most 6. The inverse of ``dequantize_mxfp4`` on weights that are already MXFP4-representable; used for
+    synthetic checkpoints and ``merge.format=mxfp4``. A few experts at a time, so the fp32 work stays near
+    ``experts_per_chunk`` experts (a 120b gate_up stack is 8.5 GB in fp32)."""
     import torch
 
     e, d_in, d_out = weight.shape
     if d_in % BLOCK:
         raise GptossHpcError(f"MXFP4 needs the input dimension to be a multiple of {BLOCK} (got {d_in})")
-    w = weight.detach().float().transpose(1, 2).reshape(e, d_out, d_in // BLOCK, BLOCK)
-    amax = w.abs().amax(dim=-1).clamp(min=2.0**-126)
-    exp = torch.ceil(torch.log2(amax / 6.0)).clamp(-SCALE_BIAS, 127)
-    scaled = w / torch.pow(2.0, exp)[..., None]
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=w.device)
-    codes = (scaled[..., None] - lut).abs().argmin(dim=-1).to(torch.uint8)
-    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    scales = (exp + SCALE_BIAS).to(torch.uint8)
-    return blocks.contiguous(), scales.contiguous()
+    blocks = torch.empty((e, d_out, d_in // BLOCK, BLOCK // 2), dtype=torch.uint8, device=weight.device)
+    scales = torch.empty((e, d_out, d_in // BLOCK), dtype=torch.uint8, device=weight.device)
+    bounds = torch.tensor(_E2M1_BOUNDS, dtype=torch.float32, device=weight.device)
+    for lo in range(0, e, experts_per_chunk):
+        hi = min(e, lo + experts_per_chunk)
+        w = weight[lo:hi].detach().float().transpose(1, 2).reshape(hi - lo, d_out, d_in // BLOCK, BLOCK).contiguous()
+        amax = w.abs().amax(dim=-1).clamp(min=2.0**-126)
+        exp = torch.ceil(torch.log2(amax / 6.0)).clamp(-SCALE_BIAS, 127)
+        scaled = w / torch.pow(2.0, exp)[..., None]
+        codes = torch.bucketize(scaled.abs(), bounds).to(torch.uint8)  # right=False: a tie takes the lower code
+        codes |= ((scaled < 0) & (codes > 0)).to(torch.uint8) << 3
+        blocks[lo:hi] = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        scales[lo:hi] = (exp + SCALE_BIAS).to(torch.uint8)
+    return blocks, scales

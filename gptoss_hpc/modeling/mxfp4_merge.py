@@ -1,11 +1,15 @@
-"""Merge a LoRA adapter into an MXFP4 gpt-oss checkpoint tensor by tensor, writing bf16 safetensors shards.
+"""Merge a LoRA adapter into an MXFP4 gpt-oss checkpoint tensor by tensor, writing bf16 (or MXFP4) safetensors shards.
 
 No model is built: each tensor of the base is read from its shard, the experts are dequantized (the values
 ``dequantize_mxfp4`` gives, as transformers' loader gives them), the adapter's delta is added where it has one
 (experts: PEFT's ``target_parameters`` layout; attention: B @ A), and the result goes to an output shard that is
-written once it reaches ``max_shard_bytes``. Host memory stays near one output shard plus one expert stack in fp32
-(120b: ~5 GB + 8.5 GB), whatever the model's size; no GPU is used. The 120b merge the merge stage cannot do
-(it loads the 218 GiB bf16 model whole) runs this way; wiring it into that stage is not done yet.
+written once it reaches ``max_shard_bytes``. Host memory stays near one output shard plus one expert stack
+(120b: ~5 GB + 8.5 GB in fp32), whatever the model's size. With ``device="cuda"`` the dequant + delta math runs
+on the GPU (one expert stack in fp32 there at a time: ~8.5 GB + its delta for the 120b); the merge stage uses
+this for ``model.experts_dtype=mxfp4``. ``out_format="mxfp4"`` re-quantizes the adapted expert stacks into the
+checkpoint's blocks/scales (unadapted ones are copied as they are) and keeps ``quantization_config``: the 120b
+merged model is then ~61 GB instead of ~234 GB, at the price of rounding most of a small LoRA delta away
+(``gptoss_hpc.modeling.mxfp4_merge_check`` measures how much survives).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss_hpc.errors import GptossHpcError
-from gptoss_hpc.modeling.mxfp4 import _shard_files, dequantize_mxfp4
+from gptoss_hpc.modeling.mxfp4 import _shard_files, dequantize_mxfp4, quantize_mxfp4
 
 log = logging.getLogger(__name__)
 
@@ -67,21 +71,44 @@ def _delta(a, b, kind: str, num_experts: int, scale: float):
     return scale * (a.transpose(1, 2) @ b.transpose(1, 2))
 
 
+def dequantize_stack(blocks, scales, device, experts_per_chunk: int = 8):
+    """fp32 [E, in, out] (a transposed view, as ``dequantize_mxfp4`` gives) from blocks/scales on any device,
+    a few experts at a time: the integer temporaries of one pass are ~4x the fp32 result, so a whole 120b stack
+    at once would need ~35 GB more than the 8.5 GB it yields."""
+    import torch
+
+    e, out, groups, half = blocks.shape
+    result = torch.empty((e, out, groups * 2 * half), dtype=torch.float32, device=device)
+    for lo in range(0, e, experts_per_chunk):
+        hi = min(e, lo + experts_per_chunk)
+        part = dequantize_mxfp4(blocks[lo:hi].to(device), scales[lo:hi].to(device), torch.float32)
+        result[lo:hi] = part.transpose(1, 2)
+        del part
+    return result.transpose(1, 2)
+
+
 def merge_mxfp4_adapter(
     base_folder: str | Path,
     adapter_folder: str | Path,
     out_folder: str | Path,
     dtype: str = "bfloat16",
     max_shard_bytes: int = 5 * 10**9,
+    device: str = "cpu",
+    out_format: str = "bf16",
 ) -> dict[str, Any]:
     """Write base + adapter, merged, as ``dtype`` safetensors shards + index + config (without the MXFP4
-    quantization_config) into ``out_folder`` (through a temp folder and a rename). Returns what it did."""
+    quantization_config; ``out_format="mxfp4"``: adapted experts re-quantized to blocks/scales, config kept)
+    into ``out_folder`` (through a temp folder and a rename). Returns what it did."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     base_folder, adapter_folder, out_folder = Path(base_folder), Path(adapter_folder), Path(out_folder)
+    if out_format not in ("bf16", "mxfp4"):
+        raise GptossHpcError(f"merge format {out_format!r}: choose bf16 or mxfp4 (merge.format)")
     torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
     config = json.loads((base_folder / "config.json").read_text())
     adapter_config = json.loads((adapter_folder / "adapter_config.json").read_text())
     deltas = adapter_deltas(load_file(str(adapter_folder / "adapter_model.safetensors")), config)
@@ -113,23 +140,34 @@ def merge_mxfp4_adapter(
     for name in sorted(files):
         if name.endswith("_scales"):
             continue
-        if name.endswith("_blocks"):
-            target = name.removesuffix("_blocks")
-            tensor = dequantize_mxfp4(read(name), read(f"{target}_scales"), torch.float32).contiguous()
+        target = name.removesuffix("_blocks")
+        if name.endswith("_blocks") and out_format == "mxfp4" and target not in deltas:
+            pieces = {name: read(name), f"{target}_scales": read(f"{target}_scales")}  # unadapted: as they are
+        elif name.endswith("_blocks"):
+            pieces = {target: dequantize_stack(read(name), read(f"{target}_scales"), device)}
         else:
-            target, tensor = name, read(name)
+            pieces = {target: read(name)}
         if target in deltas:
             a, b, kind = deltas.pop(target)
-            tensor = tensor.float() + _delta(a, b, kind, num_experts, scale)
+            tensor = pieces.pop(target).to(device).float()
+            tensor += _delta(a.to(device), b.to(device), kind, num_experts, scale)  # in place: one stack fewer
+            pieces = {target: tensor}
+            if kind == "experts" and out_format == "mxfp4":
+                blocks, scales = quantize_mxfp4(tensor)
+                pieces = {name: blocks, f"{target}_scales": scales}
             merged.append(target)
-        if tensor.is_floating_point():
-            tensor = tensor.to(torch_dtype)
-        size = tensor.numel() * tensor.element_size()
-        if shard and shard_bytes + size > max_shard_bytes:
-            flush()
-        shard[target] = tensor.contiguous()
-        shard_bytes += size
-        peak_buffer = max(peak_buffer, shard_bytes)
+            del tensor
+        for key, tensor in pieces.items():
+            if tensor.is_floating_point():
+                tensor = tensor.to(torch_dtype)
+            tensor = tensor.contiguous().cpu()
+            size = tensor.numel() * tensor.element_size()
+            if shard and shard_bytes + size > max_shard_bytes:
+                flush()
+            shard[key] = tensor
+            shard_bytes += size
+            peak_buffer = max(peak_buffer, shard_bytes)
+        del pieces
     flush()
     handles.clear()
     if deltas:
@@ -141,7 +179,8 @@ def merge_mxfp4_adapter(
         os.rename(tmp / name, tmp / final)
         weight_map.update(dict.fromkeys(keys, final))
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-    config.pop("quantization_config", None)
+    if out_format == "bf16":  # dequantized weights must not be read back as MXFP4
+        config.pop("quantization_config", None)
     config["torch_dtype"] = dtype
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     for extra in _COPIED:
@@ -155,13 +194,20 @@ def merge_mxfp4_adapter(
         "merged_tensors": len(merged),
         "peak_shard_buffer_gib": round(peak_buffer / 2**30, 2),
         "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        if str(device).startswith("cuda")
+        else None,
+        "device": str(device),
+        "format": out_format,
+        "merged_gib": round(sum(f.stat().st_size for f in out_folder.glob("*.safetensors")) / 2**30, 2),
     }
     log.info("streaming merge of %s + %s -> %s: %s", base_folder, adapter_folder, out_folder, stats)
     return stats
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m gptoss_hpc.modeling.mxfp4_merge BASE_FOLDER ADAPTER_FOLDER OUT_FOLDER [--dtype bfloat16]"""
+    """python -m gptoss_hpc.modeling.mxfp4_merge BASE ADAPTER OUT [--dtype bfloat16] [--device cuda] [--format mxfp4]
+    (the merge alone, without the stage's check)"""
     import argparse
     import sys
 
@@ -170,9 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("out", help="where the merged safetensors go")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", default="cpu", help="where the dequant + delta math runs, e.g. cuda (default cpu)")
+    p.add_argument("--format", default="bf16", choices=["bf16", "mxfp4"], help="as merge.format")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        stats = merge_mxfp4_adapter(args.base, args.adapter, args.out, args.dtype)
+        stats = merge_mxfp4_adapter(
+            args.base, args.adapter, args.out, args.dtype, device=args.device, out_format=args.format
+        )
     except (GptossHpcError, OSError, KeyError) as exc:
         print(f"merge failed: {exc}", file=sys.stderr)
         return 1

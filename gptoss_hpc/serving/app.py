@@ -76,18 +76,61 @@ class ScoreResponse(BaseModel):
 
 
 def load_model(model_dir: str | os.PathLike[str], cfg: Any = None) -> tuple[Any, Any]:
-    """(model, tokenizer) from a merged folder; on the GPU when there is one. With the point's RunConfig (the
-    serve stage) it loads as the eval stage does (model.dtype, eval.attn_implementation, experts kernels);
-    without, in the folder's dtype with eager attention."""
+    """(model, tokenizer) from a merged folder, or from an adapter folder (base + LoRA unmerged, PEFT: a point's
+    ``adapter/`` with ``eval.model=adapter``); on the GPU when there is one. With the point's RunConfig (the serve
+    stage) it loads as the eval stage does (model.dtype, eval.attn_implementation, experts kernels; an MXFP4 base
+    stays MXFP4); without, in the folder's dtype with eager attention."""
     from transformers import AutoTokenizer
 
     from gptoss_hpc.modeling.model import load_inference_model
 
     folder = Path(model_dir)
+    if (folder / "adapter_config.json").is_file():
+        return _load_adapter(folder, cfg)
     if not (folder / "config.json").is_file():
-        raise ServeError(f"{folder} holds no model (config.json missing): give a merged/ folder")
+        raise ServeError(f"{folder} holds no model (config.json missing): give a merged/ or adapter/ folder")
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     return load_inference_model(folder, cfg), tokenizer
+
+
+def _load_adapter(folder: Path, cfg: Any) -> tuple[Any, Any]:
+    import json
+
+    from transformers import AutoTokenizer
+
+    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder if (folder / "tokenizer_config.json").is_file() else base))
+    if cfg is not None:
+        from gptoss_hpc.modeling.model import load_adapter_model
+        from gptoss_hpc.paths import PointPaths
+
+        return load_adapter_model(cfg, PointPaths(folder.parent), folder), tokenizer
+    import torch
+
+    from gptoss_hpc.modeling.model import cuda_device_map
+
+    if base and (Path(base) / "config.json").is_file() and _is_mxfp4_folder(Path(base)):
+        # an MXFP4 base stays MXFP4 (a dequantized 120b would not fit one GPU)
+        from gptoss_hpc.modeling.mxfp4 import load_mxfp4_peft_model
+
+        cuda = torch.cuda.is_available()
+        model = load_mxfp4_peft_model(
+            base, folder, "cuda" if cuda else "cpu", torch.bfloat16 if cuda else torch.float32, "eager"
+        )
+        return model, tokenizer
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(
+        str(folder), dtype="auto", attn_implementation="eager", device_map=cuda_device_map()
+    )
+    return model.eval(), tokenizer
+
+
+def _is_mxfp4_folder(folder: Path) -> bool:
+    import json
+
+    quant = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    return quant.get("quant_method") == "mxfp4"
 
 
 def create_app(
@@ -200,10 +243,11 @@ def create_app(
 
 
 def default_model_name(model_dir: str | os.PathLike[str]) -> str:
-    """The id /v1/models lists: ``<experiment>/pNNN`` for a run's ``logs/<experiment>/<ts>/pNNN/merged``,
+    """The id /v1/models lists: ``<experiment>/pNNN`` for a run's ``logs/<experiment>/<ts>/pNNN/merged`` (or
+    ``adapter``),
     else the folder's name."""
     folder = Path(model_dir).resolve()
-    if folder.name == "merged" and len(folder.parents) >= 3:
+    if folder.name in ("merged", "adapter") and len(folder.parents) >= 3:
         return f"{folder.parents[2].name}/{folder.parent.name}"
     return folder.name
 

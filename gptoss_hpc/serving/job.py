@@ -100,24 +100,37 @@ def _serve_point(  # the job body proper, under serve_job's signal handling
     before_run: Callable[[], None],
     options: dict[str, Any],
 ) -> None:
+    from gptoss_hpc.config.derive import eval_model
     from gptoss_hpc.stages.common import write_status
 
+    # eval.model=adapter (auto with model.experts_dtype=mxfp4): the base + adapter/ unmerged, as eval runs it
+    folder = paths.adapter if eval_model(cfg) == "adapter" else paths.merged
     bind = host or os.environ.get("GPTOSS_SERVE_HOST") or node_address()
     bound_port = free_port(bind, port or int(os.environ.get("GPTOSS_SERVE_PORT", DEFAULT_PORT)))
     if api_key_file:
         key, where = read_key_file(api_key_file), {"api_key_source": "file", "api_key_file": str(api_key_file)}
     else:
         key, where = job_api_key(paths.root / "serve" / "api_key")
-    name = options.pop("served_model_name", None) or default_model_name(paths.merged)
+    name = options.pop("served_model_name", None) or default_model_name(folder)
     address = f"{socket.gethostname()}:{bound_port}"
     url_host = socket.gethostname() if bind in ("0.0.0.0", "::") else bind
     url = f"http://{url_host}:{bound_port}/v1"
-    write_status(paths, "serve", "RUNNING", address=address, url=url, model=name, merged=str(paths.merged), **where)
+    write_status(
+        paths,
+        "serve",
+        "RUNNING",
+        address=address,
+        url=url,
+        model=name,
+        merged=str(folder),
+        served_from=folder.name,
+        **where,
+    )
     print(address, flush=True)
-    log.info("serving %s as %r at %s; API key: %s", paths.merged, name, url, where.get("api_key_file", API_KEY_ENV))
+    log.info("serving %s as %r at %s; API key: %s", folder, name, url, where.get("api_key_file", API_KEY_ENV))
     cap = options.pop("max_new_tokens_cap", None) or max(DEFAULT_MAX_NEW_TOKENS_CAP, cfg.eval.max_new_tokens)
     serve(
-        paths.merged,
+        folder,
         bind,
         bound_port,
         cap,

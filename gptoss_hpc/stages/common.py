@@ -47,11 +47,18 @@ def peak_gpu_gib() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 3)
 
 
+def peak_host_rss_gib() -> float:
+    """This process's peak resident set so far (ru_maxrss, KiB on Linux), in GiB."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+
+
 def usage(stage: str) -> dict[str, float | None]:
-    """wall_s since the stage started (None outside run_stage) and peak_gpu_gib so far."""
+    """wall_s since the stage started (None outside run_stage), peak_gpu_gib and peak_host_rss_gib so far."""
     started = _STARTED.get(stage)
     wall = None if started is None else round(time.perf_counter() - started, 3)
-    return {"wall_s": wall, "peak_gpu_gib": peak_gpu_gib()}
+    return {"wall_s": wall, "peak_gpu_gib": peak_gpu_gib(), "peak_host_rss_gib": peak_host_rss_gib()}
 
 
 def write_status(paths: PointPaths, stage: str, state: str, **extra: object) -> None:

@@ -274,14 +274,45 @@ def _free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def load_adapter(cfg: RunConfig, paths: PointPaths) -> Any:
+    from gptoss_hpc.modeling.model import load_adapter_model
+
+    return load_adapter_model(cfg, paths, paths.adapter)
+
+
+def _evaluate_unmerged(tokenizer: Any, rows: list, prompts: list[Prompt], cfg: RunConfig, paths: PointPaths):
+    """eval.model=adapter: one model resident, the base + adapter unmerged; the base numbers come from the same
+    model under PEFT's disable_adapter()."""
+    model = load_adapter(cfg, paths)
+    try:
+        with model.disable_adapter():
+            base = _evaluate(model, tokenizer, rows, prompts, cfg, "base")
+        return base, _evaluate(model, tokenizer, rows, prompts, cfg, "finetuned")
+    finally:
+        del model
+        _free_device_memory()
+
+
 def body(cfg: RunConfig, paths: PointPaths) -> Path:
     from transformers import AutoTokenizer
 
+    from gptoss_hpc.config.derive import eval_model
     from gptoss_hpc.data import load_datasets
 
-    if not (paths.merged / "config.json").is_file():
-        raise EvalError(f"no merged model at {paths.merged}: did the merge stage finish?")
-    tokenizer = AutoTokenizer.from_pretrained(str(paths.merged))
+    kind = eval_model(cfg)
+    folder = paths.adapter if kind == "adapter" else paths.merged
+    marker = "adapter_config.json" if kind == "adapter" else "config.json"
+    if not (folder / marker).is_file():
+        stage = "train" if kind == "adapter" else "merge"
+        raise EvalError(
+            f"no {kind} model at {folder} ({marker} missing; eval.model={cfg.eval.model}): did {stage} finish?"
+        )
+    if kind == "adapter" and not (folder / "tokenizer_config.json").is_file():
+        from gptoss_hpc.modeling.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
     train, heldout = load_datasets(cfg, tokenizer)
     split = "eval"
     if heldout is None:
@@ -291,10 +322,16 @@ def body(cfg: RunConfig, paths: PointPaths) -> Path:
     rows = [r["messages"] for r in heldout.select(range(min(len(heldout), cap) if cap else len(heldout)))]
     prompts = build_prompts(cfg, rows + [r["messages"] for r in train])
 
-    base_result, base_records = _evaluate_one(lambda: load_base(cfg, paths), tokenizer, rows, prompts, cfg, "base")
-    ft_result, ft_records = _evaluate_one(lambda: load_merged(cfg, paths), tokenizer, rows, prompts, cfg, "finetuned")
+    if kind == "adapter":
+        (base_result, base_records), (ft_result, ft_records) = _evaluate_unmerged(tokenizer, rows, prompts, cfg, paths)
+    else:
+        base_result, base_records = _evaluate_one(lambda: load_base(cfg, paths), tokenizer, rows, prompts, cfg, "base")
+        ft_result, ft_records = _evaluate_one(
+            lambda: load_merged(cfg, paths), tokenizer, rows, prompts, cfg, "finetuned"
+        )
 
     result = {
+        "model": kind,
         "split": split,
         "rows": len(rows),
         "prompts": len(prompts),

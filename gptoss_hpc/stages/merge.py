@@ -7,6 +7,9 @@ Reads ``adapter/`` (adapter + tokenizer, from the train stage); writes ``merged/
 tokenizer, ``README.md`` (model card) and ``merge_check.json`` (max/mean |logit diff|, tolerances, the
 adapter's own effect and, in bf16/fp16, the rounding-noise floor the tolerance is calibrated by). The
 folder is written under a temporary name and renamed, so ``merged/`` is either complete or absent.
+With ``model.experts_dtype=mxfp4`` (the 120b default) no model is built: the checkpoint is merged tensor by
+tensor (``gptoss_hpc.stages.merge_streaming``), checked tensor by tensor against PEFT's own delta, and
+``merge.format=mxfp4`` re-quantizes the experts and reports how much of the adapter survived (README).
 Optional Hub push: only when HF_TOKEN is set, ``train.push_to_hub`` is true and PUSH_TO_HUB != "false"; a
 push that fails (read-only token, no network) is a warning ("push failed: ..." in status): merged/ is saved.
 """
@@ -248,8 +251,7 @@ def model_card(cfg: RunConfig, paths: PointPaths, check: Mapping[str, Any]) -> s
         f"- Data: `{data}` (source `{cfg.data.source}`, split `{cfg.data.split}`)",
         f"- Training: learning_rate {cfg.train.learning_rate}, epochs {cfg.train.num_train_epochs}, "
         f"max_steps {cfg.train.max_steps}, max_length {cfg.train.max_length}",
-        f"- Merge check: max |merged - adapter logits| = {check['max_abs_diff']:.3g} "
-        f"(tolerance {check['tolerance']:.3g}, {check['dtype']})",
+        _check_line(check),
         "",
         "## LoRA config",
         "",
@@ -270,6 +272,24 @@ def model_card(cfg: RunConfig, paths: PointPaths, check: Mapping[str, Any]) -> s
     return "\n".join(lines)
 
 
+def _check_line(check: Mapping[str, Any]) -> str:
+    if "method" in check:  # the streaming merge's tensor check
+        line = (
+            f"- Merge check: {check['adapted_parameters']} adapted tensors against PEFT's merge, max mismatch "
+            f"{check['max_mismatch']:.3g} of elements ({check['format']}, {check['dtype']})"
+        )
+        if "survival_mean" in check:
+            line += (
+                f"; MXFP4 re-quantization kept {check['survival_mean']:.1%} of the adapter's weight change and "
+                f"{check.get('logit_survival', 0.0):.1%} of its logit effect"
+            )
+        return line
+    return (
+        f"- Merge check: max |merged - adapter logits| = {check['max_abs_diff']:.3g} "
+        f"(tolerance {check['tolerance']:.3g}, {check['dtype']})"
+    )
+
+
 def _to_device(model: Any) -> Any:
     import torch
 
@@ -281,11 +301,14 @@ def _to_device(model: Any) -> Any:
 def body(cfg: RunConfig, paths: PointPaths) -> Path:
     from peft import PeftModel
 
+    from gptoss_hpc.config.derive import streaming_merge
     from gptoss_hpc.modeling.model import load_base_model
 
     if not (paths.adapter / "adapter_config.json").is_file():
         raise MergeError(f"no LoRA adapter at {paths.adapter} (adapter_config.json missing): did train finish?")
     tokenizer = load_adapter_tokenizer(cfg, paths)
+    if streaming_merge(cfg):
+        return _finish(cfg, paths, _streaming(cfg, paths, tokenizer))
     samples = probe_token_ids(cfg, tokenizer)
     base = _to_device(load_base_model(cfg, paths, for_training=False))
     if getattr(base, "hf_quantizer", None) is not None and not cfg.model.dequantize_mxfp4:
@@ -305,6 +328,58 @@ def body(cfg: RunConfig, paths: PointPaths) -> Path:
     tokenizer.save_pretrained(str(tmp))
     write_atomic(tmp / "merge_check.json", json.dumps(check, indent=2) + "\n")
     write_atomic(tmp / "README.md", model_card(cfg, paths, check))
+    return _finish(cfg, paths, tmp)
+
+
+def _streaming(cfg: RunConfig, paths: PointPaths, tokenizer: Any) -> Path:
+    """model.experts_dtype=mxfp4: merge shard by shard (gptoss_hpc.stages.merge_streaming), then the same files
+    as the in-memory merge beside the weights. Returns the complete temp folder."""
+    from gptoss_hpc.stages.merge_streaming import merge_streaming
+
+    tmp = paths.merged.with_name(paths.merged.name + ".tmp")
+    try:
+        return _streaming_checked(cfg, paths, tokenizer, tmp, merge_streaming(cfg, paths, tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp.with_name(tmp.name + ".tmp"), ignore_errors=True)  # the merge's own temp folder
+        raise
+
+
+def _streaming_checked(cfg: RunConfig, paths: PointPaths, tokenizer: Any, tmp: Path, check: dict[str, Any]) -> Path:
+    from gptoss_hpc.modeling.mxfp4_merge_check import LOW_SURVIVAL
+    from gptoss_hpc.stages.merge_streaming import logit_survival
+
+    if not check["passed"]:
+        bad = [r["tensor"] for r in check["tensors"] if not r["passed"]]
+        raise MergeError(
+            f"the merged tensors differ from PEFT's merge of the adapter in {len(bad)} of "
+            f"{check['adapted_parameters']} adapted tensors (first: {bad[:3]}; max mismatch "
+            f"{check['max_mismatch']:.3g} of elements, allowed {check['tolerance']}); the merged model was not saved",
+            check,
+        )
+    if not check["conclusive"]:
+        stage_warning(
+            "the adapter changes too few merged weights at this precision for the merge check to tell a correct "
+            "merge from a lost adapter (merge_check.json: adapter_visible per tensor)"
+        )
+    if cfg.merge.format == "mxfp4":
+        check.update(logit_survival(cfg, paths, tmp, probe_token_ids(cfg, tokenizer)))
+        log.info("merge.format=mxfp4 keeps %.1f%% of the adapter's logit effect", 100 * check["logit_survival"])
+    if check.get("survival_mean") is not None and min(check["survival_mean"], check["logit_survival"]) < LOW_SURVIVAL:
+        stage_warning(
+            f"merge.format=mxfp4 kept only {check['survival_mean']:.1%} of the adapter's weight change (min "
+            f"{check['survival_min']:.1%} per tensor) and {check['logit_survival']:.1%} of its effect on the logits: "
+            "re-quantizing W + delta to MXFP4 rounds most of the LoRA delta back to the base weights. Serve the "
+            "adapter unmerged (eval.model=adapter) or merge.format=bf16"
+        )
+    tokenizer.save_pretrained(str(tmp))
+    write_atomic(tmp / "merge_check.json", json.dumps(check, indent=2) + "\n")
+    write_atomic(tmp / "README.md", model_card(cfg, paths, check))
+    return tmp
+
+
+def _finish(cfg: RunConfig, paths: PointPaths, tmp: Path) -> Path:
+    """Rename the complete temp folder to merged/ and push it (when asked)."""
     shutil.rmtree(paths.merged, ignore_errors=True)
     os.replace(tmp, paths.merged)
     log.info("merged model saved to %s", paths.merged)

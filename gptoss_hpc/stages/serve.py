@@ -52,7 +52,9 @@ def main(config_path: str | os.PathLike[str], **options: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gptoss_hpc.serve", description="Serve a merged gpt-oss model.")
-    p.add_argument("model", help="a merged model folder, or a point's config.yaml (serves its merged/ as the job does)")
+    p.add_argument(
+        "model", help="a merged or adapter folder, or a point's config.yaml (serves what its eval.model names)"
+    )
     p.add_argument("--host", help="address to bind (default 127.0.0.1; for a config.yaml: this node's address)")
     p.add_argument("--port", type=int, help=f"default {DEFAULT_PORT} (for a config.yaml: the first free one from it)")
     p.add_argument(

@@ -7,6 +7,7 @@ node; the report needs no GPU. Secrets never appear here: jobs inherit them from
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -24,7 +25,13 @@ STAGE_MODULES = {
     "report": "gptoss_hpc.stages.report",
 }
 # The stage each one waits for: the first of these that the launch runs.
-PARENTS = {"merge": ("train",), "eval": ("merge",), "serve": ("merge",), "report": ("eval", "merge", "train")}
+# the first one launched is the parent; eval/serve follow train directly with eval.model=adapter (no merge)
+PARENTS = {
+    "merge": ("train",),
+    "eval": ("merge", "train"),
+    "serve": ("merge", "train"),
+    "report": ("eval", "merge", "train"),
+}
 
 
 def job_name(cfg: RunConfig, stage: str) -> str:
@@ -156,6 +163,11 @@ def local_parameters(cfg: RunConfig, stage: str) -> dict[str, Any]:
         gpus = c.gpus_per_node if stage == "train" else aux
         if gpus > 0:
             params["gpus_per_node"] = gpus
+            # submitit numbers a local job's GPUs from 0 unless told which are visible: a check pinned to GPU 1
+            # (CUDA_VISIBLE_DEVICES=1) would otherwise run its jobs on GPU 0, beside whatever runs there
+            visible = [int(d) for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip().isdigit()]
+            if visible:
+                params["visible_gpus"] = visible
     return params
 
 
