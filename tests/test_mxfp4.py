@@ -400,3 +400,15 @@ def test_compiled_mxfp4_experts_inside_compiled_layers_match_eager(checkpointing
         for key in ("mxfp4_core", "mxfp4_dequant", "mxfp4_disabled", "mxfp4_dequant_disabled"):
             _COMPILED.pop(key, None)
         torch._dynamo.reset()
+
+
+def test_experts_build_from_a_hub_config_without_swiglu_alpha():
+    """The Hub's config.json has swiglu_limit but not swiglu_alpha, and transformers 5.17's GptOssConfig has no
+    default for it (the H200 box's version; the CPU venv's has one): the MXFP4 experts use gpt-oss's 1.702."""
+    from types import SimpleNamespace
+
+    from gptoss_hpc.modeling.fast.mxfp4_experts import Mxfp4Experts
+
+    hub_like = SimpleNamespace(num_local_experts=2, hidden_size=64, intermediate_size=64, swiglu_limit=7.0)
+    experts = Mxfp4Experts(hub_like)
+    assert (experts.alpha, experts.limit) == (1.702, 7.0)

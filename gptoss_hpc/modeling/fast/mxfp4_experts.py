@@ -22,6 +22,8 @@ from gptoss_hpc.modeling.fast.anatomy import _COMPILED
 from gptoss_hpc.modeling.fast.mxfp4_mm import _compile, _compiles
 from gptoss_hpc.modeling.mxfp4_format import BLOCK, EXPERT_PARAMS, SCALE_BIAS, dequantize_mxfp4
 
+SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0  # gpt-oss's values (the constants of transformers' GptOssExperts)
+
 log = logging.getLogger(__name__)
 
 
@@ -47,8 +49,10 @@ class Mxfp4Experts(nn.Module):
             raise GptossHpcError(f"MXFP4 experts need hidden_size and intermediate_size divisible by {BLOCK}")
         self.num_experts, self.hidden_size, self.intermediate_size = e, h, i
         self.config = config
-        self.alpha = config.swiglu_alpha
-        self.limit = config.swiglu_limit
+        # the Hub's config.json has swiglu_limit but no swiglu_alpha, and transformers 5.17's GptOssConfig has no
+        # default for it (its experts use the constant 1.702): the H200 box failed to build the model without these
+        self.alpha = getattr(config, "swiglu_alpha", SWIGLU_ALPHA)
+        self.limit = getattr(config, "swiglu_limit", SWIGLU_LIMIT)
         for name, d_in, d_out in (("gate_up_proj", h, 2 * i), ("down_proj", i, h)):
             self.register_buffer(f"{name}_blocks", torch.zeros(e, d_out, d_in // BLOCK, BLOCK // 2, dtype=torch.uint8))
             self.register_buffer(f"{name}_scales", torch.full((e, d_out, d_in // BLOCK), SCALE_BIAS, dtype=torch.uint8))
