@@ -108,6 +108,9 @@ def merge_mxfp4_adapter(
         raise GptossHpcError(f"merge format {out_format!r}: choose bf16 or mxfp4 (merge.format)")
     torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
     if str(device).startswith("cuda"):
+        # a fresh merge process has not touched CUDA yet, and the allocator's stats exist only after its init
+        # (H200: "Invalid device argument" from reset_peak_memory_stats in the merge job)
+        torch.cuda.init()
         torch.cuda.reset_peak_memory_stats(device)
     config = json.loads((base_folder / "config.json").read_text())
     adapter_config = json.loads((adapter_folder / "adapter_config.json").read_text())
