@@ -90,7 +90,9 @@ def _check_metrics(paths: PointPaths, k: Knobs) -> dict:
     compiled = k.compile_layers and not k.gradient_checkpointing and (k.fused_experts or k.lora == "attention")
     assert knobs.get("compiled_layers", 0) == (2 if compiled else 0)
     assert (knobs.get("factored_expert_lora", 0) > 0) is (k.fused_experts and k.lora != "attention")
-    assert m["batch"]["effective_batch"] == 2 * k.ranks  # demo: micro-batch 2, accumulation 1
+    # demo: micro-batch 2 x max_length, accumulation 1; packed, each micro-batch is one bin (train.packing_bin)
+    assert m["batch"]["effective_batch"] == (1 if k.packing else 2) * k.ranks
+    assert m["batch"]["max_tokens_per_step"] == 2 * m["batch"]["max_length"] * k.ranks
     return m
 
 
