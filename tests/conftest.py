@@ -91,3 +91,28 @@ def _slurm_marker_needs_cluster(request: pytest.FixtureRequest) -> None:
         request.getfixturevalue("local_slurm_2node")
     elif request.node.get_closest_marker("slurm") is not None:
         request.getfixturevalue("local_slurm")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`make test` runs pytest-xdist with `--dist loadgroup`: each xdist_group runs on one worker, in order.
+    Every test of a module that touches a local cluster joins that cluster's group ("slurm", "slurm2"), so each
+    cluster sees one test at a time, as in a serial run (job ids, GPU indices, pending reasons, the 2-node
+    cluster's stop at the session's end); every other module is its own group, so a module-scoped fixture is
+    built once. Under xdist (with --no-loadscope-reorder) the two cluster groups are handed out first, as they
+    take the longest. Without xdist the marks do nothing and the order is pytest's."""
+    groups: dict[str, str] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        if item.get_closest_marker("slurm2") is not None or "local_slurm_2node" in item.fixturenames:
+            groups[module] = "slurm2"
+        elif groups.get(module) != "slurm2" and (
+            item.get_closest_marker("slurm") is not None or "local_slurm" in item.fixturenames
+        ):
+            groups[module] = "slurm"
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(groups.get(module, module)))
+    if hasattr(config, "workerinput"):  # an xdist worker: the clusters' groups, the longest, are handed out first
+        first = {"slurm2": 0, "slurm": 1}
+        items.sort(key=lambda item: first.get(groups.get(item.nodeid.split("::")[0], ""), 2))
