@@ -19,8 +19,8 @@ STAMP := $(VENV)/.gptoss_hpc-installed
 DEMO_ARGS ?=
 # Two pytest-xdist workers: the suite waits on Slurm (scheduling, requeue holds, sacct) and on single-threaded
 # imports a good part of the time, which a second worker fills. tests/conftest.py keeps each local cluster's
-# tests on one worker, in order. `make test PYTEST_ARGS=` runs it serially.
-PYTEST_ARGS ?= -n 2 --dist loadgroup --no-loadscope-reorder
+# tests on one worker, in order. `make test PYTEST_ARGS=` runs it serially. The 25 slowest tests go to the log.
+PYTEST_ARGS ?= -n 2 --dist loadgroup --no-loadscope-reorder --durations=25
 
 .PHONY: demo test lint
 
