@@ -17,6 +17,10 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.gptoss_hpc-installed
 # extra Hydra overrides for the demo, e.g. make demo DEMO_ARGS="train.max_steps=4"
 DEMO_ARGS ?=
+# Two pytest-xdist workers: the suite waits on Slurm (scheduling, requeue holds, sacct) and on single-threaded
+# imports a good part of the time, which a second worker fills. tests/conftest.py keeps each local cluster's
+# tests on one worker, in order. `make test PYTEST_ARGS=` runs it serially. The 25 slowest tests go to the log.
+PYTEST_ARGS ?= -n 2 --dist loadgroup --no-loadscope-reorder --durations=25
 
 .PHONY: demo test lint
 
@@ -35,7 +39,7 @@ test: $(STAMP)
 	eval "$$export_line"; \
 	test -f "$${SLURM_CONF:-}" || { echo "make test: local_slurm.sh start printed no SLURM_CONF" >&2; exit 1; }; \
 	echo "SLURM_CONF=$$SLURM_CONF"; \
-	rc=0; $(VPY) -m pytest -q || rc=$$?; \
+	rc=0; $(VPY) -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
 	if [ "$$rc" -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; fi; \
 	exit "$$rc"
 

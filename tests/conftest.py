@@ -13,7 +13,9 @@ automatically. If this session started it, it is stopped at the session's end; o
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,7 +89,59 @@ def local_slurm_2node(_local_slurm_2node_session: Path, monkeypatch: pytest.Monk
 @pytest.fixture(autouse=True)
 def _slurm_marker_needs_cluster(request: pytest.FixtureRequest) -> None:
     """Tests marked `slurm` (`slurm2`) get the running one-node (2-node) cluster without asking for it."""
-    if request.node.get_closest_marker("slurm2") is not None:
+    slurm2 = request.node.get_closest_marker("slurm2") is not None or "local_slurm_2node" in request.fixturenames
+    slurm = not slurm2 and (
+        request.node.get_closest_marker("slurm") is not None or "local_slurm" in request.fixturenames
+    )
+    module = request.node.nodeid.split("::")[0]
+    if os.environ.get("PYTEST_XDIST_WORKER") and (slurm or slurm2):
+        group = _xdist_group(module)
+        if group != ("slurm2" if slurm2 else "slurm"):  # it would share its cluster with another worker's tests
+            pytest.fail(f"{module} uses a local cluster but is in xdist group {group!r}: see _xdist_group")
+    if slurm2:
         request.getfixturevalue("local_slurm_2node")
-    elif request.node.get_closest_marker("slurm") is not None:
+    elif slurm:
         request.getfixturevalue("local_slurm")
+
+
+# --------------------------------------------------------------------------------------- pytest-xdist
+# `make test` runs two pytest-xdist workers (-n 2 --dist loadgroup). Every test module that touches a local
+# cluster goes to that cluster's group ("slurm", "slurm2"), which one worker runs in order, so each cluster sees
+# one test at a time as in a serial run (GPU indices, pending reasons, the 2-node cluster's stop at the end of
+# the session that started it); every other module is a group of its own, so a module-scoped fixture is built
+# once. The grouping is done here, by a scheduler, not with xdist_group marks: xdist 3.8's loadgroup writes the
+# group into item._nodeid, which pytest 9 no longer reads, so the marks are silently ignored.
+_SLURM2 = re.compile(r"mark\.slurm2\b|\blocal_slurm_2node\b")
+# the marker, or the fixture by name (not `cluster=local_slurm`, a config, nor launchers/local_slurm.sh)
+_SLURM = re.compile(r"mark\.slurm\b|(?<![=/])\blocal_slurm\b(?![.\w])")
+
+
+@functools.cache
+def _xdist_group(module: str) -> str:
+    """The group of a test module (its path from the rootdir): "slurm2", "slurm" or the module itself. Read from
+    the source, as the xdist controller collects nothing: a module naming the marker or the fixture is in."""
+    text = (REPO_ROOT / module).read_text()
+    if _SLURM2.search(text):
+        return "slurm2"
+    return "slurm" if _SLURM.search(text) else module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ClusterGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _xdist_group(nodeid.split("::")[0])
+
+    return ClusterGroups(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In an xdist worker, the two cluster groups first: they take the longest, so they are handed out first
+    (with --no-loadscope-reorder). A serial run keeps pytest's order."""
+    if hasattr(config, "workerinput"):
+        first = {"slurm2": 0, "slurm": 1}
+        items.sort(key=lambda item: first.get(_xdist_group(item.nodeid.split("::")[0]), 2))

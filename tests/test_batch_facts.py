@@ -37,12 +37,18 @@ if os.environ.get("EDIT_DS_JSON"):  # a stale or hand-edited file where DeepSpee
     ds = json.loads(deepspeed_json_path(paths).read_text())
     ds["zero_optimization"]["stage"] = 1
     deepspeed_json_path(paths).write_text(json.dumps(ds))
+
+# each rank ends as the train stage does: without the teardown, a rank whose gloo threads outlive the interpreter
+# aborts at exit (SIGABRT, "terminate called without an active exception"), as two loaded ranks did at times
+from gptoss_hpc.modeling.distributed import abort_distributed, shutdown_distributed
 try:
     facts = check_batch_facts(cfg, args, deepspeed_json_path(paths))
 except Exception as exc:
     print("ERROR", type(exc).__name__, exc, flush=True)
+    abort_distributed()
     sys.exit(3)
 print("FACTS", json.dumps(facts), flush=True)
+shutdown_distributed()
 """
 
 
