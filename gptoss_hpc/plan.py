@@ -47,7 +47,7 @@ def format_table(estimates: list[Estimate]) -> str:
 def fits_table(base: list[str], lora: str = "experts") -> str:
     """For gpt-oss-20b and -120b and each card size: the setting train.fit_memory would train with (the fastest
     candidate of gptoss_hpc.config.fit whose train stage fits)."""
-    from gptoss_hpc.config.fit import candidates
+    from gptoss_hpc.config.fit import fastest_fit
 
     lines = [f"LoRA `{lora}`, train=default (16k tokens per optimizer step), GiB of one GPU: fastest setting that fits"]
     lines += ["", "| model | " + " | ".join(f"{c} GB" for c in CARDS) + " |", "|---|" + "---|" * len(CARDS)]
@@ -56,16 +56,15 @@ def fits_table(base: list[str], lora: str = "experts") -> str:
         arch = arch_for(base_cfg)
         cells = []
         for card in CARDS:
-            cell = "does not fit"
-            for _, _, cfg in candidates(base_cfg):
-                est = train_estimate(cfg, arch, card)
-                if est.fits:
-                    t = cfg.train
-                    dtype = "bf16" if cfg.model.experts_dtype == "bfloat16" else cfg.model.experts_dtype
-                    recompute = " recompute" if t.gradient_checkpointing else ""
-                    cell = f"{dtype} {t.per_device_train_batch_size}x{t.max_length}{recompute} ({est.card:.0f})"
-                    break
-            cells.append(cell)
+            found = fastest_fit(base_cfg, arch, card)
+            if found is None:
+                cells.append("does not fit")
+                continue
+            _, _, cfg, est = found
+            t = cfg.train
+            dtype = "bf16" if cfg.model.experts_dtype == "bfloat16" else cfg.model.experts_dtype
+            recompute = " recompute" if t.gradient_checkpointing else ""
+            cells.append(f"{dtype} {t.per_device_train_batch_size}x{t.max_length}{recompute} ({est.card:.0f})")
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

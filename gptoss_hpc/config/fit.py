@@ -22,7 +22,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import replace
 
-from gptoss_hpc.config.memory import arch_for, gpu_memory_gib, train_estimate
+from gptoss_hpc.config.memory import Arch, Estimate, arch_for, gpu_memory_gib, train_estimate
 from gptoss_hpc.config.schema import RunConfig
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,16 @@ def user_set(overrides: Iterable[str]) -> list[str]:
     return [k for k in FIT_KEYS if k in keys]
 
 
+def fastest_fit(cfg: RunConfig, arch: Arch, capacity: float) -> tuple[float, str, RunConfig, Estimate] | None:
+    """The first of ``candidates(cfg)`` (fastest first, ``cfg`` itself included) whose train stage fits
+    ``capacity`` GiB: (relative speed, the overrides, the config, its estimate), or None."""
+    for speed, changes, new in candidates(cfg):
+        est = train_estimate(new, arch, capacity)
+        if est.fits:
+            return speed, changes, new, est
+    return None
+
+
 def fit_to_card(cfg: RunConfig, overrides: Iterable[str]) -> tuple[RunConfig, str | None]:
     """``cfg``, or the fastest candidate whose train stage fits the card, and the line that says what changed.
     Unchanged when train.fit_memory is off, the card or model is unknown, it fits already, the user set a key
@@ -97,20 +107,16 @@ def fit_to_card(cfg: RunConfig, overrides: Iterable[str]) -> tuple[RunConfig, st
     if not cfg.train.fit_memory or cfg.cluster.accelerator != "gpu" or "train" not in cfg.stages:
         return cfg, None
     capacity, arch = gpu_memory_gib(cfg), arch_for(cfg)
-    if capacity is None or arch is None or train_estimate(cfg, arch, capacity).fits:
+    if capacity is None or arch is None:
         return cfg, None
-    if user_set(overrides):
+    before = train_estimate(cfg, arch, capacity)
+    found = None if before.fits or user_set(overrides) else fastest_fit(cfg, arch, capacity)
+    if found is None:
         return cfg, None
-    for speed, changes, new in candidates(cfg):
-        if not changes:
-            continue
-        est = train_estimate(new, arch, capacity)
-        if est.fits:
-            before = train_estimate(cfg, arch, capacity)
-            return new, (
-                f"train.fit_memory: the train stage needs ~{before.card:.1f} GiB per GPU as configured, more than "
-                f"cluster.gpu_memory_gib={capacity:g}; training with {changes} instead (~{est.card:.1f} GiB, "
-                f"~{speed:.0%} of the speed, same tokens per optimizer step). Set train.fit_memory=false to be "
-                "refused instead, or set these keys yourself"
-            )
-    return cfg, None
+    speed, changes, new, est = found
+    return new, (
+        f"train.fit_memory: the train stage needs ~{before.card:.1f} GiB per GPU as configured, more than "
+        f"cluster.gpu_memory_gib={capacity:g}; training with {changes} instead (~{est.card:.1f} GiB, "
+        f"~{speed:.0%} of the speed, same tokens per optimizer step). Set train.fit_memory=false to be "
+        "refused instead, or set these keys yourself"
+    )

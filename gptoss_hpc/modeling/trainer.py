@@ -61,9 +61,12 @@ def trainer_class(base: type, cfg: RunConfig, world_size: int, deepspeed: bool) 
         def _track_num_input_tokens(self, inputs):
             pad = getattr(self.processing_class, "pad_token_id", None)
             ids = inputs.get("input_ids")
-            if self.args.include_num_input_tokens_seen != "non_padding" or "attention_mask" in inputs or pad is None:
-                return super()._track_num_input_tokens(inputs)
-            if ids is None:
+            if (
+                self.args.include_num_input_tokens_seen != "non_padding"
+                or "attention_mask" in inputs
+                or pad is None
+                or ids is None
+            ):
                 return super()._track_num_input_tokens(inputs)
             count = (ids != pad).sum()
             self._pending_tokens = count if self._pending_tokens is None else self._pending_tokens + count
