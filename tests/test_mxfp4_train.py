@@ -101,3 +101,19 @@ def test_two_ranks_deepspeed_zero2_with_mxfp4_resident_experts(tmp_path, synth):
     m = json.loads(paths.train_metrics.read_text())
     assert results[0]["global_step"] == 2 and len(results) == 2
     assert m["world_size"] == 2 and m["engine"] == "DeepSpeedEngine" and m["zero_stage"] == 2
+
+    # The checkpoint is training state only. The frozen MXFP4 experts used to ride along in every DeepSpeed save
+    # (persistent buffers: exclude_frozen_parameters drops parameters only), ~61 GB a save for 120b, which filled
+    # the H200 box's disk at the final save. A re-run with more steps resumes from it onto the base's experts.
+    import torch
+
+    states = list((paths.train / "checkpoint-2").glob("global_step2/mp_rank_*_model_states.pt"))
+    assert states, sorted(p.name for p in (paths.train / "checkpoint-2").rglob("*"))
+    module = torch.load(states[0], map_location="cpu", weights_only=False)["module"]
+    assert module and all("lora_" in k for k in module), [k for k in module if "lora_" not in k][:5]
+    config = _point(tmp_path, synth, "train.deepspeed=true", "cluster.tasks_per_node=2", "train.max_steps=3")
+    paths.train_metrics.unlink()  # a finished point is not trained again unless its metrics are removed
+    job = executor.submit(TrainJob(), str(config))
+    again = job.results()
+    m = json.loads(paths.train_metrics.read_text())
+    assert again[0]["global_step"] == 3 and m["resumed_from"].endswith("checkpoint-2"), m

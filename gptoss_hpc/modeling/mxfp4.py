@@ -146,7 +146,16 @@ def load_mxfp4_model(
             config, **_model_kwargs(dtype, attn_implementation, experts_implementation)
         )
     files = _shard_files(folder)
-    expected = set(model.state_dict().keys())
+    from gptoss_hpc.modeling.fast.mxfp4_experts import Mxfp4Experts
+
+    # the experts' blocks/scales are non-persistent buffers (kept out of training checkpoints), so not in state_dict
+    expected = set(model.state_dict().keys()) | {
+        f"{prefix}.{name}_{part}"
+        for prefix, module in model.named_modules()
+        if isinstance(module, Mxfp4Experts)
+        for name in EXPERT_PARAMS
+        for part in ("blocks", "scales")
+    }
     missing = sorted(expected - set(files))
     if missing:
         raise GptossHpcError(

@@ -53,9 +53,14 @@ class Mxfp4Experts(nn.Module):
         # default for it (its experts use the constant 1.702): the H200 box failed to build the model without these
         self.alpha = getattr(config, "swiglu_alpha", SWIGLU_ALPHA)
         self.limit = getattr(config, "swiglu_limit", SWIGLU_LIMIT)
+        # Not persistent: the frozen experts are the base checkpoint's, never training state. As persistent buffers
+        # every DeepSpeed checkpoint carried them (exclude_frozen_parameters drops frozen parameters, not buffers):
+        # ~61 GB per save for 120b, which filled the H200 box's disk at the final save and lost the run.
         for name, d_in, d_out in (("gate_up_proj", h, 2 * i), ("down_proj", i, h)):
-            self.register_buffer(f"{name}_blocks", torch.zeros(e, d_out, d_in // BLOCK, BLOCK // 2, dtype=torch.uint8))
-            self.register_buffer(f"{name}_scales", torch.full((e, d_out, d_in // BLOCK), SCALE_BIAS, dtype=torch.uint8))
+            blocks = torch.zeros(e, d_out, d_in // BLOCK, BLOCK // 2, dtype=torch.uint8)
+            self.register_buffer(f"{name}_blocks", blocks, persistent=False)
+            scales = torch.full((e, d_out, d_in // BLOCK), SCALE_BIAS, dtype=torch.uint8)
+            self.register_buffer(f"{name}_scales", scales, persistent=False)
             setattr(self, f"{name}_bias", nn.Parameter(torch.zeros(e, d_out), requires_grad=False))
         # on the meta device while transformers builds and initialises the model (its _init_weights sees this class
         # as GptOssExperts and writes to them); the builders in gptoss_hpc.modeling.mxfp4 reset them after
