@@ -319,7 +319,33 @@ def test_streaming_merge_of_an_mxfp4_checkpoint_equals_peft_merge_and_unload(tmp
     peft_model.save_pretrained(str(tmp_path / "adapter"))
     want_model = peft_model.merge_and_unload().eval()
 
-    stats = merge_mxfp4_adapter(folder, tmp_path / "adapter", tmp_path / "merged", "float32", max_shard_bytes=80_000)
+    import safetensors
+
+    real_open, opened, alive = safetensors.safe_open, [], {"now": 0, "max": 0}
+
+    class Counted:  # safe_open, counting the shards held open at once (each one's read pages stay in host RSS)
+        def __init__(self, path, **kwargs):
+            self.handle = real_open(path, **kwargs)
+            opened.append(path)
+            alive["now"] += 1
+            alive["max"] = max(alive["max"], alive["now"])
+
+        def get_tensor(self, name):
+            return self.handle.get_tensor(name)
+
+        def __del__(self):
+            alive["now"] -= 1
+
+    safetensors.safe_open = Counted
+    try:
+        stats = merge_mxfp4_adapter(
+            folder, tmp_path / "adapter", tmp_path / "merged", "float32", max_shard_bytes=80_000
+        )
+    finally:
+        safetensors.safe_open = real_open
+    shards = len(list(folder.glob("*.safetensors")))
+    # shard by shard: none opened twice, at most two at once (the 120b merge once held all 15: 62 GiB host RSS)
+    assert shards > 2 and len(opened) == len(set(opened)) == shards and alive["max"] <= 2, (opened, alive)
     assert stats["shards"] > 1 and stats["merged_tensors"] == 2 * (2 + 4)  # 2 layers x (2 expert + 4 attention)
     assert not (tmp_path / "merged.tmp").exists()
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
