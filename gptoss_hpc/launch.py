@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from gptoss_hpc import provenance
+from gptoss_hpc.config.disk import disk_problems
 from gptoss_hpc.config.io import dump_yaml, searchpath_override
 from gptoss_hpc.errors import ConfigError, GptossHpcError
 from gptoss_hpc.fileio import write_atomic
@@ -98,11 +99,18 @@ def _dry_run(launch: pipeline.Launch) -> int:
 
         repos = ", ".join(f"{what} {repo}" for what, _, repo, _, _ in hub_resources(cfg)) or "nothing (all local)"
         print(f"# a launch pre-fetches into {cfg.cluster.hf_home} before sbatch: {repos}; jobs run offline")
+    for problem in disk_problems(p.cfg for p in launch.points):
+        print(f"# a launch would be refused: {problem}")
     print(f"# dry run: nothing submitted ({len(launch.points)} point(s), stages {launch.stages})")
     return 0
 
 
 def _launch(launch: pipeline.Launch) -> int:
+    # A full disk fails late (the trainer's last save, after every step): refused before anything is written.
+    # Not in compose_launch: rendering scripts (--cfg dry_run, tests) writes nothing under run_root.
+    problems = disk_problems(p.cfg for p in launch.points)
+    if problems:
+        raise ConfigError(problems, header="not enough disk under run_root, nothing submitted")
     if launch.cfg.cluster.hf_home:
         from gptoss_hpc.modeling.hub import prefetch
 

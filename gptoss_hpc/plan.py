@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fits:
         print(fits_table(args.overrides, args.lora))
         return 0
+    from gptoss_hpc.config.disk import point_disk_gib
     from gptoss_hpc.config.fit import fit_to_card
 
     cfg, fitted = fit_to_card(_compose(args.overrides), args.overrides)  # what the launcher would train
@@ -121,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         f"compiled layers={cfg.model.compile_layers} gpu_memory_gib={capacity if capacity is not None else 'unknown'}"
     )
     print(format_table(estimates))
+    disk = point_disk_gib(cfg)
+    if disk:
+        print("disk under run_root per point: " + ", ".join(f"{k} {v:,.1f} GiB" for k, v in disk.items()))
     if fitted:
         print(fitted)
     return 1 if estimates[0].fits is False else 0
