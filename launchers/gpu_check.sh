@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bash launchers/gpu_check.sh [--cpu] [--budget-s S] [PHASE ...]      PHASE: pipeline configs bench 2gpu knobs[:A-B]
-#                                                                          pipeline120b[:LAYERS]
+#                                                                          pipeline120b[:LAYERS] fit:SIZE@GIB
 #
 # The GPU check (issue 13): on a bare GPU box (no internet; torch, transformers, accelerate installed; every other
 # package brought as wheels in .whl/), write a synthetic gpt-oss-20b checkpoint and run the real pipeline
@@ -32,6 +32,8 @@
 #   bash launchers/gpu_check.sh 2gpu knobs:14-15  (nvidia-h200-x2)
 #   CUDA_VISIBLE_DEVICES=1 GPU_CHECK_SITE=/tmp/site1 bash launchers/gpu_check.sh --work logs/gc120 pipeline120b
 #     (nvidia-h200-x2, GPU 1 beside another run on GPU 0; 120b end to end, repeat with the same --work to go on)
+#   bash launchers/gpu_check.sh fit:20b@24        (20b's shipped defaults on a 24 GiB card: what train.fit_memory picks,
+#                                                 the allocator capped at 24 GiB; fit:120b@80 on nvidia-h200-x2: disk)
 #   bash launchers/gpu_check.sh --cpu pipeline configs 2gpu knobs:0-1        (CPU, CI-sized: tests/test_gpu_check.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -47,7 +47,7 @@ def _by_name(result: dict) -> dict[str, dict]:
 def test_cpu_form_runs_every_phase_pipeline_configs_bench_two_ranks_and_a_knob_entry(tmp_path):
     # Every CPU phase in one run, as the launcher's header shows the CPU form: the phases share the run's one tiny
     # checkpoint (written once per process), so this costs one checkpoint and one start-up, not one per phase group.
-    proc, result = _run(tmp_path, "pipeline", "configs", "bench", "2gpu", "knobs:1")
+    proc, result = _run(tmp_path, "pipeline", "configs", "bench", "2gpu", "knobs:1", "fit:20b@24")
     assert proc.returncode == 0, proc.stdout[-4000:]
     rows = _by_name(result)
     assert all(r["result"] == "pass" for r in result["rows"]), result["rows"]  # none failed, none left unrun
@@ -77,6 +77,11 @@ def test_cpu_form_runs_every_phase_pipeline_configs_bench_two_ranks_and_a_knob_e
     assert knob["result"] == "pass"
     # the 2-rank run's per-GPU throughput is compared with the one-GPU bench
     assert "train/bench" in proc.stdout
+    # phase fit: the card size reaches the launch, and the row names the setting the launch trained with (on CPU
+    # train.fit_memory leaves it: the demo-sized stand-in's own 2 x 256)
+    (fit,) = [r for r in result["rows"] if r["name"].startswith("fit: 20b shipped defaults on a 24 GiB card")]
+    assert fit["result"] == "pass" and fit["gpu_memory_gib"] == 24.0 and "cluster.gpu_memory_gib=24" in fit["command"]
+    assert fit["name"].endswith("(chose bfloat16 2x256 x GA 1)"), fit["name"]
 
 
 def test_table_joins_phases_and_fails_on_a_failed_row(tmp_path, capsys):

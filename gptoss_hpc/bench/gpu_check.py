@@ -7,6 +7,8 @@
     bash launchers/gpu_check.sh 2gpu                  # train=default on 2 GPUs: one rank per GPU, as on Slurm
     bash launchers/gpu_check.sh --work W pipeline120b # 120b on one GPU, resumable (gptoss_hpc.bench.gpu_check_120b)
     bash launchers/gpu_check.sh knobs:0-7             # GPU knob list, entries 0..7 (GPU_KNOBS below)
+    bash launchers/gpu_check.sh fit:20b@24 fit:120b@80 # shipped defaults on a smaller card: train.fit_memory's
+                                                      # choice, the allocator capped at that many GiB
     bash launchers/gpu_check.sh --cpu pipeline        # CI-sized: tiny checkpoint, CPU ranks (tests/test_gpu_check.py)
     python -m gptoss_hpc.bench.gpu_check table A.json B.json   # one table from several phases' JSON
 
@@ -47,7 +49,7 @@ from gptoss_hpc.bench.gpu_check_parts import (
 )
 
 TRAIN_CONFIGS = {"train=default": ["train=default"], "train=reference": ["train=reference"]}
-PHASES = ("pipeline", "configs", "bench", "2gpu", "knobs", "pipeline120b")
+PHASES = ("pipeline", "configs", "bench", "2gpu", "knobs", "pipeline120b", "fit")
 DEFAULT_PHASES = ("pipeline", "configs", "bench", "knobs")
 
 
@@ -331,6 +333,45 @@ def phase_knobs(c: Check, lo: int, hi: int) -> None:
             launch(c, "knobs", name, ov, stages="[train]", bench=False)
 
 
+def phase_fit(c: Check, span: str) -> None:
+    """``fit:20b@24`` / ``fit:120b@80``: the train stage with the model's shipped defaults on a card of that many
+    GiB, as a user on it runs it: ``cluster.gpu_memory_gib=N``, so ``train.fit_memory`` picks the setting and the
+    stage caps the CUDA allocator at N GiB (gptoss_hpc.stages.common.cap_gpu_memory): a peak past N fails with
+    out-of-memory here as it would on that card. The row names the setting the launch chose."""
+    size, _, gib = (span or "20b@24").partition("@")
+    if size not in ("20b", "120b") or not gib.replace(".", "", 1).isdigit():
+        raise SystemExit(f"phase fit:{span}: use fit:20b@GIB or fit:120b@GIB, e.g. fit:20b@24")
+    if size == "120b":
+        from gptoss_hpc.bench.gpu_check_120b import _checkpoint
+
+        ckpt, row = _checkpoint(c, None)  # the full 120b (65 GB: the 2-GPU box's disk), shared with pipeline120b
+        if row is not None:
+            c.rows.append(row)
+            if row["result"] != "pass":
+                return
+    else:
+        ckpt = checkpoint(c)
+    name = f"fit: {size} shipped defaults on a {gib} GiB card"
+    if c.skip("fit", name):
+        return
+    ov = [*base_overrides(c, ckpt, 1), f"cluster.gpu_memory_gib={gib}"]
+    if size == "120b":
+        ov = [*(o for o in ov if not o.startswith("model=")), "model=gpt_oss_120b"]
+    row = launch(c, "fit", name, ov, stages="[train]", bench=False)
+    config = Path(row["point"]) / "config.yaml"
+    if config.is_file():  # what train.fit_memory chose, in the row's name (the table has no column for it)
+        from gptoss_hpc.config import load_run_config
+
+        cfg = load_run_config(config)
+        t = cfg.train
+        recompute = " recompute" if t.gradient_checkpointing else ""
+        row["name"] += (
+            f" (chose {cfg.model.experts_dtype} {t.per_device_train_batch_size}x{t.max_length} "
+            f"x GA {t.gradient_accumulation_steps}{recompute})"
+        )
+        row["gpu_memory_gib"] = float(gib)
+
+
 def _gpu_count(c: Check) -> int:
     if c.cpu:
         return 2
@@ -389,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
                     phase_bench(c, span)
             elif name == "2gpu":
                 phase_2gpu(c)
+            elif name == "fit":
+                phase_fit(c, span)
             elif name == "pipeline120b":
                 phase_pipeline120b(c, launch, base_overrides, span)
             elif name == "knobs":

@@ -88,6 +88,8 @@ def run_stage(stage: str, config_path: str | Path, body: Callable[[RunConfig, Po
     cfg = load_run_config(paths.config)
     _STARTED[stage] = time.perf_counter()
     _reset_peak_gpu()
+    if stage != "report":
+        cap_gpu_memory(cfg)
     write_status(paths, stage, "RUNNING")
     _WARNINGS.clear()
     try:
@@ -104,6 +106,29 @@ def run_stage(stage: str, config_path: str | Path, body: Callable[[RunConfig, Po
         raise
     write_status(paths, stage, "COMPLETED", warnings=list(_WARNINGS))
     return result
+
+
+def cap_gpu_memory(cfg: RunConfig) -> float | None:
+    """Where ``cluster.gpu_memory_gib`` is below this GPU's memory, cap the CUDA caching allocator at it, so that a
+    stage planned (and fitted by train.fit_memory) for that card never relies on more: what passes on an H200 with
+    cluster.gpu_memory_gib=80 fits an 80 GB H100, and a GPU shared with another job is not overrun. An allocation
+    past the cap raises torch.OutOfMemoryError, as it would on the smaller card. Returns the cap, or None."""
+    import os
+
+    want = cfg.cluster.gpu_memory_gib
+    if want is None or cfg.cluster.accelerator != "gpu":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    device = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()  # the rank's GPU, as the trainer
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    if want >= total:
+        return None
+    torch.cuda.set_per_process_memory_fraction(want / total, device)
+    log.info("cluster.gpu_memory_gib=%g: CUDA allocator capped at %.1f of this GPU's %.1f GiB", want, want, total)
+    return float(want)
 
 
 def _reset_peak_gpu() -> None:
