@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from launch_cli import launch_run
 
 from gptoss_hpc.paths import RunPaths
 from gptoss_hpc.stages.train import FAULT_ENV
-from gptoss_hpc.submission.manifest import Manifest
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -58,15 +58,8 @@ def _clean_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def _launch(args: list[str], tmp_path: Path, env: dict[str, str]) -> tuple[Path, dict[str, str]]:
-    run_root = tmp_path / "logs"
-    proc = subprocess.run(
-        [sys.executable, "-m", "gptoss_hpc.launch", *TWO_RANKS, *args, f"run_root={run_root}"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    (manifest_path,) = run_root.glob("*/*/launch.json")
-    manifest = Manifest.load(manifest_path.parent)
-    return manifest_path.parent, {j.stage: j.job_id for j in manifest.jobs}
+    run_dir, manifest, _ = launch_run([*TWO_RANKS, *args], tmp_path / "logs", env, timeout=300)
+    return run_dir, {j.stage: j.job_id for j in manifest.jobs}
 
 
 def _sacct(job_ids: list[str]) -> dict[str, str]:

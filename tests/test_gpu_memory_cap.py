@@ -38,7 +38,9 @@ def test_a_smaller_card_caps_the_allocator_of_the_ranks_own_gpu(fake_cuda, monke
     assert device == 1 and fraction * H200 / 2**30 == pytest.approx(80.0)
 
 
-@pytest.mark.parametrize("overrides", [[], ["cluster.gpu_memory_gib=141"], ["cluster.accelerator=cpu", "cluster.gpu_memory_gib=24"]])
+@pytest.mark.parametrize(
+    "overrides", [[], ["cluster.gpu_memory_gib=141"], ["cluster.accelerator=cpu", "cluster.gpu_memory_gib=24"]]
+)
 def test_no_cap_when_unset_not_smaller_or_not_a_gpu_run(fake_cuda, monkeypatch, overrides):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert cap_gpu_memory(_cfg(*overrides)) is None

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from launch_cli import launch_run
 
 from gptoss_hpc.paths import RunPaths
 from gptoss_hpc.submission.manifest import Manifest
@@ -41,16 +42,8 @@ LEAKED = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "loc
 
 
 def _launch(args: list[str], run_root: Path, env: dict[str, str] | None = None) -> tuple[Path, Manifest]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "gptoss_hpc.launch", *BASE, *args, f"run_root={run_root}"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    (manifest_path,) = run_root.glob("*/*/launch.json")
-    return manifest_path.parent, Manifest.load(manifest_path.parent)
+    run_dir, manifest, _ = launch_run([*BASE, *args], run_root, {**os.environ, **(env or {})})
+    return run_dir, manifest
 
 
 def _sacct(job_id: str, *flags: str) -> list[tuple[str, str, str]]:

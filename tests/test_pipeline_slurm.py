@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from launch_cli import launch_run
 
 from gptoss_hpc.paths import RunPaths
 from gptoss_hpc.submission.manifest import Manifest
@@ -44,17 +45,7 @@ FAST = [
 
 
 def _launch(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> tuple[Path, Manifest, str]:
-    run_root = tmp_path / "logs"
-    proc = subprocess.run(
-        [sys.executable, "-m", "gptoss_hpc.launch", *args, f"run_root={run_root}"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    (manifest_path,) = run_root.glob("*/*/launch.json")
-    return manifest_path.parent, Manifest.load(manifest_path.parent), proc.stdout
+    return launch_run(args, tmp_path / "logs", {**os.environ, **(env or {})})
 
 
 def _sacct(job_ids: list[str]) -> dict[str, tuple[str, str]]:
