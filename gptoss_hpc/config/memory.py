@@ -44,6 +44,7 @@ LOGIT_BYTES = 8  # per [token, vocab] element without chunking: bf16 logits + fp
 CONTEXT_GIB = 0.6  # CUDA context, outside torch's allocator
 FRAGMENTATION = 0.05  # reserved over allocated at the peak
 USABLE = 0.99  # of the card's nominal GiB (H100 80 GB: 79.2 GiB usable; H200 141: 139.8)
+EVAL_LOSS_CHUNK = 512  # predicted tokens per fp32 loss chunk of eval's held-out loss (gptoss_hpc.stages.eval)
 MERGE_SHARD_GIB = 5e9 / GIB  # the streaming merge's output shard buffer (gptoss_hpc.modeling.mxfp4_merge)
 
 
@@ -241,6 +242,9 @@ def _generate_estimate(stage: str, cfg: RunConfig, arch: Arch, capacity_gib: flo
     batch = max(1, cfg.train.per_device_eval_batch_size)
     kv = 2 * arch.layers * arch.kv_heads * arch.head_dim * 2 * tokens * batch / GIB
     logits = batch * arch.vocab * 4 * 2 / GIB
+    if stage == "eval":  # the held-out loss: bf16 logits of a row's predicted positions, fp32 loss in chunks
+        heldout = (cfg.train.max_length * arch.vocab * 2 + 2 * EVAL_LOSS_CHUNK * arch.vocab * 4) / GIB
+        logits = max(logits, heldout)
     parts = {"weights": _bf16_model_gib(cfg, arch), "kv cache": kv, "logits": logits, "workspace": 0.5}
     note = "bf16 merged model (eval.model=merged)"
     if derive.eval_model(cfg) == "adapter":

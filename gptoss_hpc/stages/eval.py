@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss_hpc.config import RunConfig
+from gptoss_hpc.config.memory import EVAL_LOSS_CHUNK
 from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.fileio import write_atomic
 from gptoss_hpc.modeling.harmony import (
@@ -139,6 +140,10 @@ def assistant_labels(
     return full, labels
 
 
+# predicted tokens per fp32 loss chunk: 512 x 201,088 x 4 bytes = 0.38 GiB (+ its log-softmax); the memory plan's too
+LOSS_CHUNK = EVAL_LOSS_CHUNK
+
+
 def heldout_loss(model: Any, tokenizer: Any, rows: Sequence[Sequence[dict[str, Any]]], max_length: int) -> dict:
     """Token-weighted mean NLL over assistant tokens of ``rows``, and its perplexity."""
     import torch
@@ -153,12 +158,17 @@ def heldout_loss(model: Any, tokenizer: Any, rows: Sequence[Sequence[dict[str, A
                 continue
             ids, labels = item
             x = torch.tensor([ids], device=device)
-            y = torch.tensor(labels[1:], device=device)
-            logits = model(input_ids=x).logits[0, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum")
-            total += float(nll)
-            tokens += int((y != IGNORE).sum())
+            # Logits only where a label is predicted (position i predicts token i + 1), and the fp32 loss in chunks:
+            # the whole row's fp32 logits and log-softmax were ~3.8 GiB for a 2,048-token row (vocab 201,088).
+            keep = [i for i, t in enumerate(labels[1:]) if t != IGNORE]
+            y = torch.tensor([labels[i + 1] for i in keep], device=device)
+            logits = model(input_ids=x, logits_to_keep=torch.tensor(keep, device=device)).logits[0]
+            for lo in range(0, len(keep), LOSS_CHUNK):
+                chunk = logits[lo : lo + LOSS_CHUNK].float()
+                total += float(torch.nn.functional.cross_entropy(chunk, y[lo : lo + LOSS_CHUNK], reduction="sum"))
+            tokens += len(keep)
             used += 1
+            del logits
     if tokens == 0:
         return {"loss": None, "perplexity": None, "tokens": 0, "rows": 0}
     loss = total / tokens
