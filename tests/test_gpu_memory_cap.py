@@ -31,8 +31,12 @@ def _cfg(*overrides: str):
     return to_run_config(compose(["cluster=local", "cluster.accelerator=gpu", *overrides]))
 
 
-def test_a_smaller_card_caps_the_allocator_of_the_ranks_own_gpu(fake_cuda, monkeypatch):
-    monkeypatch.setenv("LOCAL_RANK", "1")
+@pytest.mark.parametrize("rank_var", ["LOCAL_RANK", "SLURM_LOCALID", "SUBMITIT_LOCAL_LOCALID"])
+def test_a_smaller_card_caps_the_allocator_of_the_ranks_own_gpu(fake_cuda, monkeypatch, rank_var):
+    # at run_stage time only the launcher's own variable is set (setup_distributed sets LOCAL_RANK later)
+    for var in ("LOCAL_RANK", "SLURM_LOCALID", "SUBMITIT_LOCAL_LOCALID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv(rank_var, "1")
     assert cap_gpu_memory(_cfg("cluster.gpu_memory_gib=80")) == 80.0
     ((fraction, device),) = fake_cuda
     assert device == 1 and fraction * H200 / 2**30 == pytest.approx(80.0)
@@ -42,7 +46,6 @@ def test_a_smaller_card_caps_the_allocator_of_the_ranks_own_gpu(fake_cuda, monke
     "overrides", [[], ["cluster.gpu_memory_gib=141"], ["cluster.accelerator=cpu", "cluster.gpu_memory_gib=24"]]
 )
 def test_no_cap_when_unset_not_smaller_or_not_a_gpu_run(fake_cuda, monkeypatch, overrides):
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert cap_gpu_memory(_cfg(*overrides)) is None
     assert fake_cuda == []
 

@@ -122,7 +122,11 @@ def cap_gpu_memory(cfg: RunConfig) -> float | None:
 
     if not torch.cuda.is_available():
         return None
-    device = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()  # the rank's GPU, as the trainer
+    # the rank's GPU, as the trainer will pick it (setup_distributed, which sets LOCAL_RANK, runs later in the body;
+    # with one device visible per task, it is device 0)
+    env = os.environ
+    local = env.get("LOCAL_RANK") or env.get("SLURM_LOCALID") or env.get("SUBMITIT_LOCAL_LOCALID") or "0"
+    device = int(local) % torch.cuda.device_count()
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
     if want >= total:
         return None
