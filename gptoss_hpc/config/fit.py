@@ -9,8 +9,10 @@ would change, or train.fit_memory=false (train=reference), validate refuses inst
 Speed of each change relative to the fast path, for the same tokens per optimizer step (one H200, bench train,
 docs/BENCHMARKS.md; 120b MXFP4 4x2048 = 14,649 tok/s):
 - gradient checkpointing: 0.61 (120b: 8,921 tok/s at 67.6 GiB);
-- micro-batch 1 x 2048, GA x8: 0.40 (120b: 5,881 tok/s at 70.4 GiB);
-- micro-batch 2 x 2048, GA x4: 0.65 (120b: 9,306 tok/s at 75.3 GiB against 14,290 at 4x2048 in the same call);
+- smaller micro-batches, 120b (128 experts, whose MXFP4 dequant is paid once per micro-batch): 2 x 2048, GA x4:
+  0.65 (9,306 tok/s at 75.3 GiB against 14,290 at 4x2048 in the same call); 1 x 2048, GA x8: 0.41 (5,928);
+- smaller micro-batches, 20b (32 experts): 2 x 2048: 0.89 (H100 bench, 28,085 against 31,657 tok/s); 1 x 2048: not
+  measured, 0.40 assumed (120b's);
 - MXFP4 experts instead of bf16 (20b): 0.77 (25,648 at 2x2048 against 33,474 bf16 at 4x2048, so an upper
   bound on the cost); exact, the same weights.
 """
@@ -35,17 +37,21 @@ FIT_KEYS = (
 )
 RECOMPUTE_SPEED = 0.61
 MXFP4_SPEED = 0.77
-_MICRO_BATCH_SPEED = {4: 1.0, 2: 0.65, 1: 0.40}  # relative to 4 x max_length (the module docstring)
+# relative to 4 x max_length (the module docstring), by the model's expert count
+_MICRO_BATCH_SPEED = {128: {4: 1.0, 2: 0.65, 1: 0.41}, 32: {4: 1.0, 2: 0.89, 1: 0.40}}
 
 
-def _micro_speed(rows: int, start: int) -> float:
+def _micro_speed(rows: int, start: int, experts: int) -> float:
     """Relative speed of ``rows`` per micro-batch against ``start`` (measured from 4; larger counts as 4)."""
-    return _MICRO_BATCH_SPEED.get(min(rows, 4), 0.4) / _MICRO_BATCH_SPEED.get(min(start, 4), 1.0)
+    table = _MICRO_BATCH_SPEED[128 if experts > 32 else 32]
+    return table.get(min(rows, 4), 0.4) / table.get(min(start, 4), 1.0)
 
 
 def candidates(cfg: RunConfig) -> list[tuple[float, str, RunConfig]]:
     """(relative speed, the overrides, the config) of every setting the fit may pick, fastest first."""
     t, m = cfg.train, cfg.model
+    arch = arch_for(cfg)
+    experts = arch.experts if arch is not None else 32
     dtypes = [m.experts_dtype] + (["mxfp4"] if m.experts_dtype != "mxfp4" else [])
     out = []
     for dtype in dtypes:
@@ -53,7 +59,7 @@ def candidates(cfg: RunConfig) -> list[tuple[float, str, RunConfig]]:
         while rows >= 1:
             accum = t.gradient_accumulation_steps * (t.per_device_train_batch_size // rows)
             for recompute in sorted({t.gradient_checkpointing, True}):
-                speed = _micro_speed(rows, t.per_device_train_batch_size)
+                speed = _micro_speed(rows, t.per_device_train_batch_size, experts)
                 speed *= MXFP4_SPEED if dtype != m.experts_dtype else 1.0
                 speed *= RECOMPUTE_SPEED if recompute and not t.gradient_checkpointing else 1.0
                 changes = []
