@@ -306,7 +306,7 @@ def _probe():
 def test_bf16_merge_check_uses_rounding_noise_and_restores_weights(trained_point: PointPaths):
     import torch
 
-    from gptoss_hpc.stages.merge import _logits, adapted_parameters, merge_and_check, rounding_noise
+    from gptoss_hpc.stages.merge import adapted_parameters, merge_and_check, probe_logits, rounding_noise
 
     model = _bf16_adapter_model(trained_point)
     targets = adapted_parameters(model)
@@ -318,9 +318,9 @@ def test_bf16_merge_check_uses_rounding_noise_and_restores_weights(trained_point
     assert check["conclusive"]
     # the check can tell a lost adapter (merged == base) apart from rounding
     assert check["adapter_effect_mean_abs"] > 5 * check["mean_tolerance"]
-    before = _logits(merged, _probe())
+    before = probe_logits(merged, _probe())
     rounding_noise(merged, targets, _probe())
-    after = _logits(merged, _probe())
+    after = probe_logits(merged, _probe())
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 

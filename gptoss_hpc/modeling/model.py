@@ -157,7 +157,7 @@ def _load_pretrained(cfg: RunConfig, for_training: bool) -> PreTrainedModel:
     device_map = cuda_device_map()
     if device_map is not None:
         kwargs["device_map"] = device_map
-    if m.dequantize_mxfp4 and _is_mxfp4(m.name_or_path):
+    if m.dequantize_mxfp4 and is_mxfp4_checkpoint(m.name_or_path):
         from transformers import Mxfp4Config
 
         # dequantize=True never touches the `kernels` package or the Hub's kernels: transformers converts
@@ -172,7 +172,7 @@ def _load_pretrained(cfg: RunConfig, for_training: bool) -> PreTrainedModel:
         raise unreachable("model", m.name_or_path, m.revision, exc, _MODEL_FIX.format(name=m.name_or_path)) from exc
 
 
-def _is_mxfp4(name_or_path: str) -> bool:
+def is_mxfp4_checkpoint(name_or_path: str) -> bool:
     """True unless a local folder's config.json says it is not MXFP4 (a merged bf16 model, say): a Hub id is
     assumed to be gpt-oss as shipped."""
     import json

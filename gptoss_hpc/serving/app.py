@@ -107,9 +107,9 @@ def _load_adapter(folder: Path, cfg: Any) -> tuple[Any, Any]:
         return load_adapter_model(cfg, PointPaths(folder.parent), folder), tokenizer
     import torch
 
-    from gptoss_hpc.modeling.model import cuda_device_map
+    from gptoss_hpc.modeling.model import cuda_device_map, is_mxfp4_checkpoint
 
-    if base and (Path(base) / "config.json").is_file() and _is_mxfp4_folder(Path(base)):
+    if base and (Path(base) / "config.json").is_file() and is_mxfp4_checkpoint(base):
         # an MXFP4 base stays MXFP4 (a dequantized 120b would not fit one GPU)
         from gptoss_hpc.modeling.mxfp4 import load_mxfp4_peft_model
 
@@ -124,13 +124,6 @@ def _load_adapter(folder: Path, cfg: Any) -> tuple[Any, Any]:
         str(folder), dtype="auto", attn_implementation="eager", device_map=cuda_device_map()
     )
     return model.eval(), tokenizer
-
-
-def _is_mxfp4_folder(folder: Path) -> bool:
-    import json
-
-    quant = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
-    return quant.get("quant_method") == "mxfp4"
 
 
 def create_app(

@@ -135,6 +135,18 @@ def cap_gpu_memory(cfg: RunConfig) -> float | None:
     return float(want)
 
 
+def free_device_memory() -> None:
+    """Give a dropped model's GPU memory back before the next one loads (one model resident at a time)."""
+    import gc
+
+    gc.collect()
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def _reset_peak_gpu() -> None:
     """A stage run in a process that did GPU work before (tests, a notebook) reports its own peak only."""
     if "torch" in sys.modules:

@@ -37,7 +37,7 @@ from gptoss_hpc.modeling.harmony import (
     requested_language,
 )
 from gptoss_hpc.paths import PointPaths
-from gptoss_hpc.stages.common import run_stage, stage_cli
+from gptoss_hpc.stages.common import free_device_memory, run_stage, stage_cli
 
 log = logging.getLogger(__name__)
 
@@ -271,17 +271,7 @@ def _evaluate_one(
         return _evaluate(model, tokenizer, rows, prompts, cfg, tag)
     finally:
         del model
-        _free_device_memory()
-
-
-def _free_device_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        free_device_memory()
 
 
 def load_adapter(cfg: RunConfig, paths: PointPaths) -> Any:
@@ -300,7 +290,7 @@ def _evaluate_unmerged(tokenizer: Any, rows: list, prompts: list[Prompt], cfg: R
         return base, _evaluate(model, tokenizer, rows, prompts, cfg, "finetuned")
     finally:
         del model
-        _free_device_memory()
+        free_device_memory()
 
 
 def body(cfg: RunConfig, paths: PointPaths) -> Path:

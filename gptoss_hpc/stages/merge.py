@@ -102,7 +102,7 @@ def probe_token_ids(
     return samples
 
 
-def _logits(model: Any, samples: Sequence[Sequence[int]]) -> list[Any]:
+def probe_logits(model: Any, samples: Sequence[Sequence[int]]) -> list[Any]:
     import torch
 
     device = next(model.parameters()).device
@@ -133,7 +133,7 @@ def rounding_noise(model: Any, targets: Sequence[tuple[Any, str]], samples: Sequ
     the weights are restored afterwards (originals kept on the CPU meanwhile)."""
     import torch
 
-    reference = _logits(model, samples)
+    reference = probe_logits(model, samples)
     saved = []
     generators: dict[str, Any] = {}
     with torch.no_grad():
@@ -147,7 +147,7 @@ def rounding_noise(model: Any, targets: Sequence[tuple[Any, str]], samples: Sequ
             param.copy_((param.float() * (1.0 + NOISE_REL * noise)).to(param.dtype))
             del noise
     try:
-        moved = _logits(model, samples)
+        moved = probe_logits(model, samples)
     finally:
         with torch.no_grad():
             for param, original in saved:
@@ -165,12 +165,12 @@ def merge_and_check(peft_model: Any, samples: Sequence[Sequence[int]], dtype_nam
     """
     peft_model.eval()
     targets = adapted_parameters(peft_model)
-    adapter = _logits(peft_model, samples)
+    adapter = probe_logits(peft_model, samples)
     with peft_model.disable_adapter():
-        base = _logits(peft_model, samples)
+        base = probe_logits(peft_model, samples)
     merged = peft_model.merge_and_unload()
     merged.eval()
-    after = _logits(merged, samples)
+    after = probe_logits(merged, samples)
     pairs = list(zip(adapter, after, strict=True))
     max_diff = max(float((a - m).abs().max()) for a, m in pairs)
     effect = max(float((a - b).abs().max()) for a, b in zip(adapter, base, strict=True))

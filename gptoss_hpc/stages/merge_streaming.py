@@ -9,7 +9,6 @@ are printed and land in the check record and in ``status/merge.json`` (``peak_ho
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -55,22 +54,6 @@ def merge_streaming(cfg: RunConfig, paths: PointPaths, out: Path) -> dict[str, A
     return check
 
 
-def _mean_logits(model: Any, samples: Sequence[Sequence[int]]) -> list[Any]:
-    import torch
-
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        return [model(input_ids=torch.tensor([list(ids)], device=device)).logits[0].float().cpu() for ids in samples]
-
-
-def _free() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def logit_survival(cfg: RunConfig, paths: PointPaths, merged: Path, samples: Sequence[Sequence[int]]) -> dict:
     """merge.format=mxfp4: how much of the adapter's effect on the logits the re-quantized model keeps, on the
     probe samples. One model at a time on the device (the MXFP4 base + adapter unmerged, then the merged one):
@@ -78,19 +61,21 @@ def logit_survival(cfg: RunConfig, paths: PointPaths, merged: Path, samples: Seq
     0: no closer to them than the base), with the argmax agreement of merged and adapter."""
     from gptoss_hpc.modeling.model import _device, load_adapter_model, torch_dtype
     from gptoss_hpc.modeling.mxfp4 import load_mxfp4_model
+    from gptoss_hpc.stages.common import free_device_memory
+    from gptoss_hpc.stages.merge import probe_logits
 
     model = load_adapter_model(cfg, paths, paths.adapter)
-    adapter = _mean_logits(model, samples)
+    adapter = probe_logits(model, samples)
     with model.disable_adapter():
-        base = _mean_logits(model, samples)
+        base = probe_logits(model, samples)
     del model
-    _free()
+    free_device_memory()
     model = load_mxfp4_model(
         merged, _device(), torch_dtype(cfg.model.dtype), cfg.eval.attn_implementation, cfg.model.experts_implementation
     )
-    after = _mean_logits(model, samples)
+    after = probe_logits(model, samples)
     del model
-    _free()
+    free_device_memory()
     n = sum(a.numel() for a in adapter)
     effect = sum(float((a - b).abs().sum()) for a, b in zip(adapter, base, strict=True)) / n
     lost = sum(float((a - m).abs().sum()) for a, m in zip(adapter, after, strict=True)) / n
