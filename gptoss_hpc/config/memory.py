@@ -219,13 +219,7 @@ def merge_estimate(cfg: RunConfig, arch: Arch, capacity_gib: float | None) -> Es
         note = f"streaming merge ({cfg.merge.format}): shard by shard, host RAM ~{MERGE_SHARD_GIB + stack:.0f} GiB"
         parts = {"expert stacks": 3 * stack, "workspace": 0.5}
         if cfg.merge.format == "mxfp4":  # the logit check loads the MXFP4 model (+ adapter), one at a time
-            non_expert, experts = weights_gib(cfg, arch)
-            parts = {
-                "weights": non_expert + experts,
-                "adapter": lora_params(cfg, arch) * 2 / GIB,
-                "dequant buffer": stack / 2,
-                "workspace": 0.5,
-            }
+            parts = {**_unmerged_model_parts(cfg, arch), "workspace": 0.5}
             note += "; its logit check holds one MXFP4 model"
         return Estimate("merge", parts, capacity_gib, note=note)
     layer = arch.expert_weights() * 4 / GIB  # one fp32 delta of an experts stack while it is merged
@@ -248,13 +242,19 @@ def _generate_estimate(stage: str, cfg: RunConfig, arch: Arch, capacity_gib: flo
     parts = {"weights": _bf16_model_gib(cfg, arch), "kv cache": kv, "logits": logits, "workspace": 0.5}
     note = "bf16 merged model (eval.model=merged)"
     if derive.eval_model(cfg) == "adapter":
-        non_expert, experts = weights_gib(cfg, arch)
-        parts["weights"] = non_expert + experts
-        parts["adapter"] = lora_params(cfg, arch) * 2 / GIB  # unmerged, no optimizer state
+        parts.update(_unmerged_model_parts(cfg, arch))
         note = f"base ({cfg.model.experts_dtype} experts) + adapter unmerged (eval.model=adapter)"
-        if cfg.model.experts_dtype == "mxfp4":
-            parts["dequant buffer"] = arch.experts * arch.hidden * 2 * arch.intermediate * 2 / GIB
     return Estimate(stage, parts, capacity_gib, note=note)
+
+
+def _unmerged_model_parts(cfg: RunConfig, arch: Arch) -> dict[str, float]:
+    """The base as it trains (MXFP4 or bf16 experts) + the adapter unmerged: what eval.model=adapter, serve and the
+    MXFP4 merge's logit check hold."""
+    non_expert, experts = weights_gib(cfg, arch)
+    parts = {"weights": non_expert + experts, "adapter": lora_params(cfg, arch) * 2 / GIB}  # no optimizer state
+    if cfg.model.experts_dtype == "mxfp4":  # one layer's gate_up stack, dequantized to bf16
+        parts["dequant buffer"] = arch.experts * arch.hidden * 2 * arch.intermediate * 2 / GIB
+    return parts
 
 
 def estimate_stages(cfg: RunConfig, capacity_gib: float | None = None) -> list[Estimate]:
