@@ -59,7 +59,7 @@ def test_a_sweep_fits_each_point_and_keeps_its_swept_values(caplog):
 
 def test_candidates_are_fastest_first_and_keep_tokens_per_step():
     cfg = _launch("cluster=coreweave_h200", "stages=[train]").cfg
-    cands = candidates(cfg)
+    cands = candidates(cfg, arch_for(cfg))
     assert cands[0][1] == "" and cands[0][0] == 1.0  # the configuration itself
     speeds = [s for s, _, _ in cands]
     assert speeds == sorted(speeds, reverse=True)

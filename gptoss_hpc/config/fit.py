@@ -47,11 +47,9 @@ def _micro_speed(rows: int, start: int, experts: int) -> float:
     return table.get(min(rows, 4), 0.4) / table.get(min(start, 4), 1.0)
 
 
-def candidates(cfg: RunConfig) -> list[tuple[float, str, RunConfig]]:
+def candidates(cfg: RunConfig, arch: Arch) -> list[tuple[float, str, RunConfig]]:
     """(relative speed, the overrides, the config) of every setting the fit may pick, fastest first."""
     t, m = cfg.train, cfg.model
-    arch = arch_for(cfg)
-    experts = arch.experts if arch is not None else 32
     dtypes = [m.experts_dtype] + (["mxfp4"] if m.experts_dtype != "mxfp4" else [])
     out = []
     for dtype in dtypes:
@@ -59,7 +57,7 @@ def candidates(cfg: RunConfig) -> list[tuple[float, str, RunConfig]]:
         while rows >= 1:
             accum = t.gradient_accumulation_steps * (t.per_device_train_batch_size // rows)
             for recompute in sorted({t.gradient_checkpointing, True}):
-                speed = _micro_speed(rows, t.per_device_train_batch_size, experts)
+                speed = _micro_speed(rows, t.per_device_train_batch_size, arch.experts)
                 speed *= MXFP4_SPEED if dtype != m.experts_dtype else 1.0
                 speed *= RECOMPUTE_SPEED if recompute and not t.gradient_checkpointing else 1.0
                 changes = []
@@ -96,9 +94,9 @@ def user_set(overrides: Iterable[str]) -> list[str]:
 
 
 def fastest_fit(cfg: RunConfig, arch: Arch, capacity: float) -> tuple[float, str, RunConfig, Estimate] | None:
-    """The first of ``candidates(cfg)`` (fastest first, ``cfg`` itself included) whose train stage fits
+    """The first of ``candidates(cfg, arch)`` (fastest first, ``cfg`` itself included) whose train stage fits
     ``capacity`` GiB: (relative speed, the overrides, the config, its estimate), or None."""
-    for speed, changes, new in candidates(cfg):
+    for speed, changes, new in candidates(cfg, arch):
         est = train_estimate(new, arch, capacity)
         if est.fits:
             return speed, changes, new, est
