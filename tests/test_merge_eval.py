@@ -306,7 +306,8 @@ def _probe():
 def test_bf16_merge_check_uses_rounding_noise_and_restores_weights(trained_point: PointPaths):
     import torch
 
-    from gptoss_hpc.stages.merge import adapted_parameters, merge_and_check, probe_logits, rounding_noise
+    from gptoss_hpc.stages.common import probe_logits
+    from gptoss_hpc.stages.merge import adapted_parameters, merge_and_check, rounding_noise
 
     model = _bf16_adapter_model(trained_point)
     targets = adapted_parameters(model)

@@ -30,7 +30,7 @@ from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.fileio import write_atomic
 from gptoss_hpc.modeling.hub import push_folder
 from gptoss_hpc.paths import PointPaths
-from gptoss_hpc.stages.common import run_stage, stage_cli, stage_warning
+from gptoss_hpc.stages.common import probe_logits, run_stage, stage_cli, stage_warning
 
 log = logging.getLogger(__name__)
 
@@ -100,18 +100,6 @@ def probe_token_ids(
     if not samples:
         raise MergeError("no data rows to build the merge probe batch from (both splits are empty)")
     return samples
-
-
-def probe_logits(model: Any, samples: Sequence[Sequence[int]]) -> list[Any]:
-    import torch
-
-    device = next(model.parameters()).device
-    out = []
-    with torch.inference_mode():
-        for ids in samples:
-            x = torch.tensor([list(ids)], device=device)
-            out.append(model(input_ids=x).logits[0].float().cpu())
-    return out
 
 
 def adapted_parameters(peft_model: Any) -> list[tuple[Any, str]]:

@@ -61,8 +61,7 @@ def logit_survival(cfg: RunConfig, paths: PointPaths, merged: Path, samples: Seq
     0: no closer to them than the base), with the argmax agreement of merged and adapter."""
     from gptoss_hpc.modeling.model import _device, load_adapter_model, torch_dtype
     from gptoss_hpc.modeling.mxfp4 import load_mxfp4_model
-    from gptoss_hpc.stages.common import free_device_memory
-    from gptoss_hpc.stages.merge import probe_logits
+    from gptoss_hpc.stages.common import free_device_memory, probe_logits
 
     model = load_adapter_model(cfg, paths, paths.adapter)
     adapter = probe_logits(model, samples)
