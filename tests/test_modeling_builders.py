@@ -138,6 +138,15 @@ def test_sft_kwargs_pad_to_multiple_of_bounds_shapes_for_compiled_layers():
     ref_kwargs = build_sft_config_kwargs(reference, POINT, env={})
     assert ref_kwargs["pad_to_multiple_of"] is None
     assert ref_kwargs["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+    # MXFP4 experts compile their core (static shapes) on the GPU with checkpointing too: what train.fit_memory
+    # picks for a 24 GiB card recompiled at each new packed length before this bound (~12 s each on the H200)
+    fit24 = cfg_of(*GPU, "model.experts_dtype=mxfp4", "train.gradient_checkpointing=true")
+    assert build_sft_config_kwargs(fit24, POINT, env={})["pad_to_multiple_of"] == 4 * 2048
+    # the fused bf16 core compiles without checkpointing even when the layers do not
+    fused_only = cfg_of(*GPU, "model.compile_layers=false")
+    assert build_sft_config_kwargs(fused_only, POINT, env={})["pad_to_multiple_of"] == 4 * 2048
+    eager = cfg_of(*GPU, "model.compile_layers=false", "model.fused_experts=false")
+    assert build_sft_config_kwargs(eager, POINT, env={})["pad_to_multiple_of"] is None
 
 
 def test_sft_kwargs_demo_cpu_wandb_and_sweep_name(tmp_path):

@@ -32,7 +32,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ class Check:
     started: float
     rows: list[dict[str, Any]]
     checkpoints: dict[int | None, Path]
+    extra: list[str] = field(default_factory=list)  # --set: overrides after every run's own (and its bench's)
 
     def left(self) -> float:
         """Seconds before no new run may start."""
@@ -183,6 +184,7 @@ def base_overrides(c: Check, ckpt: Path, gpus: int, layers: int | None = None) -
 def launch(c: Check, phase: str, name: str, overrides: list[str], *, stages: str, bench: bool) -> dict[str, Any]:
     """``python -m gptoss_hpc.launch <overrides> stages=[...]`` and one row per stage it ran."""
     tag = f"{phase}-{len(c.rows):02d}"
+    overrides = [*overrides, *c.extra]
     runs = c.work / "runs" / tag
     cmd = [_python(), "-m", "gptoss_hpc.launch", *overrides, f"name={tag}", f"stages={stages}"]
     r = run_sampled(cmd, env=c.env(), log=c.work / "logs" / f"{tag}.log", timeout_s=c.hard_left(), runs=runs)
@@ -389,6 +391,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=480.0, help="start no new run after this (default 480)")
     p.add_argument("--hard-s", type=float, default=560.0, help="end a run still going at this (default 560)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per train run (GPU 16, CPU 4)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a Hydra override added to every run (and its bench), after the phase's own; repeatable",
+    )
     p.add_argument("--warmup", type=int, default=None, help="steps left out of the trainer's tok/s (GPU 4, CPU 1)")
     return p.parse_args(argv)
 
@@ -414,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         started=time.time(),
         rows=[],
         checkpoints={},
+        extra=list(args.set),
     )
     env = environment(args.cpu)
     command = "bash launchers/gpu_check.sh " + " ".join(argv)

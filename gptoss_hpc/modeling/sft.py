@@ -84,17 +84,18 @@ def run_name(cfg: RunConfig, paths: PointPaths) -> str:
 
 
 def pad_to_multiple_of(cfg: RunConfig) -> int | None:
-    """train.pad_to_multiple_of, or with compiled layers (static shapes) a bound on the micro-batch lengths, so
-    that a new length (and a recompile of every layer) does not come each step. Packed / padding-free micro-batches
-    are one flattened row of at most per_device_train_batch_size x max_length tokens: padded to exactly that, one
-    shape (on two H200s the default 1024 stalled 35 s at a new length with a warm inductor cache and over 5 minutes
-    with a cold one; 8192 = 4 x 2048 did not stall, FACTS). Padded rows: min(max_length, 1024)."""
-    from gptoss_hpc.modeling.fast.knobs import compiles_layers
+    """train.pad_to_multiple_of, or where a static-shape compiled region sees the tokens (compiled layers, the
+    compiled fused or MXFP4 experts core: gptoss_hpc.modeling.fast.knobs.compiles_static_shapes) a bound on the
+    micro-batch lengths, so that a new length (and a recompile) does not come each step. Packed / padding-free
+    micro-batches are one flattened row of at most per_device_train_batch_size x max_length tokens: padded to exactly
+    that, one shape (on two H200s the default 1024 stalled 35 s at a new length with a warm inductor cache and over
+    5 minutes with a cold one; 8192 = 4 x 2048 did not stall, FACTS). Padded rows: min(max_length, 1024)."""
+    from gptoss_hpc.modeling.fast.knobs import compiles_static_shapes
 
     t = cfg.train
     if t.pad_to_multiple_of is not None:
         return t.pad_to_multiple_of
-    if not compiles_layers(cfg):
+    if not compiles_static_shapes(cfg):
         return None
     if t.packing or t.padding_free:
         return t.per_device_train_batch_size * t.max_length

@@ -88,6 +88,20 @@ def compiles_layers(cfg: RunConfig) -> bool:
     return bool(getattr(cfg.model, "compile_layers", False)) and not getattr(cfg.train, "gradient_checkpointing", False)
 
 
+def compiles_static_shapes(cfg: RunConfig) -> bool:
+    """Whether a region compiled with static shapes (``dynamic=False``) sees each micro-batch's token count: the
+    compiled layers, the fused experts' core when it is compiled (not under checkpointing), and the MXFP4 experts'
+    core, which compiles on CUDA with or without checkpointing. Then a new micro-batch length is a recompile (on the
+    H200, fit:20b@24 with MXFP4 and recompute lost ~12 s per new length: docs/BENCHMARKS.md, session 6)."""
+    if compiles_layers(cfg):
+        return True
+    m, t = cfg.model, cfg.train
+    on_gpu = getattr(cfg.cluster, "accelerator", "gpu") == "gpu"
+    if on_gpu and getattr(m, "experts_dtype", "bfloat16") == "mxfp4":
+        return True
+    return on_gpu and bool(getattr(m, "fused_experts", False)) and not getattr(t, "gradient_checkpointing", False)
+
+
 def apply_speed_knobs(model: nn.Module, cfg: RunConfig) -> SpeedKnobs:
     """Apply the knobs that ``cfg`` turns on, to a model that already has its LoRA adapters and gradient
     checkpointing set up. ``model.fused_experts`` swaps in the compiled experts (the model is built with
