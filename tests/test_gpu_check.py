@@ -47,7 +47,9 @@ def _by_name(result: dict) -> dict[str, dict]:
 def test_cpu_form_runs_every_phase_pipeline_configs_bench_two_ranks_and_a_knob_entry(tmp_path):
     # Every CPU phase in one run, as the launcher's header shows the CPU form: the phases share the run's one tiny
     # checkpoint (written once per process), so this costs one checkpoint and one start-up, not one per phase group.
-    proc, result = _run(tmp_path, "pipeline", "configs", "bench", "2gpu", "knobs:1", "fit:20b@24")
+    # --set: one override more on every run and its bench (a learning rate: it changes no row's shape)
+    phases = ("pipeline", "configs", "bench", "2gpu", "knobs:1", "fit:20b@24")
+    proc, result = _run(tmp_path, "--set", "train.learning_rate=1e-4", *phases)
     assert proc.returncode == 0, proc.stdout[-4000:]
     rows = _by_name(result)
     assert all(r["result"] == "pass" for r in result["rows"]), result["rows"]  # none failed, none left unrun
@@ -82,6 +84,9 @@ def test_cpu_form_runs_every_phase_pipeline_configs_bench_two_ranks_and_a_knob_e
     (fit,) = [r for r in result["rows"] if r["name"].startswith("fit: 20b shipped defaults on a 24 GiB card")]
     assert fit["result"] == "pass" and fit["gpu_memory_gib"] == 24.0 and "cluster.gpu_memory_gib=24" in fit["command"]
     assert fit["name"].endswith("(chose bfloat16 2x256 x GA 1)"), fit["name"]
+    launched = [r for r in result["rows"] if r.get("command", "").startswith("-m gptoss_hpc.launch")]
+    assert len(launched) >= 8 and all("train.learning_rate=1e-4" in r["command"] for r in launched)
+    assert "train.learning_rate=1e-4" in rows["train=default"]["bench_command"]
 
 
 def test_table_joins_phases_and_fails_on_a_failed_row(tmp_path, capsys):
