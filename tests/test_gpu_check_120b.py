@@ -18,8 +18,7 @@ from gptoss_hpc.bench.gpu_check import Check, base_overrides
 
 
 def _check(work: Path) -> Check:
-    return Check(cpu=True, work=work, budget_s=500, hard_s=560, steps=4, warmup=1, started=time.time(), rows=[],
-                 checkpoints={})  # fmt: skip
+    return Check(cpu=True, work=work, budget_s=500, hard_s=560, steps=4, warmup=1, started=time.time(), rows=[])
 
 
 def _done_until(work: Path, steps: list[str]) -> Path:

@@ -43,6 +43,7 @@ from gptoss_hpc.bench.gpu_check_parts import (
     run_sampled,
     stage_record,
     steady_train_facts,
+    synth_checkpoint,
     table,
     write_chat_rows,
     write_results,
@@ -63,7 +64,6 @@ class Check:
     warmup: int
     started: float
     rows: list[dict[str, Any]]
-    checkpoints: dict[int | None, Path]
     extra: list[str] = field(default_factory=list)  # --set: overrides after every run's own (and its bench's)
 
     def left(self) -> float:
@@ -90,39 +90,13 @@ def _python() -> str:
 
 
 def checkpoint(c: Check, layers: int | None = None) -> Path:
-    """The synthetic checkpoint of this phase (20b, or --cpu's tiny), written once per process."""
-    if layers in c.checkpoints:
-        return c.checkpoints[layers]
-    out = c.work / f"ckpt-{layers or 'full'}"
-    cmd = [
-        _python(),
-        "-m",
-        "gptoss_hpc.synth_checkpoint",
-        "--size",
-        "tiny" if c.cpu else "20b",
-        "--device",
-        "cpu" if c.cpu else "cuda",
-        "--overwrite",
-        str(out),
-    ]
-    if layers:
-        cmd[-1:-1] = ["--num-hidden-layers", str(layers)]  # before OUT_DIR
-    r = run_sampled(
-        cmd, env=c.env(), log=c.work / "logs" / f"{out.name}.log", timeout_s=c.hard_left(), label="checkpoint"
-    )
-    c.rows.append(
-        {
-            "phase": "setup",
-            "name": f"synth_checkpoint {out.name}",
-            "result": _result(r.rc),
-            "wall_s": round(r.wall_s, 1),
-            "peak_gpu_gib": r.peak_gib.get("checkpoint"),
-        }
-    )
-    if r.rc != 0:
-        raise SystemExit(f"synth_checkpoint failed:\n{r.tail}")
-    c.checkpoints[layers] = out
-    return out
+    """The synthetic 20b checkpoint (or --cpu's tiny) of this phase; a failed write ends the check."""
+    ckpt, row = synth_checkpoint(c, "20b", layers, "setup")
+    if row is not None:
+        c.rows.append(row)
+        if row["result"] != "pass":
+            raise SystemExit(f"synth_checkpoint failed:\n{row.get('log_tail', '')}")
+    return ckpt
 
 
 def _result(rc: int | None) -> str:
@@ -344,9 +318,9 @@ def phase_fit(c: Check, span: str) -> None:
     if size not in ("20b", "120b") or not gib.replace(".", "", 1).isdigit():
         raise SystemExit(f"phase fit:{span}: use fit:20b@GIB or fit:120b@GIB, e.g. fit:20b@24")
     if size == "120b":
-        from gptoss_hpc.bench.gpu_check_120b import _checkpoint
+        from gptoss_hpc.bench.gpu_check_120b import PHASE
 
-        ckpt, row = _checkpoint(c, None)  # the full 120b (65 GB: the 2-GPU box's disk), shared with pipeline120b
+        ckpt, row = synth_checkpoint(c, "120b", None, PHASE)  # 65 GB (the 2-GPU box's disk), shared with pipeline120b
         if row is not None:
             c.rows.append(row)
             if row["result"] != "pass":
@@ -422,7 +396,6 @@ def main(argv: list[str] | None = None) -> int:
         warmup=args.warmup if args.warmup is not None else (1 if args.cpu else 4),
         started=time.time(),
         rows=[],
-        checkpoints={},
         extra=list(args.set),
     )
     env = environment(args.cpu)

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gptoss_hpc.bench.gpu_check_parts import run_sampled, stage_record
+from gptoss_hpc.bench.gpu_check_parts import run_sampled, stage_record, synth_checkpoint
 
 PHASE = "pipeline120b"
 STATE = "pipeline120b.json"
@@ -47,28 +47,6 @@ def _overrides(c: Any, base: list[str], layers: int | None) -> list[str]:
     if layers and not c.cpu:  # on CPU the stand-in's overrides already give the tiny checkpoint's 2 layers
         ov.append(f"model.num_hidden_layers={layers}")
     return ov
-
-
-def _checkpoint(c: Any, layers: int | None) -> tuple[Path, dict[str, Any] | None]:
-    out = c.work / f"ckpt-120b-{layers or 'full'}"
-    if (out / "model.safetensors.index.json").is_file():  # written through a temp dir: complete when present
-        return out, None
-    cmd = [sys.executable, "-m", "gptoss_hpc.synth_checkpoint", "--size", "tiny" if c.cpu else "120b"]
-    cmd += ["--device", "cpu" if c.cpu else "cuda", "--overwrite", str(out)]
-    if layers and not c.cpu:
-        cmd[-1:-1] = ["--num-hidden-layers", str(layers)]
-    r = run_sampled(cmd, env=c.env(), log=c.work / "logs" / f"{out.name}.log", timeout_s=c.hard_left(), label="ckpt")
-    row = {
-        "phase": PHASE,
-        "name": f"synth_checkpoint {out.name}",
-        "result": "pass" if r.rc == 0 else f"FAIL (exit {r.rc})",
-        "wall_s": round(r.wall_s, 1),
-        "peak_gpu_gib": r.peak_gib.get("ckpt"),
-        "size_gb": round(sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9, 1) if r.rc == 0 else None,
-    }
-    if r.rc != 0:
-        row["log_tail"] = r.tail
-    return out, row
 
 
 def _stage_by_hand(c: Any, point: Path, stage: str, name: str) -> dict[str, Any]:
@@ -133,7 +111,7 @@ def phase_pipeline120b(c: Any, launch: Callable[..., dict[str, Any]], base_overr
             return True
         return False
 
-    ckpt, row = _checkpoint(c, layers)
+    ckpt, row = synth_checkpoint(c, "120b", layers, PHASE)
     if row is not None:
         record("checkpoint", row)
         if row["result"] != "pass":

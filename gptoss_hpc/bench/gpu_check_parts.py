@@ -12,6 +12,7 @@ import platform
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,33 @@ def write_chat_rows(path: Path, rows: int, median_tokens: int, max_tokens: int, 
             ]
             f.write(json.dumps({"messages": messages}) + "\n")
     return path
+
+
+def synth_checkpoint(c: Any, size: str, layers: int | None, phase: str) -> tuple[Path, dict[str, Any] | None]:
+    """The synthetic checkpoint of ``size`` (20b, 120b; --cpu writes the tiny one) under ``c.work``, with ``layers``
+    of its layers (None: all), through ``python -m gptoss_hpc.synth_checkpoint``: (folder, its row), or (folder,
+    None) when an earlier command with the same --work wrote it (the tool writes through a temp dir, so a folder
+    with its index is complete). A failed write's row says FAIL and carries the log tail."""
+    out = c.work / (f"ckpt-{layers or 'full'}" if size == "20b" else f"ckpt-{size}-{layers or 'full'}")
+    if (out / "model.safetensors.index.json").is_file():
+        return out, None
+    cmd = [sys.executable, "-m", "gptoss_hpc.synth_checkpoint", "--size", "tiny" if c.cpu else size]
+    cmd += ["--device", "cpu" if c.cpu else "cuda", "--overwrite", str(out)]
+    if layers and not c.cpu:
+        cmd[-1:-1] = ["--num-hidden-layers", str(layers)]  # before OUT_DIR
+    log = c.work / "logs" / f"{out.name}.log"
+    r = run_sampled(cmd, env=c.env(), log=log, timeout_s=c.hard_left(), label="checkpoint")
+    row = {
+        "phase": phase,
+        "name": f"synth_checkpoint {out.name}",
+        "result": "pass" if r.rc == 0 else ("timeout" if r.rc is None else f"FAIL (exit {r.rc})"),
+        "wall_s": round(r.wall_s, 1),
+        "peak_gpu_gib": r.peak_gib.get("checkpoint"),
+        "size_gb": round(sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9, 1) if r.rc == 0 else None,
+    }
+    if r.rc != 0:
+        row["log_tail"] = r.tail
+    return out, row
 
 
 def _gpu_memory_gib() -> list[float]:

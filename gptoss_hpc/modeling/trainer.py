@@ -38,6 +38,72 @@ def speed_knobs_callback(cfg: RunConfig):
     return SpeedKnobsCallback()
 
 
+# Optimizer steps in which torch.compile may still compile (first shapes, grad-mode / checkpoint-recompute variants);
+# a graph compiled after them is a recompile the run keeps paying for.
+RECOMPILE_WARMUP_STEPS = 4
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (0 when torch is not loaded)."""
+    import sys
+
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def recompile_watch_callback(warn, warmup_steps: int = RECOMPILE_WARMUP_STEPS):
+    """A callback that reports torch.compile graphs compiled after ``warmup_steps`` optimizer steps: a region whose
+    shapes or guards change per step recompiles for seconds each time, which a run's median step time hides (on the
+    H200, MXFP4 experts with recompute recompiled at each new packed length: a 16-step run's mean throughput was a
+    fifth of its median; docs/BENCHMARKS.md, session 6). ``warn(message)`` is called once, at the end of training,
+    with the count and the steps; the first such step is also logged when it happens."""
+    import logging
+
+    from transformers import TrainerCallback
+
+    log = logging.getLogger(__name__)
+
+    class RecompileWatch(TrainerCallback):
+        def __init__(self) -> None:
+            self.seen = 0  # optimizer steps of this process (a resumed run compiles afresh)
+            self.last = 0
+            self.steps: list[int] = []  # steps that compiled new graphs after the warm-up
+            self.graphs = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = compiled_graphs()
+            self.seen += 1
+            if self.seen <= warmup_steps:
+                self.last = now
+                return
+            if now > self.last:
+                if not self.steps:
+                    log.warning(
+                        "torch.compile compiled %d new graph(s) in optimizer step %d, after the %d warm-up steps: "
+                        "some compiled region sees a new shape or guard; recompiles cost seconds each",
+                        now - self.last, state.global_step, warmup_steps,
+                    )  # fmt: skip
+                self.steps.append(state.global_step)
+                self.graphs += now - self.last
+                self.last = now
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if not self.steps or not state.is_world_process_zero:
+                return
+            shown = ", ".join(str(s) for s in self.steps[:8]) + (" ..." if len(self.steps) > 8 else "")
+            warn(
+                f"torch.compile compiled {self.graphs} graph(s) after the first {warmup_steps} optimizer steps (in "
+                f"steps {shown}): shapes or guards change per step and each recompile stalls training. With packed "
+                "rows set train.pad_to_multiple_of to per_device_train_batch_size x max_length (one shape); or run "
+                "with TORCH_LOGS=recompiles to see what changes"
+            )
+
+    return RecompileWatch()
+
+
 def trainer_class(base: type, cfg: RunConfig, world_size: int, deepspeed: bool) -> type:
     """SFTTrainer with the real-token count kept on the device (see ``DeviceTokenCount``), and with
     train.loss_chunk_tokens > 0 a training loss of lm_head + CE in chunks (gptoss_hpc.modeling.fast): the same

@@ -54,7 +54,7 @@ from gptoss_hpc.modeling.distributed import (
 )
 from gptoss_hpc.modeling.hub import push_folder
 from gptoss_hpc.modeling.tracking import finish_wandb, start_wandb
-from gptoss_hpc.modeling.trainer import speed_knobs_callback, trainer_class
+from gptoss_hpc.modeling.trainer import recompile_watch_callback, speed_knobs_callback, trainer_class
 from gptoss_hpc.paths import PointPaths
 from gptoss_hpc.stages.common import run_stage, stage_cli, stage_warning, write_status
 from gptoss_hpc.stages.requeue import (
@@ -255,6 +255,7 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
     knobs_cb = speed_knobs_callback(cfg)
     if knobs_cb is not None:
         callbacks.append(knobs_cb)
+    callbacks.append(recompile_watch_callback(stage_warning))
     fault_cb = _fault_callback()
     if fault_cb is not None:
         callbacks.append(fault_cb)

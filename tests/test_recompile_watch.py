@@ -1,0 +1,44 @@
+"""The train stage's recompile watch (gptoss_hpc.modeling.trainer.recompile_watch_callback), with real torch.compile
+(the "eager" backend: dynamo's guards and graph counting are the GPU's, without a C++ toolchain) and transformers'
+real TrainerState/TrainerControl. The H200 bug it reports: a static-shape compiled region fed a new packed length at
+steps 9, 10 and 14 of a 16-step run (docs/BENCHMARKS.md, session 6)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import TrainerControl, TrainerState, TrainingArguments
+
+from gptoss_hpc.modeling.trainer import compiled_graphs, recompile_watch_callback
+
+
+def _run(lengths_per_step: list[int], start_step: int = 0) -> list[str]:
+    warned: list[str] = []
+    cb = recompile_watch_callback(warned.append, warmup_steps=2)
+    f = torch.compile(lambda x: (x * 2).sum(), dynamic=False, backend="eager")
+    args = TrainingArguments(output_dir="/tmp/unused-recompile-watch", report_to=[])
+    state, control = TrainerState(), TrainerControl()
+    state.global_step = start_step
+    for n in lengths_per_step:
+        f(torch.ones(n + start_step))  # a fresh shape family per test: dynamo's cache is per code object
+        state.global_step += 1
+        cb.on_step_end(args, state, control)
+    cb.on_train_end(args, state, control)
+    return warned
+
+
+def test_new_shapes_after_the_warm_up_are_reported_once_with_their_steps():
+    before = compiled_graphs()
+    warned = _run([1000, 1001, 1000, 1000, 1002, 1000, 1003])
+    assert compiled_graphs() - before >= 4  # 1000, 1001 (warm-up), 1002, 1003: real compiles were counted
+    assert len(warned) == 1, warned
+    assert "compiled 2 graph(s) after the first 2 optimizer steps (in steps 5, 7)" in warned[0]
+    assert "train.pad_to_multiple_of" in warned[0]
+
+
+def test_one_shape_after_the_warm_up_is_quiet():
+    assert _run([2000, 2001, 2000, 2001, 2000, 2000]) == []
+
+
+def test_a_resumed_run_gets_its_own_warm_up():
+    # resumed at step 100: its first compiles are warm-up, not recompiles
+    assert _run([3000, 3001, 3000, 3001], start_step=100) == []
