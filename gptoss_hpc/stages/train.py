@@ -53,6 +53,7 @@ from gptoss_hpc.modeling.distributed import (
     shutdown_distributed,
 )
 from gptoss_hpc.modeling.hub import push_folder
+from gptoss_hpc.modeling.profiling import profile_callback
 from gptoss_hpc.modeling.tracking import finish_wandb, start_wandb
 from gptoss_hpc.modeling.trainer import recompile_watch_callback, speed_knobs_callback, trainer_class
 from gptoss_hpc.paths import PointPaths
@@ -249,6 +250,7 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
     # every rank: the DeepSpeed JSON, accumulation and effective batch are the config's and the same on all ranks
     batch = check_batch_facts(cfg, args, deepspeed_json_path(paths) if "deepspeed" in kwargs else None)
 
+    profile_cb = profile_callback(paths.train)  # a bad GPTOSS_HPC_PROFILE_STEPS fails here, before the model loads
     model = load_base_model(cfg, paths, for_training=True)
     metrics_cb, preempt_cb = _callbacks(paths, dist_info["world_size"])
     callbacks = [metrics_cb, preempt_cb]
@@ -256,6 +258,8 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
     if knobs_cb is not None:
         callbacks.append(knobs_cb)
     callbacks.append(recompile_watch_callback(stage_warning))
+    if profile_cb is not None:
+        callbacks.append(profile_cb)
     fault_cb = _fault_callback()
     if fault_cb is not None:
         callbacks.append(fault_cb)
