@@ -77,6 +77,8 @@ def eval_model(cfg: RunConfig) -> str:
     return "adapter" if cfg.model.experts_dtype == "mxfp4" else "merged"
 
 
-def streaming_merge(cfg: RunConfig) -> bool:
-    """The merge stage merges shard by shard (no model built) when the experts train MXFP4-resident."""
+def mxfp4_resident(cfg: RunConfig) -> bool:
+    """The experts stay the checkpoint's MXFP4 blocks in every stage (the tiny CPU model is built in bf16): training
+    dequantizes them per layer, the merge streams shard by shard (no model built), and eval/serve with
+    eval.model=adapter load the MXFP4 base + adapter unmerged."""
     return cfg.model.experts_dtype == "mxfp4" and not cfg.model.tiny

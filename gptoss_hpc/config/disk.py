@@ -37,7 +37,7 @@ def point_disk_gib(cfg: RunConfig) -> dict[str, float]:
         checkpoints = cfg.train.save_total_limit + 1
         out["train"] = (checkpoints * CHECKPOINT_BYTES_PER_PARAM + ADAPTER_BYTES_PER_PARAM) * n / GIB
     if "merge" in cfg.stages:
-        mxfp4 = derive.streaming_merge(cfg) and cfg.merge.format == "mxfp4"
+        mxfp4 = derive.mxfp4_resident(cfg) and cfg.merge.format == "mxfp4"
         out["merge"] = sum(weights_gib(cfg, arch, experts_dtype="mxfp4" if mxfp4 else "bfloat16"))
     return out
 
@@ -68,7 +68,7 @@ def disk_problems(cfgs: Iterable[RunConfig]) -> list[str]:
     fixes = ["free space there or set run_root to a larger filesystem"]
     if "merge" in need:
         fixes.append("leave merge out (stages=[train,eval,report] with eval.model=adapter)")
-        if any(derive.streaming_merge(c) and c.merge.format == "bf16" for c in cfgs):
+        if any(derive.mxfp4_resident(c) and c.merge.format == "bf16" for c in cfgs):
             fixes.append("merge.format=mxfp4")
     if len(cfgs) > 1:
         fixes.append("fewer sweep points")

@@ -215,7 +215,7 @@ def merge_estimate(cfg: RunConfig, arch: Arch, capacity_gib: float | None) -> Es
     about three fp32 expert stacks at its peak (the check's base, PEFT's delta and the merged tensor read back);
     with merge.format=mxfp4 the logit check then loads the MXFP4 model (as eval.model=adapter does)."""
     stack = arch.experts * arch.hidden * 2 * arch.intermediate * 4 / GIB  # one layer's gate_up in fp32
-    if derive.streaming_merge(cfg):
+    if derive.mxfp4_resident(cfg):
         note = f"streaming merge ({cfg.merge.format}): shard by shard, host RAM ~{MERGE_SHARD_GIB + stack:.0f} GiB"
         parts = {"expert stacks": 3 * stack, "workspace": 0.5}
         if cfg.merge.format == "mxfp4":  # the logit check loads the MXFP4 model (+ adapter), one at a time

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gptoss_hpc.config.derive import mxfp4_resident
 from gptoss_hpc.config.schema import RunConfig
 from gptoss_hpc.errors import GptossHpcError, ResourceNotReachableError
 from gptoss_hpc.modeling.hub import check_hub_repo, is_local, unreachable
@@ -217,7 +218,7 @@ def _load_mxfp4(cfg: RunConfig) -> PreTrainedModel:
 def load_adapter_model(cfg: RunConfig, paths: PointPaths, adapter: str | Path) -> Any:
     """The base + the LoRA adapter, unmerged (eval.model=adapter), for generation. With model.experts_dtype=mxfp4
     the experts stay MXFP4 (120b: ~61 GB instead of ~218 GB of bf16); PEFT's disable_adapter() gives the base."""
-    if cfg.model.experts_dtype == "mxfp4" and not cfg.model.tiny:
+    if mxfp4_resident(cfg):
         from gptoss_hpc.modeling.mxfp4 import load_mxfp4_peft_model
 
         m = cfg.model

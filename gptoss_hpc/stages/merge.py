@@ -289,13 +289,13 @@ def _to_device(model: Any) -> Any:
 def body(cfg: RunConfig, paths: PointPaths) -> Path:
     from peft import PeftModel
 
-    from gptoss_hpc.config.derive import streaming_merge
+    from gptoss_hpc.config.derive import mxfp4_resident
     from gptoss_hpc.modeling.model import load_base_model
 
     if not (paths.adapter / "adapter_config.json").is_file():
         raise MergeError(f"no LoRA adapter at {paths.adapter} (adapter_config.json missing): did train finish?")
     tokenizer = load_adapter_tokenizer(cfg, paths)
-    if streaming_merge(cfg):
+    if mxfp4_resident(cfg):  # shard by shard
         return _finish(cfg, paths, _streaming(cfg, paths, tokenizer))
     samples = probe_token_ids(cfg, tokenizer)
     base = _to_device(load_base_model(cfg, paths, for_training=False))
