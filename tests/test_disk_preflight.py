@@ -9,6 +9,8 @@ import math
 import shutil
 from pathlib import Path
 
+import pytest
+
 from gptoss_hpc import launch
 from gptoss_hpc.config import compose, to_run_config, validate
 from gptoss_hpc.config.disk import disk_problems, point_disk_gib
@@ -50,3 +52,25 @@ def test_the_same_launch_fits_without_the_merges():
     cfgs = [_cfg("stages=[train]", f"train.seed={s}") for s in range(3)]
     assert disk_problems(cfgs) == []
     assert disk_problems([]) == []
+
+
+def test_points_are_checked_against_their_own_run_roots_filesystem(tmp_path: Path):
+    # A sweep over run_root with its points on two filesystems (here the disk under tmp_path and the tmpfs at
+    # /dev/shm): each filesystem holds only its own points. It was checked as a whole against the first point's.
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on a filesystem of its own")
+    small = shm / f"gptoss-disk-test-{tmp_path.name}"  # never created: the check reads the nearest existing parent
+    per_point = sum(point_disk_gib(_cfg()).values())
+    on_shm = math.ceil(shutil.disk_usage(shm).free / GIB / per_point) + 1
+    cfgs = [_cfg(f"run_root={tmp_path / 'runs'}")] + [
+        _cfg(f"run_root={small}", f"train.seed={s}") for s in range(on_shm)
+    ]
+    problems = disk_problems(cfgs)
+    shm_problems = [p for p in problems if p.startswith(f"run_root={small}:")]
+    assert len(shm_problems) == 1 and f"{on_shm} point(s)" in shm_problems[0], problems
+    assert f"but {shm} has" in shm_problems[0], problems
+    # the disk's one point is judged alone: refused only if that filesystem cannot hold even it
+    disk_alone = shutil.disk_usage(tmp_path).free / GIB >= per_point
+    assert any(p.startswith(f"run_root={tmp_path / 'runs'}:") for p in problems) is not disk_alone, problems
+    assert not small.exists()

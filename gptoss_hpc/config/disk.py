@@ -51,10 +51,14 @@ def _existing(path: Path) -> Path:
 
 
 def disk_problems(cfgs: Iterable[RunConfig]) -> list[str]:
-    """One problem when the points together need more than the free space of their run_root's filesystem."""
-    cfgs = list(cfgs)
-    if not cfgs:
-        return []
+    """One problem per filesystem whose points (by their run_root) together need more than its free space."""
+    groups: dict[int, list[RunConfig]] = {}
+    for cfg in cfgs:
+        groups.setdefault(_existing(Path(cfg.run_root)).stat().st_dev, []).append(cfg)
+    return [p for group in groups.values() for p in _filesystem_problems(group)]
+
+
+def _filesystem_problems(cfgs: list[RunConfig]) -> list[str]:
     need: dict[str, float] = {}
     for cfg in cfgs:
         for stage, gib in point_disk_gib(cfg).items():
