@@ -23,7 +23,15 @@ import logging
 from collections.abc import Iterable
 from dataclasses import replace
 
-from gptoss_hpc.config.memory import Arch, Estimate, arch_for, gpu_memory_gib, train_estimate
+from gptoss_hpc.config.memory import (
+    USABLE,
+    Arch,
+    Estimate,
+    arch_for,
+    gpu_memory_gib,
+    later_stage_problems,
+    train_estimate,
+)
 from gptoss_hpc.config.schema import RunConfig
 
 log = logging.getLogger(__name__)
@@ -123,3 +131,49 @@ def fit_to_card(cfg: RunConfig, overrides: Iterable[str]) -> tuple[RunConfig, st
         f"~{speed:.0%} of the speed, same tokens per optimizer step). Set train.fit_memory=false to be "
         "refused instead, or set these keys yourself"
     )
+
+
+def fixes_that_fit(cfg: RunConfig, arch: Arch, capacity: float, limit: int = 3) -> list[str]:
+    """Up to ``limit`` settings of ``candidates`` whose train stage fits, fastest first, as overrides: the first is
+    what train.fit_memory would pick. An unchunked loss is chunked first in each (the same numbers, no slower)."""
+    prefix = ""
+    if cfg.train.loss_chunk_tokens <= 0:
+        cfg = replace(cfg, train=replace(cfg.train, loss_chunk_tokens=4096))
+        prefix = "train.loss_chunk_tokens=4096"
+    found: list[str] = []
+    for _, changes, new in candidates(cfg, arch):
+        fix = " ".join(p for p in (prefix, changes) if p)
+        if fix and fix not in found and train_estimate(new, arch, capacity).fits:
+            found.append(fix)
+            if len(found) >= limit:
+                break
+    return found
+
+
+def memory_problems(cfg: RunConfig) -> list[str]:
+    """validate's check: each stage's estimated peak must fit the card (skipped when the size is unknown)."""
+    if cfg.cluster.accelerator != "gpu":
+        return []
+    capacity = gpu_memory_gib(cfg)
+    arch = arch_for(cfg)
+    if capacity is None or arch is None:
+        return []
+    later = later_stage_problems(cfg, arch, capacity)
+    if "train" not in cfg.stages:
+        return later
+    est = train_estimate(cfg, arch, capacity)
+    if est.fits:
+        return later
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in est.parts.items() if v >= 0.05)
+    fixes = fixes_that_fit(cfg, arch, capacity)
+    fix = "; ".join(f"({i}) {f}" for i, f in enumerate(fixes, 1)) or "none found: use a larger card"
+    zero = (
+        " ZeRO-2 shards only LoRA gradients and optimizer state, so more GPUs do not lower it; ZeRO-3 is not"
+        " supported for expert LoRA (train.zero.stage)."
+    )
+    return [
+        *later,
+        f"train stage needs ~{est.card:.1f} GiB per GPU (allocated {est.allocated:.1f}: {parts}) but "
+        f"cluster.gpu_memory_gib={capacity:g} leaves {capacity * USABLE:.1f}; cheapest fixes that fit (fastest "
+        f"first): {fix}.{zero} See `python -m gptoss_hpc.plan <same overrides>`",
+    ]

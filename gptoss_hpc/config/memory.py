@@ -22,7 +22,7 @@ per-layer costs (same hidden size, head layout and top-k); docs/BENCHMARKS.md co
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptoss_hpc.config import derive
@@ -296,41 +296,7 @@ def gpu_memory_gib(cfg: RunConfig) -> float | None:
 
 
 # Cheapest first: what each costs in speed on the H100/H200 measurements (docs/BENCHMARKS.md).
-def _candidate_fixes(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
-    t, m = cfg.train, cfg.model
-    out = []
-    if m.experts_dtype != "mxfp4":
-        out.append(("model.experts_dtype=mxfp4", replace(cfg, model=replace(m, experts_dtype="mxfp4"))))
-    b, ga = t.per_device_train_batch_size, t.gradient_accumulation_steps
-    while b > 1:
-        b //= 2
-        ga *= 2
-        fix = f"train.per_device_train_batch_size={b} train.gradient_accumulation_steps={ga}"
-        out.append((fix, replace(cfg, train=replace(t, per_device_train_batch_size=b, gradient_accumulation_steps=ga))))
-    if not t.gradient_checkpointing:
-        out.append(("train.gradient_checkpointing=true", replace(cfg, train=replace(t, gradient_checkpointing=True))))
-    if t.loss_chunk_tokens <= 0:
-        out.append(("train.loss_chunk_tokens=4096", replace(cfg, train=replace(t, loss_chunk_tokens=4096))))
-    return out
-
-
-def fixes_that_fit(cfg: RunConfig, arch: Arch, capacity: float, limit: int = 3) -> list[str]:
-    """Single changes, then the first single change combined with the others, that make the train stage fit."""
-    singles = _candidate_fixes(cfg)
-    found = [name for name, c in singles if train_estimate(c, arch, capacity).fits]
-    seen = {frozenset(f.split()) for f in found}
-    for name, c in singles:
-        for name2, c2 in _candidate_fixes(c):
-            combo = f"{name} {name2}"
-            if len(found) >= limit:
-                return found
-            if frozenset(combo.split()) not in seen and train_estimate(c2, arch, capacity).fits:
-                found.append(combo)
-                seen.add(frozenset(combo.split()))
-    return found[:limit]
-
-
-def _later_stage_problems(cfg: RunConfig, arch: Arch, capacity: float) -> list[str]:
+def later_stage_problems(cfg: RunConfig, arch: Arch, capacity: float) -> list[str]:
     """merge/eval/serve run on one GPU: refuse the ones that do not fit before a long training run, not after."""
     problems = []
     for stage in ("merge", "eval", "serve"):
@@ -354,32 +320,3 @@ def _later_stage_problems(cfg: RunConfig, arch: Arch, capacity: float) -> list[s
             f"{capacity:g} leaves {capacity * USABLE:.1f}: use {fix}, or run stages=[train] and that stage elsewhere"
         )
     return problems
-
-
-def memory_problems(cfg: RunConfig) -> list[str]:
-    """validate's check: each stage's estimated peak must fit the card (skipped when the size is unknown)."""
-    if cfg.cluster.accelerator != "gpu":
-        return []
-    capacity = gpu_memory_gib(cfg)
-    arch = arch_for(cfg)
-    if capacity is None or arch is None:
-        return []
-    later = _later_stage_problems(cfg, arch, capacity)
-    if "train" not in cfg.stages:
-        return later
-    est = train_estimate(cfg, arch, capacity)
-    if est.fits:
-        return later
-    parts = ", ".join(f"{k} {v:.1f}" for k, v in est.parts.items() if v >= 0.05)
-    fixes = fixes_that_fit(cfg, arch, capacity)
-    fix = "; ".join(f"({i}) {f}" for i, f in enumerate(fixes, 1)) or "none found: use a larger card"
-    zero = (
-        " ZeRO-2 shards only LoRA gradients and optimizer state, so more GPUs do not lower it; ZeRO-3 is not"
-        " supported for expert LoRA (train.zero.stage)."
-    )
-    return [
-        *later,
-        f"train stage needs ~{est.card:.1f} GiB per GPU (allocated {est.allocated:.1f}: {parts}) but "
-        f"cluster.gpu_memory_gib={capacity:g} leaves {capacity * USABLE:.1f}; cheapest fixes that fit: {fix}.{zero} "
-        "See `python -m gptoss_hpc.plan <same overrides>`",
-    ]

@@ -42,7 +42,7 @@ def validate(cfg: RunConfig) -> RunConfig:
 
         problems += extra_problems(cfg.train.extra)
     if not problems:  # the estimate reads the other keys: only once they are valid
-        from gptoss_hpc.config.memory import memory_problems
+        from gptoss_hpc.config.fit import memory_problems
 
         problems = memory_problems(cfg)
     if problems:
