@@ -40,6 +40,7 @@ from gptoss_hpc.bench.gpu_check_120b import phase_pipeline120b
 from gptoss_hpc.bench.gpu_check_knobs import GPU_KNOBS, Knobs, knob_matrix  # noqa: F401  (re-exported)
 from gptoss_hpc.bench.gpu_check_parts import (
     environment,
+    result_of,
     run_sampled,
     stage_record,
     steady_train_facts,
@@ -97,10 +98,6 @@ def checkpoint(c: Check, layers: int | None = None) -> Path:
         if row["result"] != "pass":
             raise SystemExit(f"synth_checkpoint failed:\n{row.get('log_tail', '')}")
     return ckpt
-
-
-def _result(rc: int | None) -> str:
-    return "pass" if rc == 0 else ("timeout" if rc is None else f"FAIL (exit {rc})")
 
 
 def _data(c: Check) -> Path:
@@ -187,7 +184,7 @@ def launch(c: Check, phase: str, name: str, overrides: list[str], *, stages: str
             row.update(steady_train_facts(point, c.warmup))
         rows.append(row)
     if r.rc != 0 and not any(row["result"].startswith("FAIL") for row in rows):
-        rows[-1]["result"] = f"FAIL (launch {_result(r.rc)})"
+        rows[-1]["result"] = f"FAIL (launch {result_of(r.rc)})"
     if any(row["result"] != "pass" for row in rows):
         rows[-1]["log_tail"] = r.tail
     c.rows.extend(rows)
@@ -245,7 +242,7 @@ def bench_for(c: Check, phase: str, overrides: list[str], row: dict[str, Any]) -
         row["bench_command"] = " ".join(cmd[1:])
     else:
         c.rows.append(
-            {"phase": phase, "name": f"bench: {row['name']}", "result": _result(r.rc or 1), "log_tail": r.tail}
+            {"phase": phase, "name": f"bench: {row['name']}", "result": result_of(r.rc or 1), "log_tail": r.tail}
         )
 
 

@@ -49,6 +49,11 @@ def write_chat_rows(path: Path, rows: int, median_tokens: int, max_tokens: int, 
     return path
 
 
+def result_of(rc: int | None) -> str:
+    """A row's result from a command's exit status (None: ended by the time limit)."""
+    return "pass" if rc == 0 else ("timeout" if rc is None else f"FAIL (exit {rc})")
+
+
 def synth_checkpoint(c: Any, size: str, layers: int | None, phase: str) -> tuple[Path, dict[str, Any] | None]:
     """The synthetic checkpoint of ``size`` (20b, 120b; --cpu writes the tiny one) under ``c.work``, with ``layers``
     of its layers (None: all), through ``python -m gptoss_hpc.synth_checkpoint``: (folder, its row), or (folder,
@@ -66,7 +71,7 @@ def synth_checkpoint(c: Any, size: str, layers: int | None, phase: str) -> tuple
     row = {
         "phase": phase,
         "name": f"synth_checkpoint {out.name}",
-        "result": "pass" if r.rc == 0 else ("timeout" if r.rc is None else f"FAIL (exit {r.rc})"),
+        "result": result_of(r.rc),
         "wall_s": round(r.wall_s, 1),
         "peak_gpu_gib": r.peak_gib.get("checkpoint"),
         "size_gb": round(sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9, 1) if r.rc == 0 else None,

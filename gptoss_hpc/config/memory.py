@@ -295,7 +295,6 @@ def gpu_memory_gib(cfg: RunConfig) -> float | None:
     return min(float(x) for x in out) / 1024 if out else None
 
 
-# Cheapest first: what each costs in speed on the H100/H200 measurements (docs/BENCHMARKS.md).
 def later_stage_problems(cfg: RunConfig, arch: Arch, capacity: float) -> list[str]:
     """merge/eval/serve run on one GPU: refuse the ones that do not fit before a long training run, not after."""
     problems = []
