@@ -42,3 +42,27 @@ def test_one_shape_after_the_warm_up_is_quiet():
 def test_a_resumed_run_gets_its_own_warm_up():
     # resumed at step 100: its first compiles are warm-up, not recompiles
     assert _run([3000, 3001, 3000, 3001], start_step=100) == []
+
+
+def test_graph_breaks_in_compiled_regions_are_reported():
+    import contextvars
+
+    from torch._dynamo.utils import counters
+
+    from gptoss_hpc.modeling.trainer import graph_breaks
+
+    counters["graph_break"].clear()
+    assert _run([4000, 4000, 4000]) == []  # a region without a break: quiet
+    var = contextvars.ContextVar("collector", default=None)  # what transformers' output-capturing hooks read
+
+    def layer(x):
+        x = x * 2
+        var.get()
+        return x.sum()
+
+    f = torch.compile(layer, dynamic=False, backend="eager")
+    f(torch.ones(8))
+    assert sum(graph_breaks().values()) >= 1
+    warned = _run([5000, 5000, 5000])
+    assert len(warned) == 1 and "graph break" in warned[0] and "TORCH_LOGS=graph_breaks" in warned[0], warned
+    counters["graph_break"].clear()

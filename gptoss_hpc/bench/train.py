@@ -35,6 +35,7 @@ from typing import Any
 
 from gptoss_hpc.bench.train_setup import (  # noqa: F401  (re-exported for tests)
     active_matmul_params,
+    aux_loss_coef,
     build_model,
     is_cuda,
     loss_of,
@@ -46,6 +47,7 @@ from gptoss_hpc.bench.train_setup import (  # noqa: F401  (re-exported for tests
     sync_device,
     synthetic_lengths,
     to_device,
+    train_loss_of,
 )
 
 PRESETS = ("experts", "attention", "all_linear")
@@ -177,6 +179,8 @@ def run_stack(
         opt = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
         rng = random.Random(args.seed)
         ga = t.gradient_accumulation_steps
+        aux_coef = aux_loss_coef(cfg, config)
+        row["router_aux_loss_coef"] = aux_coef
         total = args.warmup + steps
         data = micro_batches(cfg, rng, config.vocab_size, ga * total, lengths or args.lengths)
         times, tokens, padded, losses = [], [], [], []
@@ -194,7 +198,7 @@ def run_stack(
             with prof_ctx as prof:
                 step_loss = 0.0
                 for mb in chunk:
-                    loss = loss_of(model, knobs, to_device(mb, device), n_items)
+                    loss = train_loss_of(model, knobs, to_device(mb, device), n_items, aux_coef, ga)
                     loss.backward()
                     step_loss += float(loss.detach())
                 torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)

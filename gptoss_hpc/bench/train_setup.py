@@ -182,6 +182,24 @@ def loss_of(model, knobs, batch: dict[str, Any], num_items):
     return model(**batch, use_cache=False, num_items_in_batch=num_items).loss
 
 
+def aux_loss_coef(cfg, config) -> float:
+    """The MoE load-balancing loss weight the train stage trains with: TRL's ``router_aux_loss_coef`` (settable as
+    train.extra.router_aux_loss_coef), whose default is the architecture's (gpt-oss: 0.9)."""
+    coef = (cfg.train.extra or {}).get("router_aux_loss_coef")
+    return float(getattr(config, "router_aux_loss_coef", 0.0) if coef is None else coef)
+
+
+def train_loss_of(model, knobs, batch: dict[str, Any], num_items, aux_coef: float, grad_accum: int):
+    """The train stage's loss (gptoss_hpc.modeling.trainer): with the chunked loss, CE + the load-balancing loss
+    averaged over the accumulation steps, as TRL adds it; otherwise ``loss_of``."""
+    if not aux_coef or knobs.loss_chunk_tokens <= 0:
+        return loss_of(model, knobs, batch, num_items)
+    from gptoss_hpc.modeling.trainer import chunked_training_loss
+
+    loss, aux = chunked_training_loss(model, batch, knobs.loss_chunk_tokens, num_items, with_aux=True)
+    return loss + aux_coef * aux / grad_accum
+
+
 def preset_name(cfg) -> str:
     lo = cfg.lora
     if lo.target_modules == "all-linear":

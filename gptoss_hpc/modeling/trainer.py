@@ -54,12 +54,27 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def graph_breaks():
+    """torch.compile's graph breaks in this process so far, by reason (empty when torch is not loaded). The train
+    stage's compiled regions have none: on the H200 one (transformers' output-capturing hooks) cost 12% of the
+    MXFP4 20b throughput (gptoss_hpc.modeling.fast.router_logits)."""
+    import sys
+    from collections import Counter
+
+    if "torch._dynamo" not in sys.modules:
+        return Counter()
+    from torch._dynamo.utils import counters
+
+    return Counter({str(k): int(v) for k, v in counters["graph_break"].items() if v})
+
+
 def recompile_watch_callback(warn, warmup_steps: int = RECOMPILE_WARMUP_STEPS):
     """A callback that reports torch.compile graphs compiled after ``warmup_steps`` optimizer steps: a region whose
     shapes or guards change per step recompiles for seconds each time, which a run's median step time hides (on the
     H200, MXFP4 experts with recompute recompiled at each new packed length: a 16-step run's mean throughput was a
     fifth of its median; docs/BENCHMARKS.md, session 6). ``warn(message)`` is called once, at the end of training,
-    with the count and the steps; the first such step is also logged when it happens."""
+    with the count and the steps; the first such step is also logged when it happens. Graph breaks in compiled
+    regions (``graph_breaks``) are reported the same way at the end."""
     import logging
 
     from transformers import TrainerCallback
@@ -91,7 +106,17 @@ def recompile_watch_callback(warn, warmup_steps: int = RECOMPILE_WARMUP_STEPS):
                 self.last = now
 
         def on_train_end(self, args, state, control, **kwargs):
-            if not self.steps or not state.is_world_process_zero:
+            if not state.is_world_process_zero:
+                return
+            breaks = graph_breaks()
+            if breaks:
+                top = "; ".join(f"{n}x {reason.splitlines()[0][:160]}" for reason, n in breaks.most_common(3))
+                warn(
+                    f"torch.compile split its compiled regions at {sum(breaks.values())} graph break(s) ({top}): "
+                    "the host runs Python between the pieces, and a host-bound step leaves the GPU idle. "
+                    "Run with TORCH_LOGS=graph_breaks to see where"
+                )
+            if not self.steps:
                 return
             shown = ", ".join(str(s) for s in self.steps[:8]) + (" ..." if len(self.steps) > 8 else "")
             warn(
@@ -174,12 +199,17 @@ def trainer_class(base: type, cfg: RunConfig, world_size: int, deepspeed: bool) 
 
 def chunked_training_loss(model, inputs: dict[str, Any], chunk_tokens: int, num_items_in_batch, with_aux: bool):
     """(CE, MoE load-balancing loss or None) as gpt-oss's forward computes them, the CE in chunks from the
-    hidden states (gptoss_hpc.modeling.fast) so the [tokens, 201088] logits never exist."""
+    hidden states (gptoss_hpc.modeling.fast) so the [tokens, 201088] logits never exist. The router logits come
+    from the routers themselves (gptoss_hpc.modeling.fast.router_logits), not transformers' output-capturing
+    hooks, which split every compiled decoder layer into several graphs."""
     from gptoss_hpc.modeling.fast import chunked_causal_lm_loss, unwrap
+    from gptoss_hpc.modeling.fast.router_logits import recording_routers, take_router_logits
 
     base = unwrap(model)
+    routers = recording_routers(base) if with_aux else []
     kwargs = {k: inputs[k] for k in ("attention_mask", "position_ids") if inputs.get(k) is not None}
-    out = base.get_decoder()(input_ids=inputs["input_ids"], use_cache=False, output_router_logits=with_aux, **kwargs)
+    out = base.get_decoder()(input_ids=inputs["input_ids"], use_cache=False, output_router_logits=False, **kwargs)
+    router_logits = take_router_logits(routers)
     loss = chunked_causal_lm_loss(
         out.last_hidden_state,
         base.get_output_embeddings().weight,
@@ -192,6 +222,6 @@ def chunked_training_loss(model, inputs: dict[str, Any], chunk_tokens: int, num_
     from transformers.models.gpt_oss.modeling_gpt_oss import load_balancing_loss_func
 
     aux = load_balancing_loss_func(
-        out.router_logits, base.num_experts, base.num_experts_per_tok, inputs.get("attention_mask")
+        router_logits, base.num_experts, base.num_experts_per_tok, inputs.get("attention_mask")
     )
     return loss, aux
