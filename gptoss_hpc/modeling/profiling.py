@@ -3,7 +3,8 @@
 The bench (``python -m gptoss_hpc.bench train --profile FILE``) times the model alone; this profiles what the train
 stage adds around it: TRL's collator and loss, DeepSpeed's hooks and step, the dataloader. It writes
 ``<point>/train/profile.md``: the steps' wall time, the time the GPU spent in kernels and copies (the rest of the
-wall is the GPU waiting for the host), and the top operators by host and by device time. An environment variable,
+wall is the GPU waiting for the host), the synchronizing CUDA calls by Python stack (each drains the GPU's queue),
+and the top operators by host and by device time. An environment variable,
 not a config key: a diagnostic that changes no result (``GPTOSS_HPC_PROFILE_STEPS=6-7 bash launchers/gpu_check.sh
 fit:20b@26`` passes it to the job)."""
 
@@ -12,6 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+import traceback
+import warnings
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -53,6 +57,7 @@ def profile_callback(out_dir: Path, env: Mapping[str, str] | None = None):
     class ProfileCallback(TrainerCallback):
         def __init__(self) -> None:
             self.prof: Any = None
+            self.syncs = SyncStacks()
             self.started = 0.0
             self.written: Path | None = None
 
@@ -63,6 +68,7 @@ def profile_callback(out_dir: Path, env: Mapping[str, str] | None = None):
 
                 acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
                 _sync()
+                self.syncs = SyncStacks().start()
                 self.prof = profile(activities=acts)
                 self.prof.__enter__()
                 self.started = time.perf_counter()
@@ -80,10 +86,60 @@ def profile_callback(out_dir: Path, env: Mapping[str, str] | None = None):
             wall = time.perf_counter() - self.started
             prof, self.prof = self.prof, None
             prof.__exit__(None, None, None)
-            self.written = write_report(prof, out_dir / "profile.md", first, step, wall)
+            syncs = self.syncs.stop()
+            self.written = write_report(prof, out_dir / "profile.md", first, step, wall, syncs)
             log.info("profile of optimizer steps %d-%d: %s", first, step, self.written)
 
     return ProfileCallback()
+
+
+class SyncStacks:
+    """Counts the synchronizing CUDA calls (``.item()``, ``.tolist()``, ``nonzero``, device-to-host copies) made from
+    Python between ``start`` and ``stop``, by the innermost frames of their stack: torch's sync debug mode warns at
+    each, and the warning is caught here instead of printed. Each one empties the GPU's queue, so a host-bound step
+    pays the host's launch latency again after it. Nothing is recorded without CUDA."""
+
+    FRAMES = 4
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self._saved: tuple | None = None
+
+    def start(self) -> SyncStacks:
+        import torch
+
+        if not torch.cuda.is_available():
+            return self
+        self._saved = (warnings.showwarning, warnings.filters[:], torch.cuda.get_sync_debug_mode())
+        warnings.filterwarnings("always", message=".*synchroniz.*")
+        warnings.showwarning = self._show
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def stop(self) -> Counter[str] | None:
+        if self._saved is None:
+            return None
+        import torch
+
+        show, filters, mode = self._saved
+        self._saved = None
+        torch.cuda.set_sync_debug_mode(mode)
+        warnings.showwarning = show
+        warnings.filters[:] = filters
+        return self.counts
+
+    def _show(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" not in str(message):
+            return self._saved[0](message, category, filename, lineno, file, line) if self._saved else None
+        frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith(("warnings.py", __file__))]
+        self.counts[" <- ".join(f"{_short(f.filename)}:{f.lineno} {f.name}" for f in frames[-self.FRAMES :][::-1])] += 1
+
+
+def _short(path: str) -> str:
+    for marker in ("site-packages/", "gptoss_hpc/"):
+        if marker in path:
+            return (marker if marker == "gptoss_hpc/" else "") + path.split(marker, 1)[1]
+    return path
 
 
 def _sync() -> None:
@@ -100,7 +156,9 @@ def device_busy_s(prof: Any) -> float:
     return sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6
 
 
-def write_report(prof: Any, path: Path, first: int, last: int, wall_s: float) -> Path:
+def write_report(
+    prof: Any, path: Path, first: int, last: int, wall_s: float, syncs: Counter[str] | None = None
+) -> Path:
     busy = device_busy_s(prof)
     avg = prof.key_averages()
     device_key = "self_device_time_total" if hasattr(next(iter(avg), None), "self_device_time_total") else None
@@ -116,6 +174,10 @@ def write_report(prof: Any, path: Path, first: int, last: int, wall_s: float) ->
         )
     else:
         lines.append("- no CUDA device work recorded (CPU run)")
+    steps = last - first + 1
+    if syncs is not None:
+        lines += ["", f"## Synchronizing CUDA calls from Python: {sum(syncs.values()) / steps:.0f} per step", ""]
+        lines += [f"- {n / steps:g} per step: `{where}`" for where, n in syncs.most_common(15)] or ["- none"]
     lines += ["", "## Top operators by host (self CPU) time", "", "```"]
     lines.append(avg.table(sort_by="self_cpu_time_total", row_limit=TOP_ROWS, max_name_column_width=80))
     lines.append("```")
