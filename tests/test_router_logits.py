@@ -109,3 +109,36 @@ def test_compiled_layers_have_no_graph_break_with_the_aux_loss(compiled_on_cpu):
         input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, output_router_logits=True
     )
     assert sum(compiled_on_cpu["graph_break"].values()) > 0
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_load_balancing_loss_equals_transformers(masked, dtype):
+    from transformers.models.gpt_oss.modeling_gpt_oss import load_balancing_loss_func
+
+    from gptoss_hpc.modeling.fast.router_logits import load_balancing_loss
+
+    g = torch.Generator().manual_seed(1)
+    layers, tokens, experts, top_k = 5, 37, 8, 3
+    logits = [(torch.randn(tokens, experts, generator=g) * 2).to(dtype).requires_grad_() for _ in range(layers)]
+    mask = (torch.rand(1, tokens, generator=g) > 0.3).long() if masked else None
+    ours = load_balancing_loss(tuple(logits), experts, top_k, mask)
+    (g_ours,) = torch.autograd.grad(ours, logits[2])
+    ref = load_balancing_loss_func(tuple(logits), experts, top_k, mask)
+    (g_ref,) = torch.autograd.grad(ref, logits[2])
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(g_ours, g_ref)
+    assert load_balancing_loss((), experts, top_k) == 0  # no routed layer (transformers' raises IndexError)
+
+
+def test_a_recomputed_layer_leaves_no_logits_on_its_router():
+    """Under gradient checkpointing the backward re-runs each layer's forward, router included; the logits it
+    recomputes (and their autograd graph) must not stay on the module until the next forward."""
+    from gptoss_hpc.modeling.fast.router_logits import LOGITS_ATTR, recording_routers
+
+    model, _ = _model("train.gradient_checkpointing=true", "train.no_grad_below_first_lora=false")
+    loss, aux = chunked_training_loss(model, _inputs(), 64, None, with_aux=True)
+    (loss + 0.9 * aux).backward()
+    routers = recording_routers(model)
+    assert routers and not any(LOGITS_ATTR in r.__dict__ for r in routers)
+    assert any(p.grad is not None for p in model.parameters() if p.requires_grad)

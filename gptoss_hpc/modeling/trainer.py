@@ -178,13 +178,27 @@ def trainer_class(base: type, cfg: RunConfig, world_size: int, deepspeed: bool) 
         return DeviceTokenCount
 
     class ChunkedLossSFTTrainer(DeviceTokenCount):
+        _items: tuple[Any, int] | None = None
+
+        def _items_in_batch(self, num_items_in_batch):
+            """transformers passes one device tensor to every micro-batch of an optimizer step: read it once per
+            step (a device-to-host sync), not once per micro-batch."""
+            import torch
+
+            if not torch.is_tensor(num_items_in_batch):
+                return num_items_in_batch
+            if self._items is None or self._items[0] is not num_items_in_batch:
+                self._items = (num_items_in_batch, int(num_items_in_batch.item()))
+            return self._items[1]
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if return_outputs or inputs.get("labels") is None:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             inner = model
             while hasattr(inner, "module"):  # DeepSpeedEngine -> PeftModel (ZeRO-1/2 params are whole)
                 inner = inner.module
-            loss, aux = chunked_training_loss(inner, inputs, chunk, num_items_in_batch, self.aux_loss_enabled)
+            items = self._items_in_batch(num_items_in_batch)
+            loss, aux = chunked_training_loss(inner, inputs, chunk, items, self.aux_loss_enabled)
             # The rest mirrors SFTTrainer.compute_loss: token-normalised CE scaled back up for DDP's gradient
             # mean, and the MoE aux loss (a per-micro-batch mean) averaged over the accumulation steps.
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -203,12 +217,18 @@ def chunked_training_loss(model, inputs: dict[str, Any], chunk_tokens: int, num_
     from the routers themselves (gptoss_hpc.modeling.fast.router_logits), not transformers' output-capturing
     hooks, which split every compiled decoder layer into several graphs."""
     from gptoss_hpc.modeling.fast import chunked_causal_lm_loss, unwrap
-    from gptoss_hpc.modeling.fast.router_logits import recording_routers, take_router_logits
+    from gptoss_hpc.modeling.fast.router_logits import (
+        load_balancing_loss,
+        recording,
+        recording_routers,
+        take_router_logits,
+    )
 
     base = unwrap(model)
     routers = recording_routers(base) if with_aux else []
     kwargs = {k: inputs[k] for k in ("attention_mask", "position_ids") if inputs.get(k) is not None}
-    out = base.get_decoder()(input_ids=inputs["input_ids"], use_cache=False, output_router_logits=False, **kwargs)
+    with recording(routers):
+        out = base.get_decoder()(input_ids=inputs["input_ids"], use_cache=False, output_router_logits=False, **kwargs)
     router_logits = take_router_logits(routers)
     loss = chunked_causal_lm_loss(
         out.last_hidden_state,
@@ -219,9 +239,5 @@ def chunked_training_loss(model, inputs: dict[str, Any], chunk_tokens: int, num_
     )
     if not with_aux:
         return loss, None
-    from transformers.models.gpt_oss.modeling_gpt_oss import load_balancing_loss_func
-
-    aux = load_balancing_loss_func(
-        router_logits, base.num_experts, base.num_experts_per_tok, inputs.get("attention_mask")
-    )
+    aux = load_balancing_loss(router_logits, base.num_experts, base.num_experts_per_tok, inputs.get("attention_mask"))
     return loss, aux

@@ -6,11 +6,18 @@ decoder layer and attention module; each hook reads a ``ContextVar``, which torc
 compiled decoder layer splits into ~6 graphs with Python between them. On the H200 that made the MXFP4 20b train
 stage host-bound: 64% device busy, 0.88 of the bench's throughput (docs/BENCHMARKS.md, session 7). Here each
 router keeps the logits of its last forward on itself (an attribute write, which torch.compile traces), and the
-loss reads them back in layer order: the same tensors transformers' hooks would collect, in the same order.
+loss reads them back in layer order: the same tensors transformers' hooks would collect, in the same order. Only
+inside ``recording(routers)``: a checkpointed layer recomputed during the backward must not leave its logits and
+their autograd graph on the module (the 120b recompute run on an 80 GiB card peaked 6.5 GiB higher that way).
+
+``load_balancing_loss`` is transformers' ``load_balancing_loss_func`` without its two device-to-host syncs per layer
+(torch.histc on CUDA synchronizes; 192 per optimizer step of the 20b bench setting) and in one pass over the layers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 LOGITS_ATTR = "_gptoss_router_logits"
@@ -19,7 +26,8 @@ _RECORDING_CLASSES: dict[type, type] = {}
 
 def _recording_forward(self, hidden_states):
     out = super(type(self), self).forward(hidden_states)
-    setattr(self, LOGITS_ATTR, out[0])
+    if type(self)._gptoss_recording:  # a class attribute: torch.compile guards on it (one graph per value)
+        setattr(self, LOGITS_ATTR, out[0])
     return out
 
 
@@ -37,7 +45,9 @@ def recording_routers(model) -> list[Any]:
             continue
         if cls not in _RECORDING_CLASSES:
             _RECORDING_CLASSES[cls] = type(
-                f"Recording{cls.__name__}", (cls,), {"forward": _recording_forward, "_gptoss_recording_base": cls}
+                f"Recording{cls.__name__}",
+                (cls,),
+                {"forward": _recording_forward, "_gptoss_recording_base": cls, "_gptoss_recording": False},
             )
         module.__class__ = _RECORDING_CLASSES[cls]
     return routers
@@ -47,3 +57,42 @@ def take_router_logits(routers: list[Any]) -> tuple[Any, ...]:
     """The logits each router recorded since the last call, in layer order; they are dropped from the routers so
     that no forward's tensors outlive its loss."""
     return tuple(module.__dict__.pop(LOGITS_ATTR) for module in routers if LOGITS_ATTR in module.__dict__)
+
+
+@contextmanager
+def recording(routers: list[Any]) -> Iterator[None]:
+    """Routers keep their logits only inside this block (the forward whose loss reads them)."""
+    classes = {type(m) for m in routers}
+    for cls in classes:
+        cls._gptoss_recording = True
+    try:
+        yield
+    finally:
+        for cls in classes:
+            cls._gptoss_recording = False
+
+
+def load_balancing_loss(router_logits: tuple[Any, ...], num_experts: int, top_k: int, attention_mask=None):
+    """Equals ``transformers.models.gpt_oss.modeling_gpt_oss.load_balancing_loss_func`` (Switch Transformer eq. 4-6:
+    num_experts x sum over experts of the share of top-k assignments x the mean router probability, over every
+    layer's tokens, padding excluded) with the counts by ``scatter_add_``, which never waits for the GPU."""
+    import torch
+
+    if not router_logits:
+        return 0
+    logits = torch.stack([g.to(router_logits[0].device) for g in router_logits])  # [layers, tokens, experts]
+    probs = torch.nn.functional.softmax(logits, dim=-1)  # in the logits' dtype, as transformers does
+    _, selected = torch.topk(probs, top_k, dim=-1)  # [layers, tokens, top_k]
+    layers, tokens = logits.shape[:2]
+    if attention_mask is None:
+        weight = torch.ones(selected.numel(), dtype=torch.float32, device=logits.device)
+        prob_sum = probs.float().sum(dim=(0, 1))
+        rows = float(layers * tokens)
+    else:
+        mask = attention_mask.reshape(-1).to(device=logits.device, dtype=torch.float32)  # [tokens]
+        weight = mask[None, :, None].expand(layers, tokens, top_k).reshape(-1)
+        prob_sum = (probs.float() * mask[None, :, None]).sum(dim=(0, 1))
+        rows = layers * mask.sum()
+    counts = torch.zeros(num_experts, dtype=torch.float32, device=logits.device)
+    counts = counts.scatter_add_(0, selected.reshape(-1), weight)
+    return torch.sum((counts / rows) * (prob_sum / rows).unsqueeze(0)) * num_experts
