@@ -56,8 +56,8 @@ def compiled_graphs() -> int:
 
 def graph_breaks():
     """torch.compile's graph breaks in this process so far, by reason (empty when torch is not loaded). The train
-    stage's compiled regions have none: on the H200 one (transformers' output-capturing hooks) cost 12% of the
-    MXFP4 20b throughput (gptoss_hpc.modeling.fast.router_logits)."""
+    stage's compiled regions have none; on the H200, transformers' output-capturing hooks split every compiled
+    decoder layer into ~6 graphs (gptoss_hpc.modeling.fast.router_logits)."""
     import sys
     from collections import Counter
 
