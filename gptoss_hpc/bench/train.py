@@ -192,7 +192,7 @@ def run_stack(
                 from torch.profiler import ProfilerActivity
                 from torch.profiler import profile as torch_profile
 
-                from gptoss_hpc.modeling.profiling import SyncStacks
+                from gptoss_hpc.modeling.profiling import SyncStacks, sync_lines
 
                 prof_ctx = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
                 syncs = SyncStacks().start()  # the train stage's profile.md lists the same
@@ -219,10 +219,9 @@ def run_stack(
                 table = avg.table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90)
                 ops = avg.table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90)
                 profile.parent.mkdir(parents=True, exist_ok=True)
-                counts = syncs.stop() or {}
-                sync_lines = [f"synchronizing CUDA calls from Python: {sum(counts.values())}"]
-                sync_lines += [f"  {n}: {where}" for where, n in sorted(counts.items(), key=lambda kv: -kv[1])[:15]]
-                profile.write_text("\n".join(sync_lines) + "\n\n" + table + "\n\n" + ops)
+                counts = syncs.stop()
+                head = "\n".join(sync_lines(counts, 1)) + "\n\n" if counts is not None else ""
+                profile.write_text(head + table + "\n\n" + ops)
                 print(table[:7000])
         step_s = statistics.median(times)
         tok = statistics.mean(tokens)

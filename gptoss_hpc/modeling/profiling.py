@@ -135,6 +135,12 @@ class SyncStacks:
         self.counts[" <- ".join(f"{_short(f.filename)}:{f.lineno} {f.name}" for f in frames[-self.FRAMES :][::-1])] += 1
 
 
+def sync_lines(syncs: Counter[str], steps: int) -> list[str]:
+    """``SyncStacks``' counts as a markdown section, per step, the most frequent call sites first."""
+    lines = [f"## Synchronizing CUDA calls from Python: {sum(syncs.values()) / steps:.0f} per step", ""]
+    return lines + ([f"- {n / steps:g} per step: `{where}`" for where, n in syncs.most_common(15)] or ["- none"])
+
+
 def _short(path: str) -> str:
     for marker in ("site-packages/", "gptoss_hpc/"):
         if marker in path:
@@ -174,10 +180,8 @@ def write_report(
         )
     else:
         lines.append("- no CUDA device work recorded (CPU run)")
-    steps = last - first + 1
     if syncs is not None:
-        lines += ["", f"## Synchronizing CUDA calls from Python: {sum(syncs.values()) / steps:.0f} per step", ""]
-        lines += [f"- {n / steps:g} per step: `{where}`" for where, n in syncs.most_common(15)] or ["- none"]
+        lines += ["", *sync_lines(syncs, last - first + 1)]
     lines += ["", "## Top operators by host (self CPU) time", "", "```"]
     lines.append(avg.table(sort_by="self_cpu_time_total", row_limit=TOP_ROWS, max_name_column_width=80))
     lines.append("```")
