@@ -67,10 +67,7 @@ from gptoss_hpc.modeling.fast.packing import (  # noqa: F401
     packed_sequence_masks,
 )
 from gptoss_hpc.modeling.fast.prefix import (  # noqa: F401
-    _NO_GRAD_CLASSES,
-    _no_grad_class,
     _raise_recompile_limit,
-    _restore_class,
     compile_decoder_layers,
     freeze_below_first_trainable_layer,
 )

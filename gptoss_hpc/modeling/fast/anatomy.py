@@ -1,4 +1,4 @@
-"""Model anatomy shared by the knobs: unwrapping PEFT, decoder layers, the lowest trainable layer."""
+"""Model anatomy shared by the knobs: unwrapping PEFT, decoder layers, the lowest trainable layer, class swaps."""
 
 from __future__ import annotations
 
@@ -13,6 +13,31 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 FUSED_EXPERTS = "fused_grouped_mm"
+
+
+_SWAPPED: dict[tuple[str, type], type] = {}
+
+
+def swap_class(module: Any, name: str, marker: str, namespace: dict[str, Any]) -> bool:
+    """Make ``module`` an instance of a subclass of its class with ``namespace`` (its new forward, ...): one
+    subclass per (class, ``marker``), so every module so changed shares a compiled region's code, and a class swap
+    leaves the module tree, the state dict and PEFT's adapter saving unchanged. The subclass is ``name`` (``{}``:
+    the base class's name) and keeps its base at ``<subclass>.<marker>`` for ``restore_class``. False (and nothing
+    done) when the module is already swapped for ``marker``."""
+    cls = type(module)
+    if getattr(cls, marker, None) is not None:
+        return False
+    if (marker, cls) not in _SWAPPED:
+        _SWAPPED[marker, cls] = type(name.format(cls.__name__), (cls,), {**namespace, marker: cls})
+    module.__class__ = _SWAPPED[marker, cls]
+    return True
+
+
+def restore_class(module: Any, marker: str) -> None:
+    """Undo ``swap_class(module, ..., marker, ...)`` (nothing if it was not swapped)."""
+    base = getattr(type(module), marker, None)
+    if base is not None:
+        module.__class__ = base
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from gptoss_hpc.modeling.fast.anatomy import _COMPILED, FUSED_EXPERTS
+from gptoss_hpc.modeling.fast.anatomy import _COMPILED, FUSED_EXPERTS, restore_class, swap_class
 from gptoss_hpc.modeling.fast.fallback import call_compiled, compile_backend
 from gptoss_hpc.modeling.fast.grouped_mm import grouped_mm as _grouped_mm
 
@@ -195,35 +195,28 @@ def _factored_forward(self, hidden_states, *args, **kwargs):
     return fused_experts_forward(experts, hidden_states, *args, lora=lora)
 
 
-_FACTORED_CLASSES: dict[type, type] = {}
+FACTORED_BASE = "_gptoss_factored_base"
 
 
 def factor_expert_lora(model) -> list[Any]:
     """Route every PEFT LoRA on gpt-oss expert weights (the outermost ParamWrapper of each experts module)
     through ``moe_experts_core``'s factored LoRA. Returns the changed wrappers; ``unfactor_expert_lora`` undoes it.
-    A class swap, so the module tree, the state dict and PEFT's adapter saving are unchanged."""
+    A class swap (``swap_class``), so the module tree, the state dict and PEFT's adapter saving are unchanged."""
     wrappers = [m for m in model.modules() if type(m).__name__ == "ParamWrapper"]
     inner = {id(w.base_layer) for w in wrappers}
     changed = []
     for module in wrappers:
-        cls = type(module)
         if id(module) in inner or _factored_plan(module) is None:
             continue
-        if cls not in _FACTORED_CLASSES:
-            _FACTORED_CLASSES[cls] = type(
-                "FactoredLoraExperts", (cls,), {"forward": _factored_forward, "_gptoss_factored_base": cls}
-            )
-        module.__class__ = _FACTORED_CLASSES[cls]
-        changed.append(module)
+        if swap_class(module, "FactoredLoraExperts", FACTORED_BASE, {"forward": _factored_forward}):
+            changed.append(module)
     log.info("expert LoRA factored on %d experts modules", len(changed))
     return changed
 
 
 def unfactor_expert_lora(wrappers: list[Any]) -> None:
     for module in wrappers:
-        base = getattr(type(module), "_gptoss_factored_base", None)
-        if base is not None:
-            module.__class__ = base
+        restore_class(module, FACTORED_BASE)
 
 
 def register_fused_experts() -> None:

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
     from gptoss_hpc.config.schema import RunConfig
 
-from gptoss_hpc.modeling.fast.anatomy import FUSED_EXPERTS, unwrap
+from gptoss_hpc.modeling.fast.anatomy import FUSED_EXPERTS, restore_class, unwrap
 from gptoss_hpc.modeling.fast.experts import (
     factor_expert_lora,
     register_fused_experts,
@@ -21,8 +21,8 @@ from gptoss_hpc.modeling.fast.experts import (
 from gptoss_hpc.modeling.fast.fallback import compile_backend
 from gptoss_hpc.modeling.fast.packing import isolate_packed_sequences
 from gptoss_hpc.modeling.fast.prefix import (
+    NO_GRAD_BASE,
     _raise_recompile_limit,
-    _restore_class,
     compile_decoder_layers,
     freeze_below_first_trainable_layer,
 )
@@ -53,7 +53,7 @@ class SpeedKnobs:
 
     def remove(self) -> None:
         for layer in self.frozen_prefix:
-            _restore_class(layer)
+            restore_class(layer, NO_GRAD_BASE)
         self.frozen_prefix = []
         for layer in self.compiled_layers:
             layer._compiled_call_impl = None

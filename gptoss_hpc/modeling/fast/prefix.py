@@ -9,27 +9,22 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-from gptoss_hpc.modeling.fast.anatomy import decoder_layers, lowest_trainable_layer
+from gptoss_hpc.modeling.fast.anatomy import decoder_layers, lowest_trainable_layer, swap_class
+from gptoss_hpc.modeling.fast.experts import FACTORED_BASE
 
 log = logging.getLogger(__name__)
 
 
-_NO_GRAD_CLASSES: dict[type, type] = {}
+NO_GRAD_BASE = "_gptoss_no_grad_base"
 
 
-def _no_grad_class(cls: type) -> type:
-    """A subclass of a decoder-layer class whose forward runs under torch.no_grad. One class for all such
-    layers (not a per-layer wrapper), so a compiled layer's code is shared by all of them."""
-    if cls not in _NO_GRAD_CLASSES:
-        import torch
+def _no_grad_forward(self, *args, **kwargs):
+    """A decoder layer's forward under torch.no_grad. One class for all such layers (not a per-layer wrapper), so a
+    compiled layer's code is shared by all of them."""
+    import torch
 
-        def forward(self, *args, **kwargs):
-            with torch.no_grad():
-                return super(sub, self).forward(*args, **kwargs)
-
-        sub = type(f"NoGrad{cls.__name__}", (cls,), {"forward": forward, "_gptoss_no_grad_base": cls})
-        _NO_GRAD_CLASSES[cls] = sub
-    return _NO_GRAD_CLASSES[cls]
+    with torch.no_grad():
+        return super(type(self), self).forward(*args, **kwargs)
 
 
 def freeze_below_first_trainable_layer(model: nn.Module) -> list[nn.Module]:
@@ -42,18 +37,10 @@ def freeze_below_first_trainable_layer(model: nn.Module) -> list[nn.Module]:
     first = lowest_trainable_layer(model)
     changed = []
     for layer in list(decoder_layers(model))[:first]:
-        if hasattr(type(layer), "_gptoss_no_grad_base"):
-            continue
-        layer.__class__ = _no_grad_class(type(layer))
-        changed.append(layer)
+        if swap_class(layer, "NoGrad{}", NO_GRAD_BASE, {"forward": _no_grad_forward}):
+            changed.append(layer)
     log.info("layers 0..%d run without autograd (first trainable layer: %d)", first - 1, first)
     return changed
-
-
-def _restore_class(layer: nn.Module) -> None:
-    base = getattr(type(layer), "_gptoss_no_grad_base", None)
-    if base is not None:
-        layer.__class__ = base
 
 
 def _parametrizing_wrappers(layer: nn.Module) -> list[nn.Module]:
@@ -61,7 +48,7 @@ def _parametrizing_wrappers(layer: nn.Module) -> list[nn.Module]:
     that): all of them but those inside a factored expert-LoRA chain (fast.experts.factor_expert_lora)."""
     factored = set()
     for module in layer.modules():
-        if hasattr(type(module), "_gptoss_factored_base"):
+        if hasattr(type(module), FACTORED_BASE):
             inner = module
             while hasattr(inner, "parameter_name"):
                 factored.add(id(inner))

@@ -20,8 +20,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from gptoss_hpc.modeling.fast.anatomy import swap_class
+
 LOGITS_ATTR = "_gptoss_router_logits"
-_RECORDING_CLASSES: dict[type, type] = {}
+RECORDING_BASE = "_gptoss_recording_base"
+ROUTERS_ATTR = "_gptoss_recording_routers"
 
 
 def _recording_forward(self, hidden_states):
@@ -36,20 +39,20 @@ def _is_router(module: Any) -> bool:
 
 
 def recording_routers(model) -> list[Any]:
-    """The model's routers in layer order, each made to keep its last logits (a class swap, done once; the module
-    tree and state dict are unchanged)."""
-    routers = [m for m in model.modules() if _is_router(m)]
-    for module in routers:
-        cls = type(module)
-        if getattr(cls, "_gptoss_recording_base", None) is not None:
-            continue
-        if cls not in _RECORDING_CLASSES:
-            _RECORDING_CLASSES[cls] = type(
-                f"Recording{cls.__name__}",
-                (cls,),
-                {"forward": _recording_forward, "_gptoss_recording_base": cls, "_gptoss_recording": False},
+    """The model's routers in layer order, each made to keep its last logits (``swap_class``, done once). The list
+    is kept on ``model``: the loss asks for it at every micro-batch, and walking a 120b model's modules is host
+    time on a host-bound step."""
+    routers = model.__dict__.get(ROUTERS_ATTR)
+    if routers is None:
+        routers = [m for m in model.modules() if _is_router(m)]
+        for module in routers:
+            swap_class(
+                module,
+                "Recording{}",
+                RECORDING_BASE,
+                {"forward": _recording_forward, "_gptoss_recording": False},
             )
-        module.__class__ = _RECORDING_CLASSES[cls]
+        model.__dict__[ROUTERS_ATTR] = routers
     return routers
 
 
