@@ -74,7 +74,7 @@ def recompile_watch_callback(warn, warmup_steps: int = RECOMPILE_WARMUP_STEPS):
     H200, MXFP4 experts with recompute recompiled at each new packed length: a 16-step run's mean throughput was a
     fifth of its median; docs/BENCHMARKS.md, session 6). ``warn(message)`` is called once, at the end of training,
     with the count and the steps; the first such step is also logged when it happens. Graph breaks in compiled
-    regions (``graph_breaks``) are reported the same way at the end."""
+    regions (``graph_breaks``) made after the callback was created are reported the same way at the end."""
     import logging
 
     from transformers import TrainerCallback
@@ -87,6 +87,7 @@ def recompile_watch_callback(warn, warmup_steps: int = RECOMPILE_WARMUP_STEPS):
             self.last = 0
             self.steps: list[int] = []  # steps that compiled new graphs after the warm-up
             self.graphs = 0
+            self.breaks_before = graph_breaks()  # process-wide counts: only this training's breaks are reported
 
         def on_step_end(self, args, state, control, **kwargs):
             now = compiled_graphs()
@@ -108,7 +109,7 @@ def recompile_watch_callback(warn, warmup_steps: int = RECOMPILE_WARMUP_STEPS):
         def on_train_end(self, args, state, control, **kwargs):
             if not state.is_world_process_zero:
                 return
-            breaks = graph_breaks()
+            breaks = graph_breaks() - self.breaks_before
             if breaks:
                 top = "; ".join(f"{n}x {reason.splitlines()[0][:160]}" for reason, n in breaks.most_common(3))
                 warn(
