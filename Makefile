@@ -29,12 +29,21 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install torch==2.13.0 -e '.[dev]'
 	@touch $@
 
+# Triton for its CPU interpreter only: tests/test_mxfp4_triton.py runs the GPU's MXFP4 dequant kernel under
+# TRITON_INTERPRET=1. In its own folder, outside the venv's site-packages, so that torch on CPU never sees it.
+TRITON_DIR := $(VENV)/triton-interpreter
+TRITON_STAMP := $(TRITON_DIR)/.installed
+
+$(TRITON_STAMP): | $(STAMP)
+	$(VENV)/bin/pip install -q --no-deps --target $(TRITON_DIR) triton==3.5.1
+	@touch $@
+
 demo: $(STAMP)
 	$(VPY) -m gptoss_hpc.launch experiment=demo $(DEMO_ARGS)
 
 # local_slurm.sh prints `export SLURM_CONF=...` as its last stdout line (chatter goes to stderr).
 # pytest exit 5 = no tests collected: a failure here, never a silent pass.
-test: $(STAMP)
+test: $(STAMP) $(TRITON_STAMP)
 	@export_line="$$(bash launchers/local_slurm.sh start | tail -n 1)"; \
 	eval "$$export_line"; \
 	test -f "$${SLURM_CONF:-}" || { echo "make test: local_slurm.sh start printed no SLURM_CONF" >&2; exit 1; }; \

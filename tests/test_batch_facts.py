@@ -31,7 +31,7 @@ cfg = to_run_config(compose(["experiment=demo", "cluster=local_slurm", "train.de
 paths = PointPaths(point)
 paths.train.mkdir(parents=True, exist_ok=True)
 kwargs = build_sft_config_kwargs(cfg, paths, env={})
-deepspeed_json_path(paths).write_text(json.dumps(render_deepspeed_config(cfg)))
+deepspeed_json_path(paths).write_text(json.dumps(render_deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))))
 args = SFTConfig(**kwargs)
 if os.environ.get("EDIT_DS_JSON"):  # a stale or hand-edited file where DeepSpeed reads it
     ds = json.loads(deepspeed_json_path(paths).read_text())

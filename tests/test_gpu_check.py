@@ -106,3 +106,19 @@ def test_table_joins_phases_and_fails_on_a_failed_row(tmp_path, capsys):
     capsys.readouterr()
     assert gpu_check_main(["table", str(tmp_path / "a.json"), str(tmp_path / "c.json")]) == 0
     assert "28,500 tok/s per GPU = 95% of one GPU (30,000)" in capsys.readouterr().out
+
+
+def test_set_overrides_reach_the_bench_phase(tmp_path, monkeypatch):
+    """`--set` applies to every run of a phase and to its bench: session 8's first call ran `--set
+    model.experts_dtype=mxfp4 ... bench:default` and got the bf16 bench, because phase_bench dropped them."""
+    import time
+
+    from gptoss_hpc.bench import gpu_check
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(gpu_check, "bench_for", lambda c, phase, ov, row: seen.append(ov))
+    sets = ["model.experts_dtype=mxfp4", "train.gradient_accumulation_steps=4"]
+    c = gpu_check.Check(cpu=True, work=tmp_path, budget_s=100, hard_s=200, steps=2, warmup=1, started=time.time(),
+                        rows=[], extra=sets)  # fmt: skip
+    gpu_check.phase_bench(c, "default")
+    assert len(seen) == 1 and seen[0][-2:] == sets

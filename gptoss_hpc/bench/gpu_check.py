@@ -276,7 +276,7 @@ def phase_bench(c: Check, span: str = "") -> None:
     """The bench alone for the train configs (when `configs` ran in another command)."""
     for name, extra in _selected(span).items():
         row = {"phase": "bench", "name": name, "result": "pass"}
-        ov = base_overrides(c, Path("unused"), 1) + extra
+        ov = [*base_overrides(c, Path("unused"), 1), *extra, *c.extra]  # --set reaches the bench as it does a run
         bench_for(c, "bench", ov, row)
         row["result"] = "pass" if row.get("bench_tok_s") else "FAIL"
         row["train_tok_s"] = None

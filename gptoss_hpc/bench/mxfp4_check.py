@@ -68,39 +68,56 @@ def _step(model, knobs, batch, device: str) -> tuple[float, dict[str, Any], floa
     return float(loss.detach()), grads, peak
 
 
+def _time_ms(fn) -> float:
+    import torch
+
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def _dequant_ms(model, device: str) -> dict[str, Any]:
+    """Per expert stack: each dequant (the shipped one, the Triton kernel at a few tile sizes, the torch.compile
+    one) bit-compared with transformers' convert_moe_packed_tensors and timed (median of 10, CUDA events)."""
     import torch
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     from gptoss_hpc.modeling.fast.mxfp4_experts import Mxfp4Experts
-    from gptoss_hpc.modeling.fast.mxfp4_mm import _dequantize
+    from gptoss_hpc.modeling.fast.mxfp4_mm import _dequantize, _dequantize_compiled
 
     experts = next(m for m in model.modules() if isinstance(m, Mxfp4Experts))
+    variants = {"shipped": lambda b, s: _dequantize(b, s, torch.bfloat16),
+                "compiled": lambda b, s: _dequantize_compiled(b, s, torch.bfloat16)}  # fmt: skip
+    if device.startswith("cuda"):
+        from gptoss_hpc.modeling.fast.mxfp4_triton import dequantize_mxfp4_bf16
+
+        for method, rows, warps in (("bits", 128, 4), ("bits", 256, 8), ("lut", 64, 4), ("lut", 128, 4),
+                                    ("lut", 256, 4), ("lut", 256, 8), ("lut", 512, 8)):  # fmt: skip
+            variants[f"triton_{method}_{rows}x{warps}"] = lambda b, s, m=method, r=rows, w=warps: dequantize_mxfp4_bf16(
+                b, s, block_rows=r, num_warps=w, method=m
+            )
     out: dict[str, Any] = {}
     for name in ("gate_up_proj", "down_proj"):
         blocks, scales = getattr(experts, f"{name}_blocks"), getattr(experts, f"{name}_scales")
-        ref = convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)
-        ours = _dequantize(blocks, scales, torch.bfloat16)
-        out[f"{name}_bit_equal_to_transformers"] = bool(
-            torch.equal(ours.contiguous().view(torch.int16), ref.contiguous().view(torch.int16))
-        )
-        del ref, ours
-        for _ in range(3):
-            _dequantize(blocks, scales, torch.bfloat16)
-        if not device.startswith("cuda"):
-            continue
-        times = []
-        for _ in range(10):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            _dequantize(blocks, scales, torch.bfloat16)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        ms = statistics.median(times)
+        ref = convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16).contiguous().view(torch.int16)
         moved = blocks.numel() + scales.numel() + blocks.numel() * 4  # uint8 read + bf16 written
-        out[f"{name}_ms"] = round(ms, 3)
-        out[f"{name}_GBps"] = round(moved / ms / 1e6)
+        for label, fn in variants.items():
+            equal = bool(torch.equal(fn(blocks, scales).contiguous().view(torch.int16), ref))
+            key = name if label == "shipped" else f"{name}_{label}"
+            out[f"{key}_bit_equal_to_transformers"] = equal
+            if device.startswith("cuda"):
+                ms = _time_ms(lambda fn=fn, b=blocks, s=scales: fn(b, s))
+                out[f"{key}_ms"] = round(ms, 3)
+                out[f"{key}_GBps"] = round(moved / ms / 1e6)
+        del ref
     return out
 
 

@@ -171,7 +171,15 @@ def sync_device(device: str) -> None:
 
 
 def to_device(batch: dict[str, Any], device: str) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if hasattr(v, "to")}
+    """The batch's tensors on ``device``, with the predicted-row count taken from the CPU labels first, as the
+    train stage's collator does (gptoss_hpc.modeling.fast.loss.PredictedRowsCollator)."""
+    from gptoss_hpc.modeling.fast.loss import PREDICTED_ROWS, predicted_row_count
+
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if hasattr(v, "to")}
+    labels = batch.get("labels")
+    if labels is not None and labels.device.type == "cpu":
+        out[PREDICTED_ROWS] = predicted_row_count(labels)
+    return out
 
 
 def loss_of(model, knobs, batch: dict[str, Any], num_items):
@@ -179,7 +187,10 @@ def loss_of(model, knobs, batch: dict[str, Any], num_items):
 
     if knobs.loss_chunk_tokens > 0:
         return causal_lm_loss(model, batch, chunk_tokens=knobs.loss_chunk_tokens, num_items_in_batch=num_items)
-    return model(**batch, use_cache=False, num_items_in_batch=num_items).loss
+    from gptoss_hpc.modeling.fast.loss import PREDICTED_ROWS
+
+    inputs = {k: v for k, v in batch.items() if k != PREDICTED_ROWS}
+    return model(**inputs, use_cache=False, num_items_in_batch=num_items).loss
 
 
 def aux_loss_coef(cfg, config) -> float:

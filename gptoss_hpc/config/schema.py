@@ -160,7 +160,9 @@ class DataConfig:
 @dataclass
 class ZeroConfig:
     stage: int = 2
-    overlap_comm: bool = True
+    # None: on with more than one rank, off with one. With it on, DeepSpeed's ZeRO-1/2 waits for the whole device
+    # (cudaDeviceSynchronize) after every micro-batch's backward, and one rank has no communication to overlap.
+    overlap_comm: bool | None = None
     contiguous_gradients: bool = True
     reduce_bucket_size: Any = "auto"
     allgather_bucket_size: int = 200_000_000

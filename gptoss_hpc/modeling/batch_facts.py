@@ -66,7 +66,7 @@ def observed_facts(cfg: RunConfig, args: Any, ds_json: Path | None) -> tuple[dic
         except (OSError, ValueError) as exc:
             problems.append(f"the DeepSpeed JSON {ds_json} cannot be read back: {exc}")
             on_disk = None
-        if on_disk is not None and on_disk != render_deepspeed_config(cfg):
+        if on_disk is not None and on_disk != render_deepspeed_config(cfg, world):
             problems.append(f"the DeepSpeed JSON {ds_json} differs from the one the config renders (another run?)")
         got["deepspeed"] = on_disk
         # "auto" values as the HF trainer resolved them for DeepSpeed (train_batch_size = world x micro x accum)

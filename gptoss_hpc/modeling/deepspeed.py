@@ -14,11 +14,13 @@ def use_bf16(cfg: RunConfig) -> bool:
     return bool(cfg.train.bf16 and cfg.cluster.accelerator == "gpu")
 
 
-def render_deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
+def render_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The JSON for a run of ``world_size`` ranks (train.zero.overlap_comm unset: on only with several ranks)."""
     z = cfg.train.zero
+    overlap = z.overlap_comm if z.overlap_comm is not None else world_size > 1
     zero: dict[str, Any] = {
         "stage": z.stage,
-        "overlap_comm": z.overlap_comm,
+        "overlap_comm": overlap,
         "contiguous_gradients": z.contiguous_gradients,
         "reduce_scatter": True,
         "reduce_bucket_size": z.reduce_bucket_size,

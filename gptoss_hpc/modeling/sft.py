@@ -41,6 +41,7 @@ OWNED_FIELDS: dict[str, str] = {
     "lr_scheduler_kwargs": "train.min_lr_rate (with lr_scheduler_type=cosine_with_min_lr)",
     "gradient_checkpointing_kwargs": "train.gradient_checkpointing",
     "use_cpu": "cluster.accelerator",
+    "accelerator_config": "nothing: batches are copied to the GPU without blocking (cluster.accelerator)",
     "completion_only_loss": "train.assistant_only_loss",
     "data_seed": "data.seed",
     "deepspeed": "train.deepspeed and train.zero",
@@ -157,6 +158,9 @@ def build_sft_config_kwargs(cfg: RunConfig, paths: PointPaths, env: Mapping[str,
         "seed": t.seed,
         "data_seed": cfg.data.seed,
         "dataloader_num_workers": t.dataloader_num_workers,
+        # pinned batches (dataloader_pin_memory's default) copied without blocking: otherwise each tensor of each
+        # micro-batch is a host sync, 12 per optimizer step at 4 micro-batches (docs/BENCHMARKS.md, session 7)
+        "accelerator_config": {"non_blocking": not on_cpu},
         "ddp_find_unused_parameters": False,
         "ddp_timeout": t.ddp_timeout,
         "report_to": report_to(env),

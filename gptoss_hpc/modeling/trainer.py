@@ -181,6 +181,13 @@ def trainer_class(base: type, cfg: RunConfig, world_size: int, deepspeed: bool) 
     class ChunkedLossSFTTrainer(DeviceTokenCount):
         _items: tuple[Any, int] | None = None
 
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            from gptoss_hpc.modeling.fast.loss import PredictedRowsCollator
+
+            # TRL built its collator in __init__; the wrapper counts each micro-batch's predicted rows on the CPU
+            self.data_collator = PredictedRowsCollator(self.data_collator)
+
         def _items_in_batch(self, num_items_in_batch):
             """transformers passes one device tensor to every micro-batch of an optimizer step: read it once per
             step (a device-to-host sync), not once per micro-batch."""
@@ -218,6 +225,7 @@ def chunked_training_loss(model, inputs: dict[str, Any], chunk_tokens: int, num_
     from the routers themselves (gptoss_hpc.modeling.fast.router_logits), not transformers' output-capturing
     hooks, which split every compiled decoder layer into several graphs."""
     from gptoss_hpc.modeling.fast import chunked_causal_lm_loss, unwrap
+    from gptoss_hpc.modeling.fast.loss import PREDICTED_ROWS
     from gptoss_hpc.modeling.fast.router_logits import (
         load_balancing_loss,
         recording,
@@ -237,6 +245,7 @@ def chunked_training_loss(model, inputs: dict[str, Any], chunk_tokens: int, num_
         inputs["labels"],
         chunk_tokens=chunk_tokens,
         num_items_in_batch=num_items_in_batch,
+        predicted_rows=inputs.get(PREDICTED_ROWS),
     )
     if not with_aux:
         return loss, None

@@ -238,7 +238,8 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
 
     kwargs = build_sft_config_kwargs(cfg, paths)
     if "deepspeed" in kwargs:
-        write_atomic(deepspeed_json_path(paths), json.dumps(render_deepspeed_config(cfg), indent=2) + "\n")
+        ds_config = render_deepspeed_config(cfg, dist_info["world_size"])
+        write_atomic(deepspeed_json_path(paths), json.dumps(ds_config, indent=2) + "\n")
     if wandb_enabled():
         os.environ.setdefault("WANDB_PROJECT", cfg.name)
         os.environ["WANDB_DIR"] = str(paths.root)

@@ -22,7 +22,8 @@ def _linear_ce_forward(hidden, weight, labels, chunk_tokens: int, scale: float, 
     import torch
 
     n = hidden.shape[0]
-    scale_t = torch.tensor(scale, dtype=torch.float32, device=hidden.device)  # a tensor: no recompiles
+    # a tensor, so the compiled CE does not recompile per scale; a fill kernel, not a host-to-device copy (a sync)
+    scale_t = torch.full((), scale, dtype=torch.float32, device=hidden.device)
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     dh = torch.empty_like(hidden) if need_dh else None
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
@@ -113,11 +114,14 @@ def chunked_causal_lm_loss(
     *,
     chunk_tokens: int = 4096,
     num_items_in_batch: int | torch.Tensor | None = None,
+    predicted_rows: int | None = None,
 ) -> torch.Tensor:
     """Causal-LM cross-entropy of ``hidden @ weight.T`` against ``labels`` (unshifted, -100 = ignored).
 
     Equals transformers' ``ForCausalLMLoss(lm_head(hidden), labels, num_items_in_batch=...)``: the sum over
     predicted tokens divided by ``num_items_in_batch`` (else by the number of predicted tokens here).
+    ``predicted_rows``: how many shifted labels are not ignored, counted on the host before the batch went to the
+    device (``predicted_row_count``), so selecting those rows needs no device-to-host sync.
     """
     import torch
 
@@ -125,32 +129,62 @@ def chunked_causal_lm_loss(
     h = hidden.reshape(-1, hidden.shape[-1])
     y = shift_labels.reshape(-1).to(h.device)
     if num_items_in_batch is None:
-        denom = int((y != IGNORE_INDEX).sum().item())
+        denom = predicted_rows if predicted_rows is not None else int((y != IGNORE_INDEX).sum().item())
     else:
         denom = int(num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
     scale = 1.0 / max(denom, 1)
-    h, y = _predicted_rows(h, y)
+    h, y = _predicted_rows(h, y, predicted_rows)
     return _linear_ce().apply(h, weight, y, int(chunk_tokens), scale)
 
 
-def _predicted_rows(h, y, multiple: int = 256):
+def _predicted_rows(h, y, n: int | None = None, multiple: int = 256):
     """Only the rows that predict a token go through lm_head (prompt and padding rows add 0 to the loss and
     its gradient): SFT batches mask the prompt, 30 % of the bench's tokens. The row count is padded up to a
-    ``multiple`` (with ignored rows) so the compiled CE sees few shapes."""
+    ``multiple`` (with ignored rows) so the compiled CE sees few shapes. With ``n`` (the count, known on the host)
+    nothing waits for the device; without it the count is read back (one sync)."""
     import torch
 
-    keep = (y != IGNORE_INDEX).nonzero().squeeze(1)
-    n = keep.numel()
+    valid = y != IGNORE_INDEX
+    if n is None:
+        n = int(valid.sum())
     if n == y.numel():
         return h, y
     padded = max(multiple, -(-n // multiple) * multiple)
     if padded >= y.numel():
         return h, y
-    idx = torch.zeros(padded, dtype=keep.dtype, device=keep.device)
-    idx[:n] = keep
-    labels = torch.full((padded,), IGNORE_INDEX, dtype=y.dtype, device=y.device)
-    labels[:n] = y[keep]
+    # nonzero_static: a fixed-size result, so no sync; rows past n point at row 0 and get an ignored label
+    idx = torch.nonzero_static(valid, size=padded, fill_value=0).squeeze(1)
+    filler = torch.arange(padded, device=y.device) >= n
+    labels = y.index_select(0, idx).masked_fill(filler, IGNORE_INDEX)
     return h.index_select(0, idx), labels
+
+
+# The batch key under which the host-side count of predicted rows travels with a micro-batch (a plain int:
+# accelerate and the trainer pass non-tensors through unchanged).
+PREDICTED_ROWS = "gptoss_predicted_rows"
+
+
+def predicted_row_count(labels) -> int:
+    """How many labels of a [batch, T] (or [T]) CPU tensor predict a token after the causal shift: the rows
+    ``chunked_causal_lm_loss`` sends through lm_head."""
+    shifted = labels[..., 1:]
+    return int((shifted != IGNORE_INDEX).sum())
+
+
+class PredictedRowsCollator:
+    """Wraps a collator: each batch also carries ``PREDICTED_ROWS``, counted here on the CPU (in the dataloader's
+    workers), so the chunked loss selects its rows on the GPU without waiting for it. A module-level class: the
+    dataloader's worker processes pickle it."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        labels = batch.get("labels") if hasattr(batch, "get") else None
+        if labels is not None and hasattr(labels, "device") and labels.device.type == "cpu":
+            batch[PREDICTED_ROWS] = predicted_row_count(labels)
+        return batch
 
 
 def causal_lm_loss(
@@ -175,4 +209,5 @@ def causal_lm_loss(
         batch["labels"],
         chunk_tokens=chunk_tokens,
         num_items_in_batch=num_items_in_batch,
+        predicted_rows=batch.get(PREDICTED_ROWS),
     )

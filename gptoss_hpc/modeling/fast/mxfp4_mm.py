@@ -25,7 +25,22 @@ def _compile(fn):
 
 
 def _dequantize(blocks, scales, dtype):
-    """dequantize_mxfp4, through torch.compile on CUDA (one fused pass; the eager version makes ~6 passes)."""
+    """dequantize_mxfp4: bf16 on CUDA through the Triton kernel (gptoss_hpc.modeling.fast.mxfp4_triton), else
+    through torch.compile on CUDA (one fused pass; the eager version makes ~6 passes)."""
+    if blocks.is_cuda and dtype == torch.bfloat16 and not _COMPILED.get("mxfp4_triton_disabled"):
+        try:
+            from gptoss_hpc.modeling.fast.mxfp4_triton import dequantize_mxfp4_bf16
+
+            return dequantize_mxfp4_bf16(blocks, scales)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # no triton, or a kernel that does not build here: the compiled path is exact too
+            log.warning("Triton MXFP4 dequant failed (%s: %s); using the compiled one", type(exc).__name__, exc)
+            _COMPILED["mxfp4_triton_disabled"] = True
+    return _dequantize_compiled(blocks, scales, dtype)
+
+
+def _dequantize_compiled(blocks, scales, dtype):
     if not _compiles(blocks.device) or _COMPILED.get("mxfp4_dequant_disabled"):
         return dequantize_mxfp4(blocks, scales, dtype)
     if "mxfp4_dequant" not in _COMPILED:

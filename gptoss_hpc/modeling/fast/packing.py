@@ -77,12 +77,14 @@ def packed_sequence_masks(model: nn.Module, position_ids: torch.Tensor, dtype=No
     from transformers import masking_utils
 
     base = unwrap(model)
+    config = base.config
+    if getattr(config, "_attn_implementation", None) == "flex_attention" and position_ids.is_cuda:
+        # Not transformers' find_packed_sequence_indices: its "one sequence only?" check reads the device (a host
+        # sync per micro-batch). A one-document mask is the causal mask, so the check buys nothing here.
+        return flex_document_masks(config, document_ids(position_ids))
     docs = masking_utils.find_packed_sequence_indices(position_ids)
     if docs is None:
         return None
-    config = base.config
-    if getattr(config, "_attn_implementation", None) == "flex_attention" and position_ids.is_cuda:
-        return flex_document_masks(config, docs)
     batch, length = position_ids.shape
     dtype = dtype or next(base.parameters()).dtype
     embeds = torch.empty((batch, length, 0), dtype=dtype, device=position_ids.device)
@@ -98,6 +100,15 @@ def packed_sequence_masks(model: nn.Module, position_ids: torch.Tensor, dtype=No
     if "sliding_attention" in getattr(config, "layer_types", []):
         masks["sliding_attention"] = masking_utils.create_sliding_window_causal_mask(**kwargs)
     return masks
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """[batch, T] document index of each token of a packed row: a new document wherever the position does not
+    follow the previous one (transformers' find_packed_sequence_indices without its data-dependent early exit)."""
+    import torch
+
+    first = position_ids[:, :1] - 1
+    return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
 
 
 def _document_mask_mod(docs, window: int | None):
