@@ -99,10 +99,9 @@ def _dequant_ms(model, device: str) -> dict[str, Any]:
     if device.startswith("cuda"):
         from gptoss_hpc.modeling.fast.mxfp4_triton import dequantize_mxfp4_bf16
 
-        for method, rows, warps in (("bits", 128, 4), ("bits", 256, 8), ("lut", 64, 4), ("lut", 128, 4),
-                                    ("lut", 256, 4), ("lut", 256, 8), ("lut", 512, 8)):  # fmt: skip
-            variants[f"triton_{method}_{rows}x{warps}"] = lambda b, s, m=method, r=rows, w=warps: dequantize_mxfp4_bf16(
-                b, s, block_rows=r, num_warps=w, method=m
+        for rows, warps in ((128, 4), (256, 4), (256, 8), (512, 8)):
+            variants[f"triton_{rows}x{warps}"] = lambda b, s, r=rows, w=warps: dequantize_mxfp4_bf16(
+                b, s, block_rows=r, num_warps=w
             )
     out: dict[str, Any] = {}
     for name in ("gate_up_proj", "down_proj"):
