@@ -331,3 +331,26 @@ def test_compiled_layers_do_not_recompile_per_packed_micro_batch(monkeypatch):
         for layer in unwrap(model).model.layers:
             layer._compiled_call_impl = None
         torch._dynamo.reset()
+
+
+def test_a_module_swapped_for_two_markers_runs_each_forward_once():
+    """swap_class's forwards call the one they replace through their marker: a no-grad layer swapped again (for a
+    second knob) still runs its base forward once, under no_grad, where ``super(type(self), self)`` recursed."""
+    from gptoss_hpc.modeling.fast.anatomy import restore_class, swap_class
+    from gptoss_hpc.modeling.fast.prefix import NO_GRAD_BASE, _no_grad_forward
+
+    calls = []
+
+    def counting_forward(self, x):
+        calls.append("outer")
+        return type(self)._test_outer_base.forward(self, x)
+
+    layer = torch.nn.Linear(4, 4)
+    assert swap_class(layer, "NoGrad{}", NO_GRAD_BASE, {"forward": _no_grad_forward})
+    assert swap_class(layer, "Outer{}", "_test_outer_base", {"forward": counting_forward})
+    out = layer(torch.ones(2, 4))
+    assert calls == ["outer"] and not out.requires_grad
+    assert torch.equal(out, torch.nn.functional.linear(torch.ones(2, 4), layer.weight, layer.bias).detach())
+    restore_class(layer, "_test_outer_base")
+    restore_class(layer, NO_GRAD_BASE)
+    assert type(layer) is torch.nn.Linear and layer(torch.ones(2, 4)).requires_grad

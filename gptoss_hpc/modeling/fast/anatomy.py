@@ -22,8 +22,10 @@ def swap_class(module: Any, name: str, marker: str, namespace: dict[str, Any]) -
     """Make ``module`` an instance of a subclass of its class with ``namespace`` (its new forward, ...): one
     subclass per (class, ``marker``), so every module so changed shares a compiled region's code, and a class swap
     leaves the module tree, the state dict and PEFT's adapter saving unchanged. The subclass is ``name`` (``{}``:
-    the base class's name) and keeps its base at ``<subclass>.<marker>`` for ``restore_class``. False (and nothing
-    done) when the module is already swapped for ``marker``."""
+    the base class's name) and keeps its base at ``<subclass>.<marker>`` for ``restore_class``; a new forward calls
+    the one it replaces as ``getattr(type(self), marker).forward(self, ...)``, which stays right when the module is
+    swapped again for another marker (``super(type(self), self)`` would then call itself). False (and nothing done)
+    when the module is already swapped for ``marker``."""
     cls = type(module)
     if getattr(cls, marker, None) is not None:
         return False

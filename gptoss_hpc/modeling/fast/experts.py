@@ -186,7 +186,7 @@ def _factored_plan(outer):
 def _factored_forward(self, hidden_states, *args, **kwargs):
     plan = _factored_plan(self) if not kwargs else None
     if plan is None:
-        return super(type(self), self).forward(hidden_states, *args, **kwargs)
+        return getattr(type(self), FACTORED_BASE).forward(self, hidden_states, *args, **kwargs)
     experts, chain = plan
     dtype = experts.gate_up_proj.dtype
     lora = {name: expert_lora_factors(w, adapter, dtype) for name, (w, adapter) in chain.items()}

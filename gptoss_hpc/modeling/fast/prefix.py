@@ -24,7 +24,7 @@ def _no_grad_forward(self, *args, **kwargs):
     import torch
 
     with torch.no_grad():
-        return super(type(self), self).forward(*args, **kwargs)
+        return getattr(type(self), NO_GRAD_BASE).forward(self, *args, **kwargs)
 
 
 def freeze_below_first_trainable_layer(model: nn.Module) -> list[nn.Module]:

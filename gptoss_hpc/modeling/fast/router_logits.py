@@ -28,7 +28,7 @@ ROUTERS_ATTR = "_gptoss_recording_routers"
 
 
 def _recording_forward(self, hidden_states):
-    out = super(type(self), self).forward(hidden_states)
+    out = getattr(type(self), RECORDING_BASE).forward(self, hidden_states)
     if type(self)._gptoss_recording:  # a class attribute: torch.compile guards on it (one graph per value)
         setattr(self, LOGITS_ATTR, out[0])
     return out
