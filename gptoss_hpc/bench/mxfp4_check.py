@@ -52,14 +52,14 @@ def _copy_weights(mx_model, bf_model) -> None:
 def _step(model, knobs, batch, device: str) -> tuple[float, dict[str, Any], float | None]:
     import torch
 
-    from gptoss_hpc.bench.train_setup import loss_of, sync_device, to_device
+    from gptoss_hpc.bench.train_setup import PREDICTED_ROWS, loss_of, sync_device, to_device
 
     for p in model.parameters():
         p.grad = None
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    n_items = int((batch["labels"][..., 1:] != -100).sum())
+    n_items = batch[PREDICTED_ROWS]
     loss = loss_of(model, knobs, to_device(batch, device), n_items)
     loss.backward()
     sync_device(device)

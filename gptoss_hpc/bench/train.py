@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss_hpc.bench.train_setup import (  # noqa: F401  (re-exported for tests)
+    PREDICTED_ROWS,
     active_matmul_params,
     aux_loss_coef,
     build_model,
@@ -187,7 +188,7 @@ def run_stack(
         prof_ctx = contextlib.nullcontext()
         for step in range(total):
             chunk = data[step * ga : (step + 1) * ga]
-            n_items = sum(int((mb["labels"][..., 1:] != -100).sum()) for mb in chunk)
+            n_items = sum(mb[PREDICTED_ROWS] for mb in chunk)
             if profile is not None and step == total - 1:
                 from torch.profiler import ProfilerActivity
                 from torch.profiler import profile as torch_profile

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from gptoss_hpc.bench.train_setup import (
+    PREDICTED_ROWS,
     is_cuda,
     loss_of,
     micro_batches,
@@ -196,7 +197,7 @@ def check(cfg, args, device: str) -> dict[str, Any]:
         vocab = base_model.config.vocab_size
         attn_impl, experts_impl = base_model.config._attn_implementation, base_model.config._experts_implementation
         batch = micro_batches(small, random.Random(args.seed + 7), vocab, 1, "lognormal")[0]
-        n_items = int((batch["labels"][..., 1:] != -100).sum())
+        n_items = batch[PREDICTED_ROWS]
         dev_batch = to_device(batch, device)
 
         def grads_of(knobs):

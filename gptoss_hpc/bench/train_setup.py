@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from gptoss_hpc.modeling.fast.loss import PREDICTED_ROWS, predicted_row_count
+
 
 # ----------------------------------------------------------------------------------------------------------
 # model
@@ -110,7 +112,14 @@ def make_sequence(rng, length: int, vocab: int) -> tuple[list[int], list[int]]:
 
 
 def micro_batches(cfg, rng, vocab: int, n: int, mode: str) -> list[dict[str, Any]]:
-    """n micro-batches of CPU tensors (input_ids, labels, position_ids|attention_mask) + token counts."""
+    """n micro-batches of CPU tensors (input_ids, labels, position_ids|attention_mask) + token counts, each with
+    its predicted-row count (``PREDICTED_ROWS``, the train stage's collator adds the same)."""
+    return [
+        {**mb, PREDICTED_ROWS: predicted_row_count(mb["labels"])} for mb in _micro_batches(cfg, rng, vocab, n, mode)
+    ]
+
+
+def _micro_batches(cfg, rng, vocab: int, n: int, mode: str) -> list[dict[str, Any]]:
     import torch
 
     from gptoss_hpc.modeling.fast import pack_greedy, pack_sequences
@@ -171,14 +180,11 @@ def sync_device(device: str) -> None:
 
 
 def to_device(batch: dict[str, Any], device: str) -> dict[str, Any]:
-    """The batch's tensors on ``device``, with the predicted-row count taken from the CPU labels first, as the
-    train stage's collator does (gptoss_hpc.modeling.fast.loss.PredictedRowsCollator)."""
-    from gptoss_hpc.modeling.fast.loss import PREDICTED_ROWS, predicted_row_count
-
+    """The batch's tensors on ``device``, and its predicted-row count (``micro_batches``), which the chunked loss
+    uses to select its rows without a sync."""
     out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if hasattr(v, "to")}
-    labels = batch.get("labels")
-    if labels is not None and labels.device.type == "cpu":
-        out[PREDICTED_ROWS] = predicted_row_count(labels)
+    if PREDICTED_ROWS in batch:
+        out[PREDICTED_ROWS] = batch[PREDICTED_ROWS]
     return out
 
 
@@ -187,8 +193,6 @@ def loss_of(model, knobs, batch: dict[str, Any], num_items):
 
     if knobs.loss_chunk_tokens > 0:
         return causal_lm_loss(model, batch, chunk_tokens=knobs.loss_chunk_tokens, num_items_in_batch=num_items)
-    from gptoss_hpc.modeling.fast.loss import PREDICTED_ROWS
-
     inputs = {k: v for k, v in batch.items() if k != PREDICTED_ROWS}
     return model(**inputs, use_cache=False, num_items_in_batch=num_items).loss
 

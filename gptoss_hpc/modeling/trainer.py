@@ -224,8 +224,7 @@ def chunked_training_loss(model, inputs: dict[str, Any], chunk_tokens: int, num_
     hidden states (gptoss_hpc.modeling.fast) so the [tokens, 201088] logits never exist. The router logits come
     from the routers themselves (gptoss_hpc.modeling.fast.router_logits), not transformers' output-capturing
     hooks, which split every compiled decoder layer into several graphs."""
-    from gptoss_hpc.modeling.fast import chunked_causal_lm_loss, unwrap
-    from gptoss_hpc.modeling.fast.loss import PREDICTED_ROWS
+    from gptoss_hpc.modeling.fast import causal_lm_loss, unwrap
     from gptoss_hpc.modeling.fast.router_logits import (
         load_balancing_loss,
         recording,
@@ -235,18 +234,9 @@ def chunked_training_loss(model, inputs: dict[str, Any], chunk_tokens: int, num_
 
     base = unwrap(model)
     routers = recording_routers(base) if with_aux else []
-    kwargs = {k: inputs[k] for k in ("attention_mask", "position_ids") if inputs.get(k) is not None}
     with recording(routers):
-        out = base.get_decoder()(input_ids=inputs["input_ids"], use_cache=False, output_router_logits=False, **kwargs)
+        loss = causal_lm_loss(base, inputs, chunk_tokens=chunk_tokens, num_items_in_batch=num_items_in_batch)
     router_logits = take_router_logits(routers)
-    loss = chunked_causal_lm_loss(
-        out.last_hidden_state,
-        base.get_output_embeddings().weight,
-        inputs["labels"],
-        chunk_tokens=chunk_tokens,
-        num_items_in_batch=num_items_in_batch,
-        predicted_rows=inputs.get(PREDICTED_ROWS),
-    )
     if not with_aux:
         return loss, None
     aux = load_balancing_loss(router_logits, base.num_experts, base.num_experts_per_tok, inputs.get("attention_mask"))

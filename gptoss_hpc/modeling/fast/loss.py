@@ -202,7 +202,9 @@ def causal_lm_loss(
     base = unwrap(model)
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else base.model
     kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if batch.get(k) is not None}
-    out = decoder(input_ids=batch["input_ids"], use_cache=False, **kwargs)
+    # output_router_logits=False whatever the config says (TRL sets it for the MoE aux loss): transformers would hook
+    # every router and layer to collect logits this loss never reads (gptoss_hpc.modeling.fast.router_logits)
+    out = decoder(input_ids=batch["input_ids"], use_cache=False, output_router_logits=False, **kwargs)
     return chunked_causal_lm_loss(
         out.last_hidden_state,
         base.get_output_embeddings().weight,
