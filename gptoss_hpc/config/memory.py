@@ -59,20 +59,29 @@ class Arch:
     experts: int
     top_k: int
     intermediate: int
+    # layers of full (global) attention; the others attend within ``sliding_window`` tokens
+    full_attention_layers: int = 0
+    sliding_window: int | None = None
+    max_position_embeddings: int = 131072
 
     @classmethod
     def from_json(cls, path: Path, layers: int | None = None) -> Arch:
         c = json.loads(Path(path).read_text())
+        n = layers or c["num_hidden_layers"]
+        types = (c.get("layer_types") or ["full_attention"] * c["num_hidden_layers"])[:n]
         return cls(
             vocab=c["vocab_size"],
             hidden=c["hidden_size"],
-            layers=layers or c["num_hidden_layers"],
+            layers=n,
             heads=c["num_attention_heads"],
             kv_heads=c["num_key_value_heads"],
             head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
             experts=c["num_local_experts"],
             top_k=c.get("num_experts_per_tok", c.get("experts_per_token", 4)),
             intermediate=c["intermediate_size"],
+            full_attention_layers=sum(1 for t in types if t == "full_attention"),
+            sliding_window=c.get("sliding_window"),
+            max_position_embeddings=c.get("max_position_embeddings", 131072),
         )
 
     def attention_params(self) -> int:
