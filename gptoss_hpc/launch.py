@@ -17,13 +17,13 @@ import logging
 import sys
 from pathlib import Path
 
-from gptoss_hpc import provenance
+from gptoss_hpc import provenance, secrets
 from gptoss_hpc.config.disk import disk_problems
 from gptoss_hpc.config.io import dump_yaml, searchpath_override
 from gptoss_hpc.errors import ConfigError, GptossHpcError
 from gptoss_hpc.fileio import write_atomic
 from gptoss_hpc.paths import RunPaths
-from gptoss_hpc.submission import pipeline, secrets
+from gptoss_hpc.submission import pipeline
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gptoss_hpc import secrets
 from gptoss_hpc.config.io import compose, to_run_config
 from gptoss_hpc.modeling.hub import should_push
-from gptoss_hpc.submission import secrets
 
 
 def test_token_file_named_by_hf_token_path_enables_the_push(tmp_path: Path) -> None:

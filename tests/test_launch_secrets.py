@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gptoss_hpc.submission.secrets import problems, wandb_key_problem
+from gptoss_hpc.secrets import problems, wandb_key_problem
 
 
 def test_39_char_wandb_key_is_refused_at_launch_without_printing_it(tmp_path: Path) -> None:

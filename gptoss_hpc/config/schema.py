@@ -62,7 +62,7 @@ class ClusterConfig:
     # Lines run before the job body: module load, source a venv, cd ...
     setup: list[str] = field(default_factory=list)
     # Plain environment for the job (NCCL_*, HF_HOME ...). Never secrets: those travel from the
-    # submitting shell's environment, see gptoss_hpc.submission.secrets.
+    # submitting shell's environment, see gptoss_hpc.secrets.
     env: dict[str, str] = field(default_factory=dict)
     container: ContainerConfig = field(default_factory=ContainerConfig)
     # Passed verbatim as `#SBATCH --<key>=<value>` (e.g. {exclusive: "", reservation: "x"}).

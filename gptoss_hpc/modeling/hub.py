@@ -31,7 +31,7 @@ def unreachable(what: str, name: str, revision: str | None, exc: BaseException, 
 
 
 def _token_state() -> str:
-    from gptoss_hpc.submission.secrets import token_file, token_path
+    from gptoss_hpc.secrets import token_file, token_path
 
     if os.environ.get("HF_TOKEN"):
         return "HF_TOKEN is set"
@@ -122,7 +122,7 @@ def prefetch(cfg: RunConfig) -> list[str]:
     """
     from huggingface_hub import snapshot_download
 
-    from gptoss_hpc.submission.secrets import hf_token
+    from gptoss_hpc.secrets import hf_token
 
     hf_home = Path(str(cfg.cluster.hf_home)).expanduser()
     cache = hf_home / "hub"
@@ -161,7 +161,7 @@ class HubPushError(GptossHpcError):
 
 def should_push(cfg: RunConfig, env: Mapping[str, str]) -> bool:
     """Hub push only with a token (HF_TOKEN or the token file), push_to_hub on, and PUSH_TO_HUB not "false"."""
-    from gptoss_hpc.submission.secrets import hf_token, hub_offline
+    from gptoss_hpc.secrets import hf_token, hub_offline
 
     if hub_offline(env):  # jobs of a cluster.hf_home launch run offline: push from the login node
         return False
@@ -189,7 +189,7 @@ def push_folder(cfg: RunConfig, paths: PointPaths, folder: Path, *, what: str, s
     """Upload ``folder`` as a private model repo (name: hub_repo_id) with the env's HF_TOKEN (never written
     anywhere); None when no push is asked for. Raises GptossHpcError on failure: callers make it a warning,
     the folder is saved either way."""
-    from gptoss_hpc.submission.secrets import hf_token, hub_offline
+    from gptoss_hpc.secrets import hf_token, hub_offline
 
     if not should_push(cfg, os.environ):
         if hub_offline() and hf_token() and cfg.train.push_to_hub:

@@ -61,7 +61,7 @@ def finish_wandb() -> None:
 
 def _first_line(exc: BaseException) -> str:
     """`Type: first line`, with no secret value in it (wandb errors could echo a header or a key)."""
-    from gptoss_hpc.submission.secrets import values
+    from gptoss_hpc.secrets import values
 
     text = f"{type(exc).__name__}: {exc}".splitlines()[0]
     for value in values():

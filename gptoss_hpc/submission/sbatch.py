@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gptoss_hpc import secrets
 from gptoss_hpc.config import derive
 from gptoss_hpc.config.schema import ClusterConfig, RunConfig
-from gptoss_hpc.submission import secrets
 
 STAGE_MODULES = {
     "train": "gptoss_hpc.stages.train",
