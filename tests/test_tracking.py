@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from gptoss_hpc import stage_warnings
 from gptoss_hpc.modeling import tracking
 from gptoss_hpc.paths import PointPaths
-from gptoss_hpc.stages import common
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> PointPaths:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("WANDB_PROJECT", "gptoss-test")
     monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef" * 2 + "testkey1")
-    common._WARNINGS.clear()
+    stage_warnings.clear()
     (tmp_path / "p000").mkdir()
     return PointPaths(tmp_path / "p000")
 
@@ -36,7 +36,7 @@ def test_unreachable_wandb_falls_back_to_offline_files(point: PointPaths, monkey
         assert tracking.start_wandb(point, "demo-p000") is True
     finally:
         tracking.finish_wandb()
-    (warning,) = common._WARNINGS
+    (warning,) = stage_warnings.collected()
     assert warning.startswith("wandb: online run failed (") and "wandb sync" in warning
     runs = list((point.root / "wandb").glob("offline-run-*"))
     assert runs and str(runs[0]) in warning
@@ -47,7 +47,7 @@ def test_wandb_not_installed_is_a_warning(point: PointPaths, monkeypatch: pytest
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     assert tracking.start_wandb(point, "demo-p000") is False
-    assert common._WARNINGS == [
+    assert stage_warnings.collected() == [
         "wandb: WANDB_API_KEY is set but wandb is not installed (pip install 'gptoss_hpc[wandb]'); "
         "logging to TensorBoard only"
     ]

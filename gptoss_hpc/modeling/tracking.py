@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from gptoss_hpc.paths import PointPaths
-from gptoss_hpc.stages.common import stage_warning
+from gptoss_hpc.stage_warnings import stage_warning
 
 
 def start_wandb(paths: PointPaths, run_name: str) -> bool:

@@ -16,19 +16,12 @@ from gptoss_hpc.config import RunConfig, load_run_config
 from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.fileio import write_atomic
 from gptoss_hpc.paths import PointPaths
+from gptoss_hpc.stage_warnings import clear as _clear_warnings
+from gptoss_hpc.stage_warnings import collected as _warnings
+from gptoss_hpc.stage_warnings import stage_warning as stage_warning  # the stages' name for it
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-# Problems a stage survived (W&B down, Hub push refused): logged, and kept in status/<stage>.json's
-# "warnings" so `status` and the report show them. Reset by run_stage.
-_WARNINGS: list[str] = []
-
-
-def stage_warning(message: str) -> None:
-    """Record a non-fatal problem of the running stage (rank 0's shows in status and the report)."""
-    log.warning("%s", message)
-    _WARNINGS.append(message)
-
 
 # perf_counter() when run_stage started each stage in this process: wall_s in its status records.
 _STARTED: dict[str, float] = {}
@@ -91,7 +84,7 @@ def run_stage(stage: str, config_path: str | Path, body: Callable[[RunConfig, Po
     if stage != "report":
         cap_gpu_memory(cfg)
     write_status(paths, stage, "RUNNING")
-    _WARNINGS.clear()
+    _clear_warnings()
     try:
         result = body(cfg, paths)
     except BaseException as exc:
@@ -101,10 +94,10 @@ def run_stage(stage: str, config_path: str | Path, body: Callable[[RunConfig, Po
             "FAILED",
             error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500] if str(exc) else type(exc).__name__,
             traceback=traceback.format_exc()[-4000:],
-            warnings=list(_WARNINGS),
+            warnings=_warnings(),
         )
         raise
-    write_status(paths, stage, "COMPLETED", warnings=list(_WARNINGS))
+    write_status(paths, stage, "COMPLETED", warnings=_warnings())
     return result
 
 
