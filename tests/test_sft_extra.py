@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from gptoss_hpc.config import compose, to_run_config, validate
+from gptoss_hpc.config.sft_extra import OWNED_FIELDS
 from gptoss_hpc.errors import ConfigError
-from gptoss_hpc.modeling.sft import OWNED_FIELDS, build_sft_config_kwargs
+from gptoss_hpc.modeling.sft import build_sft_config_kwargs
 from gptoss_hpc.paths import PointPaths
 
 REPO = Path(__file__).resolve().parents[1]

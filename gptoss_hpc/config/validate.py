@@ -38,7 +38,7 @@ _DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 def validate(cfg: RunConfig) -> RunConfig:
     problems = [*_run(cfg), *_cluster(cfg), *_model(cfg), *_lora(cfg), *_data(cfg), *_train(cfg), *_eval(cfg)]
     if cfg.train.extra:  # imports trl: only when asked
-        from gptoss_hpc.modeling.sft import extra_problems
+        from gptoss_hpc.config.sft_extra import extra_problems
 
         problems += extra_problems(cfg.train.extra)
     if not problems:  # the estimate reads the other keys: only once they are valid
