@@ -23,6 +23,7 @@ from gptoss_hpc.config.io import dump_yaml, searchpath_override
 from gptoss_hpc.errors import ConfigError, GptossHpcError
 from gptoss_hpc.fileio import write_atomic
 from gptoss_hpc.paths import RunPaths
+from gptoss_hpc.stages.jobs import stage_callable
 from gptoss_hpc.submission import pipeline
 
 log = logging.getLogger(__name__)
@@ -126,11 +127,11 @@ def _launch(launch: pipeline.Launch) -> int:
     if token_file:
         log.info("Hub token: jobs read the token file %s (HF_TOKEN_PATH), not an environment variable", token_file)
     if launch.cfg.cluster.backend == "slurm":
-        manifest = pipeline.submit_slurm(launch)
+        manifest = pipeline.submit_slurm(launch, stage_callable)
         _check_no_secret_written(launch.run_dir)
         _print_submitted(launch, manifest)
         return 0
-    manifest, states = pipeline.run_local(launch)
+    manifest, states = pipeline.run_local(launch, stage_callable)
     _check_no_secret_written(launch.run_dir)
     _print_local(launch, states)
     return 1 if any(s == "FAILED" for s in states.values()) else 0

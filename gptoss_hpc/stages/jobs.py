@@ -2,7 +2,8 @@
 
 The pickle holds no config, no environment and no secrets, only a reference to this class and the stage
 name; the job reads its point's config.yaml. The stage module is imported inside the job, so the launcher
-never imports torch.
+never imports torch. The launcher hands ``stage_callable`` to the submission backend: submission never imports
+the stages it submits.
 """
 
 from __future__ import annotations

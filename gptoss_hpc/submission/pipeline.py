@@ -16,7 +16,7 @@ import datetime as dt
 import logging
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,10 +192,12 @@ def render_scripts(launch: Launch, run_dir: Path) -> list[tuple[str, str]]:
     return scripts
 
 
-def submit_slurm(launch: Launch) -> Manifest:
-    """At most one sbatch per stage. On a failure, cancel what this launch already submitted and say so."""
-    from gptoss_hpc.submission.jobs import stage_callable
+# stage -> the callable its job runs (gptoss_hpc.stages.jobs.stage_callable, handed in by the launcher)
+JobFactory = Callable[[str], Callable[[str], Any]]
 
+
+def submit_slurm(launch: Launch, stage_callable: JobFactory) -> Manifest:
+    """At most one sbatch per stage. On a failure, cancel what this launch already submitted and say so."""
     manifest = _new_manifest(launch, "slurm")
     submitted: dict[str, str] = {}
     for stage in launch.stages:
@@ -234,7 +236,7 @@ def submit_slurm(launch: Launch) -> Manifest:
     return manifest
 
 
-def run_local(launch: Launch) -> tuple[Manifest, dict[tuple[str, int], str]]:
+def run_local(launch: Launch, stage_callable: JobFactory) -> tuple[Manifest, dict[tuple[str, int], str]]:
     """The same DAG as local processes through submitit's LocalExecutor, in order, blocking.
 
     A failed stage stops only that point's later stages; the report runs if any point got that far.
@@ -250,7 +252,7 @@ def run_local(launch: Launch) -> tuple[Manifest, dict[tuple[str, int], str]]:
     states: dict[tuple[str, int], str] = {}
     failed: set[int] = set()
     with _job_environment(sbatch.job_env(launch.cfg.cluster)):
-        _run_local_stages(launch, manifest, states, failed)
+        _run_local_stages(launch, stage_callable, manifest, states, failed)
     return manifest, states
 
 
@@ -269,10 +271,14 @@ def _job_environment(env: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _run_local_stages(launch: Launch, manifest: Manifest, states: dict[tuple[str, int], str], failed: set[int]) -> None:
+def _run_local_stages(
+    launch: Launch,
+    stage_callable: JobFactory,
+    manifest: Manifest,
+    states: dict[tuple[str, int], str],
+    failed: set[int],
+) -> None:
     import submitit
-
-    from gptoss_hpc.submission.jobs import stage_callable
 
     for stage in launch.stages:
         executor = submitit.LocalExecutor(folder=RunPaths(launch.run_dir).slurm(stage))
