@@ -188,7 +188,7 @@ def test_missing_model_dir_fails_before_serving(tmp_path: Path):
 def test_free_port_skips_a_taken_one():
     import socket
 
-    from gptoss_hpc.serving.job import free_port
+    from gptoss_hpc.stages.serve_job import free_port
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -450,7 +450,7 @@ def test_serve_job_binds_the_node_and_takes_the_submitting_shells_key(model_dir:
 
     from gptoss_hpc.config import save_run_config
     from gptoss_hpc.paths import PointPaths
-    from gptoss_hpc.serving.job import node_address
+    from gptoss_hpc.stages.serve_job import node_address
 
     paths = PointPaths(tmp_path / "run" / "p000")
     save_run_config(to_run_config(compose(["experiment=demo", "model.tokenizer=tiny-bpe"])), paths.config)

@@ -44,8 +44,8 @@ from gptoss_hpc.serving.auth import API_KEY_ENV, require_key_off_loopback, resol
 
 def main(config_path: str | os.PathLike[str], **options: Any) -> None:
     """Job body (the Slurm serve stage): serve the point's merged/ on this node's address with an API key;
-    see gptoss_hpc.serving.job.serve_job."""
-    from gptoss_hpc.serving.job import serve_job
+    see gptoss_hpc.stages.serve_job.serve_job."""
+    from gptoss_hpc.stages.serve_job import serve_job
 
     serve_job(config_path, **options)
 

@@ -13,8 +13,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from gptoss_hpc.config.derive import eval_model
 from gptoss_hpc.serving.app import DEFAULT_MAX_NEW_TOKENS_CAP, DEFAULT_PORT, default_model_name, serve
 from gptoss_hpc.serving.auth import API_KEY_ENV, ServeError, job_api_key, read_key_file
+from gptoss_hpc.stages.common import run_stage, write_status
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,6 @@ def serve_job(
     port from $GPTOSS_SERVE_PORT or 8000, always with an API key: --api-key-file, else $SERVE_API_KEY of the
     submitting shell, else one generated into ``pNNN/serve/api_key`` (mode 600). Prints ``host:port`` to
     the job log and records the URL and where the key is (never the key) in status/serve.json."""
-    from gptoss_hpc.stages.common import run_stage
 
     def body(cfg: Any, paths: Any) -> None:
         # A job's normal end is scancel. Until uvicorn runs (choosing a port, loading the model), SIGTERM and
@@ -100,9 +101,6 @@ def _serve_point(  # the job body proper, under serve_job's signal handling
     before_run: Callable[[], None],
     options: dict[str, Any],
 ) -> None:
-    from gptoss_hpc.config.derive import eval_model
-    from gptoss_hpc.stages.common import write_status
-
     # eval.model=adapter (auto with model.experts_dtype=mxfp4): the base + adapter/ unmerged, as eval runs it
     folder = paths.adapter if eval_model(cfg) == "adapter" else paths.merged
     bind = host or os.environ.get("GPTOSS_SERVE_HOST") or node_address()
