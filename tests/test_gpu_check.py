@@ -109,7 +109,7 @@ def test_table_joins_phases_and_fails_on_a_failed_row(tmp_path, capsys):
 
 
 def test_set_overrides_reach_the_bench_phase(tmp_path, monkeypatch):
-    """`--set` applies to every run of a phase and to its bench: session 8's first call ran `--set
+    """`--set` applies to every run of a phase and to its bench: the first GPU call of 2026-11-30 (f7aac5b) ran `--set
     model.experts_dtype=mxfp4 ... bench:default` and got the bf16 bench, because phase_bench dropped them."""
     import time
 

@@ -1,7 +1,7 @@
 """The train stage's recompile watch (gptoss_hpc.modeling.trainer.recompile_watch_callback), with real torch.compile
 (the "eager" backend: dynamo's guards and graph counting are the GPU's, without a C++ toolchain) and transformers'
 real TrainerState/TrainerControl. The H200 bug it reports: a static-shape compiled region fed a new packed length at
-steps 9, 10 and 14 of a 16-step run (docs/BENCHMARKS.md, session 6)."""
+steps 9, 10 and 14 of a 16-step run (docs/BENCHMARKS.md, 2026-11-30, 2e6274a)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Disk pre-flight: what a launch will write under ``run_root``, against the free space there.
 
-A full disk fails late and expensively: on the H200 box the 120b train stage ran every step and then failed in the
-trainer's final checkpoint save (docs/BENCHMARKS.md, session 5), so the launch checks before it submits anything.
+A full disk fails late and expensively, in the trainer's final checkpoint save after every step has run
+(docs/BENCHMARKS.md, 2026-11-29, fa57b65), so the launch checks before it submits anything.
 Per point, from the same architecture facts as the memory plan (gptoss_hpc.config.memory):
 - train: ``train.save_total_limit + 1`` checkpoints (the trainer writes the newest before it deletes the oldest),
   each ~16 bytes per LoRA parameter (fp32 LoRA weights in the module state and in adapter_model.safetensors, two

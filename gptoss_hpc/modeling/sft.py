@@ -126,7 +126,7 @@ def build_sft_config_kwargs(cfg: RunConfig, paths: PointPaths, env: Mapping[str,
         "data_seed": cfg.data.seed,
         "dataloader_num_workers": t.dataloader_num_workers,
         # pinned batches (dataloader_pin_memory's default) copied without blocking: otherwise each tensor of each
-        # micro-batch is a host sync, 12 per optimizer step at 4 micro-batches (docs/BENCHMARKS.md, session 7)
+        # micro-batch is a host sync, 12 per optimizer step at 4 micro-batches (docs/BENCHMARKS.md, 2026-11-30, 39f874e)
         "accelerator_config": {"non_blocking": not on_cpu},
         "ddp_find_unused_parameters": False,
         "ddp_timeout": t.ddp_timeout,

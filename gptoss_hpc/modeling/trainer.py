@@ -70,9 +70,8 @@ def graph_breaks():
 
 def recompile_watch_callback(warn, warmup_steps: int = RECOMPILE_WARMUP_STEPS):
     """A callback that reports torch.compile graphs compiled after ``warmup_steps`` optimizer steps: a region whose
-    shapes or guards change per step recompiles for seconds each time, which a run's median step time hides (on the
-    H200, MXFP4 experts with recompute recompiled at each new packed length: a 16-step run's mean throughput was a
-    fifth of its median; docs/BENCHMARKS.md, session 6). ``warn(message)`` is called once, at the end of training,
+    shapes or guards change per step recompiles for seconds each time, which a run's median step time hides
+    (measured: docs/BENCHMARKS.md, 2026-11-30, 2e6274a). ``warn(message)`` is called once, at the end of training,
     with the count and the steps; the first such step is also logged when it happens. Graph breaks in compiled
     regions (``graph_breaks``) made after the callback was created are reported the same way at the end."""
     import logging

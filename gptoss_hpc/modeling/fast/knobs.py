@@ -91,8 +91,8 @@ def compiles_layers(cfg: RunConfig) -> bool:
 def compiles_static_shapes(cfg: RunConfig) -> bool:
     """Whether a region compiled with static shapes (``dynamic=False``) sees each micro-batch's token count: the
     compiled layers, the fused experts' core when it is compiled (not under checkpointing), and the MXFP4 experts'
-    core, which compiles on CUDA with or without checkpointing. Then a new micro-batch length is a recompile (on the
-    H200, fit:20b@24 with MXFP4 and recompute lost ~12 s per new length: docs/BENCHMARKS.md, session 6)."""
+    core, which compiles on CUDA with or without checkpointing. Then a new micro-batch length is a recompile, seconds
+    each (measured: docs/BENCHMARKS.md, 2026-11-30, 2e6274a)."""
     if compiles_layers(cfg):
         return True
     m, t = cfg.model, cfg.train

@@ -3,9 +3,9 @@
 Each program turns a run of 16-byte blocks (32 e2m1 codes sharing one e8m0 scale) into their 32 bf16 values, bit
 for bit ``gptoss_hpc.modeling.mxfp4_format.dequantize_mxfp4`` and so transformers' ``convert_moe_packed_tensors``
 (for scales in SCALE_RANGE), with both sides contiguous: 16 bytes in, one int32 per byte out (its two bf16, low
-nibble first). The dequant runs twice per layer and micro-batch (forward and input gradient): 21% of the MXFP4 20b
-train step's GPU time with torch.compile's kernel for dequantize_mxfp4 (session 7's profile), which ran at the
-int32 ALU's rate on the H200 (~2.7 TB/s); this one is ~20% faster (docs/BENCHMARKS.md, session 8)."""
+nibble first). The dequant runs twice per layer and micro-batch (forward and input gradient), a large share of
+the MXFP4 train step's GPU time; this kernel against torch.compile's for dequantize_mxfp4: docs/BENCHMARKS.md,
+2026-11-30 (39f874e, f7aac5b)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 # rows of 16 bytes per program: 256 rows = 4 KiB read and 16 KiB written (the fastest of 64-512 rows x 4-8 warps
-# on the H200, by a few percent: docs/BENCHMARKS.md, session 8)
+# on the H200, by a few percent: docs/BENCHMARKS.md, 2026-11-30, f7aac5b)
 BLOCK_ROWS = 256
 NUM_WARPS = 8
 

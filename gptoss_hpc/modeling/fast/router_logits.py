@@ -3,8 +3,8 @@
 TRL (>= 1.16) adds gpt-oss's load-balancing loss by default (``router_aux_loss_coef`` from the architecture, 0.9)
 and asks for it with ``output_router_logits=True``. transformers then installs forward hooks on every router,
 decoder layer and attention module; each hook reads a ``ContextVar``, which torch.compile cannot trace, so every
-compiled decoder layer splits into ~6 graphs with Python between them. On the H200 that made the MXFP4 20b train
-stage host-bound: 64% device busy, 0.88 of the bench's throughput (docs/BENCHMARKS.md, session 7). Here each
+compiled decoder layer splits into ~6 graphs with Python between them, which made the MXFP4 train stage
+host-bound (docs/BENCHMARKS.md, 2026-11-30, 39f874e). Here each
 router keeps the logits of its last forward on itself (an attribute write, which torch.compile traces), and the
 loss reads them back in layer order: the same tensors transformers' hooks would collect, in the same order. Only
 inside ``recording(routers)``: a checkpointed layer recomputed during the backward must not leave its logits and
