@@ -1,7 +1,7 @@
 """Disk pre-flight (gptoss_hpc.config.disk): a launch that would fill run_root's filesystem is refused before
 anything is written or submitted. On the H200 box a full disk failed the 120b train stage in the trainer's final
-save, after every step had run (docs/BENCHMARKS.md, 2026-11-29, fa57b65). These run against this machine's real filesystem:
-the sweep is sized from its free space."""
+save, after every step had run (docs/BENCHMARKS.md, 2026-11-29, fa57b65). These run against this machine's real
+filesystem: the sweep is sized from its free space."""
 
 from __future__ import annotations
 

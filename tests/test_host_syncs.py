@@ -1,9 +1,9 @@
 """The per-micro-batch work of the GPU train stage reads nothing back from the device: each read is a host sync, and
-after it the GPU idles until the host has launched the next kernels (the H200 profile of docs/BENCHMARKS.md, 2026-11-30, 39f874e: 34 syncs per
-optimizer step, 12 from accelerate's batch copies, 4 each from the loss's row selection, its scale tensor and the
-packed-row masks). On the CPU a sync cannot be seen, so these tests make every host read of a tensor raise
-(``no_host_reads``) around the code that must not read. Real: TRL's collator, transformers' mask helper, trl's
-SFTConfig."""
+after it the GPU idles until the host has launched the next kernels (the H200 profile in docs/BENCHMARKS.md,
+2026-11-30, 39f874e: 34 syncs per optimizer step, 12 from accelerate's batch copies, 4 each from the loss's row
+selection, its scale tensor and the packed-row masks). On the CPU a sync cannot be seen, so these tests make
+every host read of a tensor raise (``no_host_reads``) around the code that must not read. Real: TRL's collator,
+transformers' mask helper, trl's SFTConfig."""
 
 from __future__ import annotations
 

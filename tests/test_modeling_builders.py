@@ -55,7 +55,8 @@ def test_deepspeed_json_default_gpu_config():
 
 def test_overlap_comm_is_off_for_one_rank_unless_set():
     """One rank has nothing to overlap, and DeepSpeed's overlap_comm waits for the whole device after every
-    micro-batch's backward (5 device syncs per optimizer step on the H200 profile, docs/BENCHMARKS.md, 2026-11-30, f7aac5b)."""
+    micro-batch's backward (5 device syncs per optimizer step on the H200 profile, docs/BENCHMARKS.md, 2026-11-30,
+    f7aac5b)."""
     assert render_deepspeed_config(cfg_of(*GPU), world_size=1)["zero_optimization"]["overlap_comm"] is False
     assert render_deepspeed_config(cfg_of(*GPU), world_size=2)["zero_optimization"]["overlap_comm"] is True
     on = cfg_of(*GPU, "train.zero.overlap_comm=true")
