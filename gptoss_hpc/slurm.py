@@ -1,5 +1,8 @@
-"""Thin, typed wrappers over sacct / squeue / scancel / sinfo: every Slurm query of the package (the monitor CLIs
-and the cancel of a half-submitted launch). sbatch itself is run by submitit (submission/executor.py).
+"""Thin, typed wrappers over Slurm's clients: every Slurm command of the package but sbatch (which submitit runs,
+submission/executor.py): sacct / squeue / scancel / sinfo for the monitor CLIs and the cancel of a half-submitted
+launch, the squeue lookup of a tagged job after a failed sbatch, `scontrol requeue` for the train stage, and
+`scontrol show hostnames` for the ranks. At the bottom layer, so every layer that needs Slurm calls it here; what
+the output means (JobState, parsing) is in gptoss_hpc.slurm_states.
 
 One refresh costs at most one `sacct` and one `squeue` call, whatever the number of jobs:
 
@@ -17,39 +20,28 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import subprocess
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
 
 from gptoss_hpc.errors import GptossHpcError
+from gptoss_hpc.slurm_states import (
+    NO_REASON,
+    SACCT_FIELDS,
+    TERMINAL_STATES,
+    JobState,
+    QueryResult,
+    merge_states,
+    parse_sacct,
+    parse_squeue,
+)
+
+__all__ = ["TERMINAL_STATES", "JobState", "QueryResult", "SlurmError", "SlurmNotReachableError"]
 
 log = logging.getLogger(__name__)
 
-SACCT_FIELDS = ("JobID", "State", "ExitCode", "Elapsed", "NodeList", "JobName")
 SQUEUE_FORMAT = "%i|%T|%r|%M|%N|%j"
 TIMEOUT_S = 30
 
-# States after which a job never runs again (PREEMPTED/NODE_FAIL jobs that Slurm requeues come back as
-# PENDING/REQUEUED under the same id, and sacct then shows the newest attempt).
-TERMINAL_STATES = frozenset(
-    {
-        "COMPLETED",
-        "FAILED",
-        "CANCELLED",
-        "TIMEOUT",
-        "OUT_OF_MEMORY",
-        "NODE_FAIL",
-        "PREEMPTED",
-        "BOOT_FAIL",
-        "DEADLINE",
-        "REVOKED",
-        "SPECIAL_EXIT",
-    }
-)
-# squeue prints "None" or a bare placeholder when there is no reason worth showing.
-_NO_REASON = frozenset({"", "None", "(null)", "n/a"})
-_GROUPED = re.compile(r"^(?P<base>\d+)_\[(?P<ranges>[^\]]+)\]$")
 # scancel/squeue messages that only mean "this job is already gone".
 _GONE = ("Invalid job id specified", "already completing or completed", "Job has already finished")
 
@@ -60,170 +52,6 @@ class SlurmError(GptossHpcError):
 
 class SlurmNotReachableError(SlurmError):
     """No Slurm client, no SLURM_CONF, or the controller does not answer."""
-
-
-@dataclass(frozen=True)
-class JobState:
-    """One job or array task as Slurm reports it. `job_id` is "123" or "123_4" (array task)."""
-
-    job_id: str
-    state: str  # RUNNING, PENDING, COMPLETED, FAILED, CANCELLED, ... ("CANCELLED by 0" → "CANCELLED")
-    exit_code: str = ""  # sacct's "<code>:<signal>", e.g. "1:0"; "" from squeue
-    elapsed: str = ""
-    node: str = ""
-    reason: str = ""  # pending/failure reason from squeue (Dependency, Resources, Priority, ...)
-    name: str = ""
-    source: str = ""  # "sacct" | "squeue"
-    grouped: bool = False  # expanded from a sacct range line (123_[0-3]): a stale summary, see parse_sacct
-
-    @property
-    def terminal(self) -> bool:
-        return self.state in TERMINAL_STATES
-
-    def to_dict(self) -> dict[str, str]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class QueryResult:
-    """States by task id, and where they came from ("sacct", or "squeue" when accounting is unavailable)."""
-
-    states: dict[str, JobState]
-    source: str
-    sacct_error: str = ""  # why sacct was not used, when it was not
-
-    def get(self, task_id: str) -> JobState | None:
-        """The state of "123_4", else that of its array's record "123" (sacct lists an array it has not
-        split into tasks yet, e.g. one cancelled while pending, under the bare array job id)."""
-        if task_id in self.states:
-            return self.states[task_id]
-        base = task_id.split("_", 1)[0]
-        if base == task_id or any(k.startswith(f"{base}_") for k in self.states):
-            return None
-        return self.states.get(base)
-
-
-# --------------------------------------------------------------------------------------------- parsing
-
-
-def expand_task_ids(job_id: str) -> list[str]:
-    """`123_[0-3,7%2]` → [123_0, 123_1, 123_2, 123_3, 123_7]; any other id → [id]."""
-    m = _GROUPED.match(job_id)
-    if not m:
-        return [job_id]
-    ranges = m["ranges"].split("%", 1)[0]
-    out: list[str] = []
-    for part in ranges.split(","):
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        step = 1
-        if ":" in hi:  # Slurm also accepts 0-15:4 (step)
-            hi, step_s = hi.split(":", 1)
-            step = int(step_s)
-        out.extend(f"{m['base']}_{i}" for i in range(int(lo), int(hi or lo) + 1, step))
-    return out
-
-
-def normalize_state(raw: str) -> str:
-    """`CANCELLED by 0` → `CANCELLED`; `COMPLETED+` (sacct truncation marker) → `COMPLETED`."""
-    return raw.strip().split(" ", 1)[0].rstrip("+") or "UNKNOWN"
-
-
-def _clean(value: str) -> str:
-    value = value.strip()
-    return "" if value in _NO_REASON or value == "None assigned" else value
-
-
-def parse_sacct(text: str) -> dict[str, JobState]:
-    """Parse `sacct --parsable2 --noheader --format=JobID,State,ExitCode,Elapsed,NodeList,JobName`.
-
-    A range line (`380_[0-2]|CANCELLED`) is the array's meta record: sacct keeps printing the range it
-    was submitted with after some tasks were split off and ran (seen on 22.05: `380_0|COMPLETED` and
-    `380_[0-2]|CANCELLED` side by side when only task 2 was cancelled), and lists running tasks late.
-    So a task's own line always wins over a range line, and range states are marked `grouped`.
-    """
-    states: dict[str, JobState] = {}
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        fields = line.split("|", len(SACCT_FIELDS) - 1)
-        if len(fields) < len(SACCT_FIELDS):
-            log.debug("skipping unparsable sacct line %r", line)
-            continue
-        job_id, state, exit_code, elapsed, node, name = fields
-        if "." in job_id:  # steps: 123.batch, 123.extern, 123.0
-            continue
-        st = normalize_state(state)
-        tasks = expand_task_ids(job_id)
-        grouped = len(tasks) > 1 or tasks[0] != job_id
-        for task in tasks:
-            if grouped and task in states and not states[task].grouped:
-                continue
-            states[task] = JobState(
-                job_id=task,
-                state=st,
-                exit_code=exit_code.strip(),
-                elapsed=elapsed.strip(),
-                node=_clean(node),
-                name=name.strip(),
-                source="sacct",
-                grouped=grouped,
-            )
-    return states
-
-
-def parse_squeue(text: str) -> dict[str, JobState]:
-    """Parse `squeue -h -r --states=all -o '%i|%T|%r|%M|%N|%j'`."""
-    states: dict[str, JobState] = {}
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        fields = line.split("|", 5)
-        if len(fields) < 6:
-            log.debug("skipping unparsable squeue line %r", line)
-            continue
-        job_id, state, reason, elapsed, node, name = fields
-        if "." in job_id:
-            continue
-        st = normalize_state(state)
-        for task in expand_task_ids(job_id.strip()):
-            states[task] = JobState(
-                job_id=task,
-                state=st,
-                elapsed=elapsed.strip(),
-                node=_clean(node),
-                reason=_clean(reason),
-                name=name.strip(),
-                source="squeue",
-            )
-    return states
-
-
-def merge_states(sacct: dict[str, JobState] | None, squeue: dict[str, JobState]) -> dict[str, JobState]:
-    """sacct gives exit codes and the jobs the controller has forgotten; squeue, the controller's live
-    view, wins on the state of the jobs it still lists (sacct lags a second or two behind it, both
-    after a submission and after a job ends) and adds the pending reason."""
-    if sacct is None:
-        return dict(squeue)
-    merged = dict(sacct)
-    for task, sq in squeue.items():
-        sa = merged.get(task)
-        if sa is None:
-            merged[task] = sq
-            continue
-        agree = sa.state == sq.state
-        merged[task] = JobState(
-            job_id=task,
-            state=sq.state,
-            exit_code=sa.exit_code if agree else "",
-            elapsed=sa.elapsed if agree else sq.elapsed,
-            node=sq.node or sa.node,
-            reason=sq.reason,
-            name=sa.name or sq.name,
-            source=sa.source if agree else sq.source,
-        )
-    return merged
 
 
 # ---------------------------------------------------------------------------------------------- calls
@@ -377,5 +205,46 @@ def node_reasons(nodelist: str) -> dict[str, str]:
     for line in out.splitlines():
         parts = line.strip().split("|")
         if len(parts) == 3 and parts[0]:
-            reasons[parts[0]] = f"{parts[1]} ({parts[2]})" if parts[1] not in _NO_REASON else parts[2]
+            reasons[parts[0]] = f"{parts[1]} ({parts[2]})" if parts[1] not in NO_REASON else parts[2]
     return reasons
+
+
+def find_tagged(tag: str, job_name: str) -> list[str]:
+    """Ids of this user's jobs named `job_name` whose comment is `tag` (any state slurmctld still holds)."""
+    out = subprocess.run(
+        ["squeue", "--me", "--noheader", "--states=all", f"--name={job_name}", "--Format=ArrayJobID:|,Comment:"],
+        check=True, capture_output=True, text=True, timeout=60,
+    ).stdout  # fmt: skip
+    ids: list[str] = []
+    for line in out.splitlines():
+        job_id, _, comment = line.partition("|")
+        if comment.strip() == tag and job_id.strip() not in ids:
+            ids.append(job_id.strip())
+    return ids
+
+
+def requeue(target: str) -> None:
+    """`scontrol requeue <target>`. A job Slurm is already requeuing (preemption with PreemptMode=REQUEUE,
+    or `scontrol requeue` from outside: both send SIGTERM) is fine as it is."""
+    proc = subprocess.run(["scontrol", "requeue", target], capture_output=True, text=True, timeout=60, check=False)
+    if proc.returncode == 0:
+        log.warning("requeued Slurm job %s", target)
+        return
+    state = subprocess.run(
+        ["scontrol", "show", "job", "-o", target], capture_output=True, text=True, timeout=60, check=False
+    ).stdout
+    already = ("JobState=REQUEUE" in state, "JobState=PENDING" in state, "pending execution" in proc.stderr)
+    if any(already):
+        log.warning("Slurm job %s is already being requeued (%s)", target, proc.stderr.strip())
+        return
+    raise SlurmError(f"`scontrol requeue {target}` failed: {proc.stderr.strip() or proc.returncode}")
+
+
+def hostnames(nodelist: str) -> list[str]:
+    """`scontrol show hostnames`: a Slurm node list (`node[1-2]`) as one host name per node."""
+    try:
+        return subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise SlurmError(f"cannot expand the Slurm node list {nodelist!r} with scontrol: {exc}") from exc

@@ -36,7 +36,21 @@ MODULES = {_module_name(p): p for p in sorted(PKG.rglob("*.py"))}
 # below, never one above. Top-level modules are packages of their own. The report stage reads run directories
 # through monitor.state, so monitor (that reader and the status/logs/cancel CLIs built on it) sits below stages.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("base", {"gptoss_hpc", "errors", "paths", "fileio", "secrets", "stage_warnings", "provenance", "resources"}),
+    (
+        "base",
+        {
+            "gptoss_hpc",
+            "errors",
+            "paths",
+            "fileio",
+            "secrets",
+            "stage_warnings",
+            "provenance",
+            "resources",
+            "slurm",
+            "slurm_states",
+        },
+    ),
     ("config", {"config"}),
     ("data", {"data"}),
     ("modeling", {"modeling"}),
@@ -159,12 +173,10 @@ def test_the_graph_sees_imports() -> None:
     """The checker itself: known edges are found, and a planted cycle is reported."""
     graph = import_graph(function_level=False)
     assert "gptoss_hpc.monitor.state" in graph["gptoss_hpc.stages.report"]
-    assert "gptoss_hpc.submission.slurm" in graph["gptoss_hpc.monitor.state"]
+    assert "gptoss_hpc.slurm" in graph["gptoss_hpc.monitor.state"]
     planted = {k: set(v) for k, v in graph.items()}
-    planted["gptoss_hpc.submission.slurm"].add("gptoss_hpc.stages.report")
-    assert ["gptoss_hpc.monitor.state", "gptoss_hpc.stages.report", "gptoss_hpc.submission.slurm"] in find_cycles(
-        planted
-    )
+    planted["gptoss_hpc.slurm"].add("gptoss_hpc.stages.report")
+    assert ["gptoss_hpc.monitor.state", "gptoss_hpc.slurm", "gptoss_hpc.stages.report"] in find_cycles(planted)
 
 
 def package_of(module: str) -> str:

@@ -20,8 +20,8 @@ import pytest
 from launch_cli import launch_run
 
 from gptoss_hpc.paths import RunPaths
+from gptoss_hpc.slurm_states import expand_task_ids
 from gptoss_hpc.submission.manifest import Manifest
-from gptoss_hpc.submission.slurm import expand_task_ids
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

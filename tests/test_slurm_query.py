@@ -10,17 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from gptoss_hpc import slurm
 from gptoss_hpc.monitor.state import JobRow, collect, last_metrics, log_paths, tail_lines
-from gptoss_hpc.submission import slurm
+from gptoss_hpc.slurm import SlurmNotReachableError
+from gptoss_hpc.slurm_states import expand_task_ids, merge_states, normalize_state, parse_sacct, parse_squeue
 from gptoss_hpc.submission.manifest import JobRecord, Manifest, PointRecord
-from gptoss_hpc.submission.slurm import (
-    SlurmNotReachableError,
-    expand_task_ids,
-    merge_states,
-    normalize_state,
-    parse_sacct,
-    parse_squeue,
-)
 
 # 2.5 s after submission: train tasks 0,1 run, 2-3 wait on the %2 throttle, merge waits on train.
 SACCT_RUNNING = """\

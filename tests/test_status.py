@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from gptoss_hpc import slurm
 from gptoss_hpc.monitor.state import LaunchStatus, collect
 from gptoss_hpc.paths import point_dirname
-from gptoss_hpc.submission import slurm
 from gptoss_hpc.submission.manifest import JobRecord, Manifest, PointRecord
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,9 +26,9 @@ from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
+from gptoss_hpc import slurm
 from gptoss_hpc.monitor.cancel import cancel_launch
 from gptoss_hpc.paths import point_dirname
-from gptoss_hpc.submission import slurm
 from gptoss_hpc.submission.manifest import JobRecord, Manifest, PointRecord
 
 SECTION = "## Status over 500 jobs"

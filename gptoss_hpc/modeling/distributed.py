@@ -8,11 +8,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import subprocess
 from typing import Any
 
+from gptoss_hpc import slurm
 from gptoss_hpc.config.schema import RunConfig
-from gptoss_hpc.errors import GptossHpcError
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +145,7 @@ def _num_tasks() -> int:
 def _export_srun_env() -> None:
     env = os.environ
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
-    try:
-        hosts = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True
-        ).stdout.split()
-    except (OSError, subprocess.CalledProcessError) as exc:
-        raise GptossHpcError(f"cannot expand the Slurm node list {nodelist!r} with scontrol: {exc}") from exc
+    hosts = slurm.hostnames(nodelist)
     step_tasks = int(env["SLURM_STEP_NUM_TASKS"])
     nodes = max(1, int(env.get("SLURM_STEP_NUM_NODES", "1")))
     env.update(

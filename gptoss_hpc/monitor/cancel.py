@@ -13,10 +13,10 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from gptoss_hpc import slurm
 from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.monitor.cli_errors import cli_exit_status
 from gptoss_hpc.monitor.state import DEFAULT_RUN_ROOT, JobRow, collect, resolve_run_dir
-from gptoss_hpc.submission import slurm
 
 
 @dataclass

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from gptoss_hpc import slurm
 from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.monitor.cli_errors import run_cli
 from gptoss_hpc.monitor.state import (
@@ -33,7 +34,6 @@ from gptoss_hpc.monitor.state import (
     newest_run_dirs,
     resolve_run_dir,
 )
-from gptoss_hpc.submission import slurm
 from gptoss_hpc.submission.manifest import Manifest
 
 SEARCH_LAUNCHES = 50  # how many of the newest launches a JOB_ID is looked up in

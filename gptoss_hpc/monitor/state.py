@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gptoss_hpc import slurm
 from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.paths import RunPaths, point_dirname
-from gptoss_hpc.submission import slurm
 from gptoss_hpc.submission.manifest import MANIFEST, JobRecord, Manifest
 
 log = logging.getLogger(__name__)

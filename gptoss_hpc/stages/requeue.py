@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from gptoss_hpc.config import derive
 from gptoss_hpc.config.schema import ClusterConfig
 from gptoss_hpc.errors import GptossHpcError
+from gptoss_hpc.slurm import requeue as requeue  # `scontrol requeue`, run where every Slurm command runs
 
 log = logging.getLogger(__name__)
 
@@ -99,20 +99,3 @@ class RequeuePolicy:
     def decide(self, restarts: int) -> RequeueDecision:
         cause = "time limit" if self.timed_out() else "preemption"
         return RequeueDecision(restarts < self.max_requeues, cause, restarts, self.max_requeues)
-
-
-def requeue(target: str) -> None:
-    """`scontrol requeue <target>`. A job Slurm is already requeuing (preemption with PreemptMode=REQUEUE,
-    or `scontrol requeue` from outside: both send SIGTERM) is fine as it is."""
-    proc = subprocess.run(["scontrol", "requeue", target], capture_output=True, text=True, timeout=60, check=False)
-    if proc.returncode == 0:
-        log.warning("requeued Slurm job %s", target)
-        return
-    state = subprocess.run(
-        ["scontrol", "show", "job", "-o", target], capture_output=True, text=True, timeout=60, check=False
-    ).stdout
-    already = ("JobState=REQUEUE" in state, "JobState=PENDING" in state, "pending execution" in proc.stderr)
-    if any(already):
-        log.warning("Slurm job %s is already being requeued (%s)", target, proc.stderr.strip())
-        return
-    raise GptossHpcError(f"`scontrol requeue {target}` failed: {proc.stderr.strip() or proc.returncode}")

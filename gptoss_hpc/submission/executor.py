@@ -2,9 +2,9 @@
 
 - `TaggedSlurmExecutor` sends each job's `#SBATCH --comment=gptoss_hpc:<launch id>:<stage>` tag. When sbatch
   fails with a transient controller error ("Socket timed out", "Unable to contact slurm controller" ...),
-  it waits (exponential backoff), looks the tag up in squeue and adopts a job that sbatch did create
-  before its reply was lost; only when no such job exists does it submit again. So a flaky controller
-  never leaves an untracked duplicate.
+  it waits (exponential backoff), looks the tag up in squeue (gptoss_hpc.slurm.find_tagged) and adopts a job
+  that sbatch did create before its reply was lost; only when no such job exists does it submit again. So a
+  flaky controller never leaves an untracked duplicate.
 - `RenderOnlyExecutor` renders the same sbatch text on a machine with no Slurm client (a laptop preparing
   a dry run), where submitit's constructor raises `Could not detect "srun"`.
 """
@@ -23,6 +23,7 @@ from submitit.core import core, utils
 from submitit.slurm.slurm import SlurmExecutor, SlurmJob
 
 from gptoss_hpc.errors import SubmissionError
+from gptoss_hpc.slurm import find_tagged
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +40,6 @@ _JOB_ID_RE = re.compile(r"job (?P<id>[0-9]+)")
 def job_tag(launch_id: str, stage: str) -> str:
     """The unique comment one stage's job carries: what a retry looks up before submitting again."""
     return f"gptoss_hpc:{launch_id}:{stage}"
-
-
-def find_tagged(tag: str, job_name: str) -> list[str]:
-    """Ids of this user's jobs named `job_name` whose comment is `tag` (any state slurmctld still holds)."""
-    out = subprocess.run(
-        ["squeue", "--me", "--noheader", "--states=all", f"--name={job_name}", "--Format=ArrayJobID:|,Comment:"],
-        check=True, capture_output=True, text=True, timeout=60,
-    ).stdout  # fmt: skip
-    ids: list[str] = []
-    for line in out.splitlines():
-        job_id, _, comment = line.partition("|")
-        if comment.strip() == tag and job_id.strip() not in ids:
-            ids.append(job_id.strip())
-    return ids
 
 
 def sbatch_with_retry(

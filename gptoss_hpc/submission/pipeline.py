@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gptoss_hpc import secrets
+from gptoss_hpc import secrets, slurm
 from gptoss_hpc.config import RunConfig, save_run_config, validate
 from gptoss_hpc.config.fit import fit_to_card
 from gptoss_hpc.config.io import compose_sweep, to_run_config
 from gptoss_hpc.config.schema import STAGES
 from gptoss_hpc.errors import ConfigError, GptossHpcError, SubmissionError
 from gptoss_hpc.paths import RunPaths, point_dirname
-from gptoss_hpc.submission import sbatch, slurm
+from gptoss_hpc.submission import sbatch
 from gptoss_hpc.submission.executor import RenderOnlyExecutor, TaggedSlurmExecutor, job_tag
 from gptoss_hpc.submission.manifest import JobRecord, Manifest, PointRecord
 
