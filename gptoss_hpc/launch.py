@@ -25,6 +25,7 @@ from gptoss_hpc.fileio import write_atomic
 from gptoss_hpc.paths import RunPaths
 from gptoss_hpc.stages.jobs import stage_callable
 from gptoss_hpc.submission import pipeline
+from gptoss_hpc.submission.backends import backend_for
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +89,8 @@ def _dry_run(launch: pipeline.Launch) -> int:
         title = f"point {point.index}: {' '.join(point.overrides)}" if launch.sweep else "config"
         print(f"# ===== {title} =====")
         print(dump_yaml(point.cfg))
-    if cfg.cluster.backend != "slurm":
-        print(f"# backend {cfg.cluster.backend!r}: stages {launch.stages} would run as local processes")
-    else:
-        for stage, script in pipeline.render_scripts(launch, run_dir):
-            kind = f"array of {len(launch.points)}" if launch.sweep and stage != "report" else "job"
-            print(f"# ===== sbatch: {stage} ({kind}) =====")
-            print(script)
+    for block in backend_for(cfg.cluster, stage_callable).dry_run(launch, run_dir):
+        print(block)
     if cfg.cluster.hf_home:
         from gptoss_hpc.modeling.hub import hub_resources
 
@@ -126,15 +122,13 @@ def _launch(launch: pipeline.Launch) -> int:
     token_file = secrets.token_file()
     if token_file:
         log.info("Hub token: jobs read the token file %s (HF_TOKEN_PATH), not an environment variable", token_file)
-    if launch.cfg.cluster.backend == "slurm":
-        manifest = pipeline.submit_slurm(launch, stage_callable)
-        _check_no_secret_written(launch.run_dir)
-        _print_submitted(launch, manifest)
-        return 0
-    manifest, states = pipeline.run_local(launch, stage_callable)
+    outcome = backend_for(launch.cfg.cluster, stage_callable).run(launch)
     _check_no_secret_written(launch.run_dir)
-    _print_local(launch, states)
-    return 1 if any(s == "FAILED" for s in states.values()) else 0
+    if outcome.states is None:  # queued: the jobs run on
+        _print_submitted(launch, outcome.manifest)
+        return 0
+    _print_local(launch, outcome.states)
+    return 1 if any(s == "FAILED" for s in outcome.states.values()) else 0
 
 
 def _check_no_secret_written(run_dir: Path) -> None:

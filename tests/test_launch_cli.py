@@ -12,7 +12,7 @@ import pytest
 
 from gptoss_hpc.config import conf_dir
 from gptoss_hpc.errors import ConfigError
-from gptoss_hpc.submission import pipeline
+from gptoss_hpc.submission import backends, pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
@@ -106,7 +106,7 @@ def test_golden_sbatch_coreweave_h200(sweep: bool, tmp_path: Path) -> None:
     overrides = ["cluster=coreweave_h200", "name=golden"]
     launch_ = pipeline.compose_launch([*overrides, "lora.r=8,16"] if sweep else overrides, multirun=sweep)
     run_dir = tmp_path / "logs" / "golden" / "20261125-000000"
-    scripts = pipeline.render_scripts(launch_, run_dir)
+    scripts = backends.render_scripts(launch_, run_dir)
     text = "\n".join(f"##### {stage}\n{script}" for stage, script in scripts)
     text = _normalise(text, run_dir)
     golden = GOLDEN / f"coreweave_h200_{'sweep' if sweep else 'single'}.sbatch"
@@ -133,7 +133,7 @@ def test_fast_sweep_composition_equals_hydra_composing_each_point() -> None:
 
 def test_dependencies_follow_the_stage_graph(tmp_path: Path) -> None:
     overrides = ["cluster=coreweave_h200", "stages=[train,merge,eval,serve,report]", "lora.r=8,16"]
-    scripts = dict(pipeline.render_scripts(pipeline.compose_launch(overrides, multirun=True), tmp_path))
+    scripts = dict(backends.render_scripts(pipeline.compose_launch(overrides, multirun=True), tmp_path))
     dep = {s: re.search(r"--dependency='?([^'\n]*)", t) for s, t in scripts.items()}
     assert dep["train"] is None
     assert {s: m.group(1) for s, m in dep.items() if m} == {
@@ -142,6 +142,6 @@ def test_dependencies_follow_the_stage_graph(tmp_path: Path) -> None:
         "serve": "aftercorr:<merge-job-id>",
         "report": "afterany:<eval-job-id>",
     }
-    single = dict(pipeline.render_scripts(pipeline.compose_launch(["cluster=coreweave_h200"]), tmp_path))
+    single = dict(backends.render_scripts(pipeline.compose_launch(["cluster=coreweave_h200"]), tmp_path))
     assert "--dependency=afterok:<train-job-id>" in single["merge"].replace("'", "")
     assert "--array" not in single["train"]

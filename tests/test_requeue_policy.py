@@ -23,7 +23,7 @@ from gptoss_hpc.stages.requeue import (
     requeue_target,
     restart_count,
 )
-from gptoss_hpc.submission import pipeline
+from gptoss_hpc.submission import backends, pipeline
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -104,7 +104,7 @@ def test_preempt_signal_is_usr2_by_default_term_supported_else_rejected():
 
 def _render(overrides: list[str], tmp_path: Path) -> dict[str, str]:
     run_dir = tmp_path / "logs" / "golden" / "20261125-000000"
-    scripts = pipeline.render_scripts(pipeline.compose_launch(overrides), run_dir)
+    scripts = backends.render_scripts(pipeline.compose_launch(overrides), run_dir)
     text = {s: t.replace(str(run_dir), "<RUN_DIR>").replace(sys.executable, "<PYTHON>") for s, t in scripts}
     return {s: re.sub(r"'<PYTHON>'", "<PYTHON>", t) for s, t in text.items()}
 

@@ -19,7 +19,7 @@ from gptoss_hpc import launch as launch_cli
 from gptoss_hpc.config import validate
 from gptoss_hpc.config.io import searchpath_override
 from gptoss_hpc.errors import ConfigError
-from gptoss_hpc.submission import pipeline
+from gptoss_hpc.submission import backends, pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
@@ -95,7 +95,7 @@ def test_hostile_run_root_is_refused() -> None:
 def _scripts(cluster: str, tmp_path: Path, sweep: bool = False) -> list[tuple[str, str]]:
     overrides = [searchpath_override([SITE_CONF]), f"cluster={cluster}", "name=golden"]
     launch_ = pipeline.compose_launch([*overrides, "lora.r=8,16"] if sweep else overrides, multirun=sweep)
-    return pipeline.render_scripts(launch_, tmp_path / "logs" / "golden" / "20261125-000000")
+    return backends.render_scripts(launch_, tmp_path / "logs" / "golden" / "20261125-000000")
 
 
 def test_shell_syntax_in_env_values_and_container_args_stays_inert(tmp_path: Path) -> None:
