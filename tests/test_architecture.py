@@ -172,11 +172,11 @@ def test_no_import_cycles(function_level: bool) -> None:
 def test_the_graph_sees_imports() -> None:
     """The checker itself: known edges are found, and a planted cycle is reported."""
     graph = import_graph(function_level=False)
-    assert "gptoss_hpc.monitor.state" in graph["gptoss_hpc.stages.report"]
+    assert "gptoss_hpc.monitor.run_files" in graph["gptoss_hpc.stages.report"]
     assert "gptoss_hpc.slurm" in graph["gptoss_hpc.monitor.state"]
     planted = {k: set(v) for k, v in graph.items()}
-    planted["gptoss_hpc.slurm"].add("gptoss_hpc.stages.report")
-    assert ["gptoss_hpc.monitor.state", "gptoss_hpc.slurm", "gptoss_hpc.stages.report"] in find_cycles(planted)
+    planted["gptoss_hpc.monitor.run_files"].add("gptoss_hpc.stages.report")
+    assert ["gptoss_hpc.monitor.run_files", "gptoss_hpc.stages.report"] in find_cycles(planted)
 
 
 def package_of(module: str) -> str:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from gptoss_hpc import slurm
-from gptoss_hpc.monitor.state import JobRow, collect, last_metrics, log_paths, tail_lines
+from gptoss_hpc.monitor.run_files import last_metrics, tail_lines
+from gptoss_hpc.monitor.state import JobRow, collect, log_paths
 from gptoss_hpc.slurm import SlurmNotReachableError
 from gptoss_hpc.slurm_states import expand_task_ids, merge_states, normalize_state, parse_sacct, parse_squeue
 from gptoss_hpc.submission.manifest import JobRecord, Manifest, PointRecord

@@ -24,7 +24,7 @@ from typing import Any
 
 from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.fileio import write_atomic
-from gptoss_hpc.monitor.state import log_tail, point_log_files, read_json, read_metrics
+from gptoss_hpc.monitor.run_files import log_tail, point_log_files, read_json, read_metrics
 from gptoss_hpc.paths import PointPaths, RunPaths
 from gptoss_hpc.submission.manifest import Manifest
 
