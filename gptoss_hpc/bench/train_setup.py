@@ -47,7 +47,7 @@ def build_model(cfg, device: str, vocab_size: int | None = None):
                 setattr(config, key, vocab_size - 1)
     config.use_cache = False
     kwargs = load_kwargs(cfg)
-    if getattr(m, "experts_dtype", "bfloat16") == "mxfp4":
+    if m.experts_dtype == "mxfp4":
         from gptoss_hpc.modeling.mxfp4 import build_random_mxfp4_model
 
         # random uint8 blocks/scales made on the device: no bf16 expert stack exists at any point

@@ -22,7 +22,7 @@ def speed_knobs_callback(cfg: RunConfig):
         or t.packing
         or t.padding_free
         # MXFP4-resident experts take their LoRA factored (gptoss_hpc.modeling.fast.mxfp4_experts)
-        or getattr(m, "experts_dtype", "bfloat16") == "mxfp4"
+        or m.experts_dtype == "mxfp4"
     ):
         return None
     from transformers import TrainerCallback
@@ -133,7 +133,7 @@ def trainer_class(base: type, cfg: RunConfig, world_size: int, deepspeed: bool) 
     """SFTTrainer with the real-token count kept on the device (see ``DeviceTokenCount``), and with
     train.loss_chunk_tokens > 0 a training loss of lm_head + CE in chunks (gptoss_hpc.modeling.fast): the same
     numbers without [tokens, 201088] fp32 logits."""
-    chunk = int(getattr(cfg.train, "loss_chunk_tokens", 0) or 0)
+    chunk = int(cfg.train.loss_chunk_tokens or 0)
     if chunk > 0 and world_size > 1 and not deepspeed:
         # The fused loss runs the decoder module directly; DDP syncs gradients only through its own forward.
         raise GptossHpcError(

@@ -85,7 +85,7 @@ def set_experts_implementation(model: nn.Module, name: str | None) -> None:
 def compiles_layers(cfg: RunConfig) -> bool:
     """Whether the decoder layers get compiled: ``model.compile_layers`` without gradient checkpointing (the
     measured setting; checkpointed layers under torch.compile were not measured)."""
-    return bool(getattr(cfg.model, "compile_layers", False)) and not getattr(cfg.train, "gradient_checkpointing", False)
+    return cfg.model.compile_layers and not cfg.train.gradient_checkpointing
 
 
 def compiles_static_shapes(cfg: RunConfig) -> bool:
@@ -96,10 +96,10 @@ def compiles_static_shapes(cfg: RunConfig) -> bool:
     if compiles_layers(cfg):
         return True
     m, t = cfg.model, cfg.train
-    on_gpu = getattr(cfg.cluster, "accelerator", "gpu") == "gpu"
-    if on_gpu and getattr(m, "experts_dtype", "bfloat16") == "mxfp4":
+    on_gpu = cfg.cluster.accelerator == "gpu"
+    if on_gpu and m.experts_dtype == "mxfp4":
         return True
-    return on_gpu and bool(getattr(m, "fused_experts", False)) and not getattr(t, "gradient_checkpointing", False)
+    return on_gpu and m.fused_experts and not t.gradient_checkpointing
 
 
 def apply_speed_knobs(model: nn.Module, cfg: RunConfig) -> SpeedKnobs:
@@ -110,16 +110,16 @@ def apply_speed_knobs(model: nn.Module, cfg: RunConfig) -> SpeedKnobs:
     compiles the decoder layers (CUDA); ``train.loss_chunk_tokens`` is recorded here and applied by
     ``causal_lm_loss`` in the loss."""
     t, m = cfg.train, cfg.model
-    if getattr(t, "packing", False) or getattr(t, "padding_free", False):
+    if t.packing or t.padding_free:
         isolate_packed_sequences(model)  # a correctness fix, kept by remove()
-    knobs = SpeedKnobs(model=model, loss_chunk_tokens=int(getattr(t, "loss_chunk_tokens", 0) or 0))
-    if getattr(m, "fused_experts", False):
+    knobs = SpeedKnobs(model=model, loss_chunk_tokens=int(t.loss_chunk_tokens or 0))
+    if m.fused_experts:
         knobs.experts_before = getattr(unwrap(model).config, "_experts_implementation", None)
         if knobs.experts_before == FUSED_EXPERTS:
             knobs.experts_before = "grouped_mm"
         set_experts_implementation(model, FUSED_EXPERTS)
         knobs.experts_after = FUSED_EXPERTS
-        checkpointing = bool(getattr(t, "gradient_checkpointing", False))
+        checkpointing = t.gradient_checkpointing
         set_compiled_experts(not checkpointing)
         if checkpointing:
             log.warning(
@@ -127,18 +127,18 @@ def apply_speed_knobs(model: nn.Module, cfg: RunConfig) -> SpeedKnobs:
                 "recompiled per micro-batch shape on the H200: ~100 s per step; docs/BENCHMARKS.md)"
             )
         knobs.factored_lora = factor_expert_lora(model)
-    if getattr(m, "experts_dtype", "bfloat16") == "mxfp4":
+    if m.experts_dtype == "mxfp4":
         from gptoss_hpc.modeling.fast.mxfp4_experts import release_placeholders
 
         # MXFP4 experts read their frozen W only through the factored LoRA, with or without fused_experts
         knobs.factored_lora = knobs.factored_lora or factor_expert_lora(model)
         release_placeholders(model)
-    if getattr(t, "no_grad_below_first_lora", False):
+    if t.no_grad_below_first_lora:
         knobs.frozen_prefix = freeze_below_first_trainable_layer(model)
     backend = compile_backend(next(model.parameters()).device.type)
     if compiles_layers(cfg) and backend is not None:
         knobs.compiled_layers = compile_decoder_layers(model, backend=backend)
-    elif getattr(m, "compile_layers", False) and getattr(t, "gradient_checkpointing", False):
+    elif m.compile_layers and t.gradient_checkpointing:
         log.warning(
             "model.compile_layers leaves the layers eager with train.gradient_checkpointing=true (that pair was never "
             "measured, docs/BENCHMARKS.md); train=default turns checkpointing off"
