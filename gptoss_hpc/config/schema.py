@@ -2,7 +2,8 @@
 
 Field names follow the upstream library that consumes them (PEFT ``LoraConfig``, TRL ``SFTConfig``,
 Slurm/sbatch), so a TRL/PEFT user can guess ``lora.r`` or ``train.learning_rate``. Values live in
-``conf/``; these dataclasses only give types and defaults.
+``conf/``; these dataclasses give types, defaults and, for a key with a fixed set of values, that set
+(``one_of``), which ``validate`` reads.
 """
 
 from __future__ import annotations
@@ -18,10 +19,24 @@ STAGES = ("train", "merge", "eval", "serve", "report")
 DEFAULT_STAGES = ("train", "merge", "eval", "report")
 
 
+def one_of(default: Any, *allowed: Any) -> Any:
+    """A field whose allowed values the schema carries (``choices`` reads them; validate checks them). Not an Enum,
+    which OmegaConf 2.3 supports (Literal it does not): an Enum field makes Hydra refuse a bad value while composing,
+    one key at a time and in its own words, where validate names every bad key at once with the file to fix, and
+    config.yaml and the code would carry Enum members instead of the strings users type."""
+    assert default in allowed, (default, allowed)
+    return field(default=default, metadata={"choices": allowed})
+
+
+def choices(schema: type, name: str) -> tuple[Any, ...]:
+    """The allowed values of ``schema.name``, as its ``one_of`` field declares them."""
+    return schema.__dataclass_fields__[name].metadata["choices"]
+
+
 @dataclass
 class ContainerConfig:
     # "none" | "apptainer" (wraps the command in `apptainer exec`) | "pyxis" (srun --container-image)
-    kind: str = "none"
+    kind: str = one_of("none", "none", "apptainer", "pyxis")
     image: str | None = None
     mounts: list[str] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)
@@ -31,9 +46,9 @@ class ContainerConfig:
 class ClusterConfig:
     # "local": submitit's local executor, jobs run as processes on this machine (no Slurm).
     # "slurm": sbatch through submitit.
-    backend: str = "local"
+    backend: str = one_of("local", "local", "slurm")
     # "gpu": one rank per GPU. "cpu": ranks on CPU with gloo (tests, the local dev cluster's fake GPUs).
-    accelerator: str = "gpu"
+    accelerator: str = one_of("gpu", "gpu", "cpu")
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
@@ -80,7 +95,7 @@ class ClusterConfig:
     # The signal Slurm sends before the time limit or on preemption (sbatch --signal=<sig>@signal_delay_s):
     # "USR2" (default) or "TERM" (what preemption sends where the site has no PreemptParameters=
     # send_user_signal). Either one: every rank checkpoints at the step end, then the job requeues itself.
-    preempt_signal: str = "USR2"
+    preempt_signal: str = one_of("USR2", "USR2", "TERM")
     # sbatch --gpus-per-task for train jobs (instead of --gpus-per-node): 1 where the site binds one GPU per
     # task, so every task sees only its own device 0. null = --gpus-per-node (every task sees the node's GPUs).
     gpus_per_task: int | None = None
@@ -97,16 +112,16 @@ class ModelConfig:
     # package (no Hub); "tiny-bpe" = a small BPE with the Harmony special tokens (fast CPU tests); else a path.
     tokenizer: str = "auto"
     num_hidden_layers: int = 24
-    dtype: str = "bfloat16"
+    dtype: str = one_of("bfloat16", "bfloat16", "float16", "float32")
     # gpt-oss ships MXFP4 experts; training needs them dequantized to bf16.
     dequantize_mxfp4: bool = True
     # "bfloat16": experts dequantized once at load (the stock path). "mxfp4": the checkpoint's uint8 blocks/scales
     # stay resident and each layer is dequantized just in time in its forward and backward (a quarter of the
     # expert memory; gptoss_hpc.modeling.fast.mxfp4_experts); the expert LoRA is applied factored either way.
-    experts_dtype: str = "bfloat16"
-    attn_implementation: str = "eager"
+    experts_dtype: str = one_of("bfloat16", "bfloat16", "mxfp4")
+    attn_implementation: str = one_of("eager", "eager", "flex_attention", "sdpa", "kernels-community/vllm-flash-attn3")
     # transformers' MoE experts kernels: "grouped_mm" | "eager" | None (transformers' default).
-    experts_implementation: str | None = None
+    experts_implementation: str | None = one_of(None, None, "eager", "grouped_mm", "batched_mm")
     # Speed knob (gptoss_hpc.modeling.fast, docs/BENCHMARKS.md): with experts_implementation=grouped_mm, run
     # the routing/bias/SwiGLU/combine steps around the two grouped GEMMs through torch.compile (CUDA only;
     # the same arithmetic, eager on CPU).
@@ -122,20 +137,22 @@ class LoraConfig:
     r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    bias: str = "none"
+    bias: str = one_of("none", "none", "all", "lora_only")
     use_rslora: bool = False
     # PEFT target_modules: a list of module names or "all-linear"; null = experts only.
     target_modules: Any = None
     # MoE experts are fused 3-D parameters, reached through PEFT's target_parameters.
     # null = layers 7/15/23 of a 24-layer model, scaled to the model's depth.
     expert_layers: list[int] | None = None
-    expert_params: list[str] = field(default_factory=lambda: ["gate_up_proj", "down_proj"])
+    expert_params: list[str] = field(
+        default_factory=lambda: ["gate_up_proj", "down_proj"], metadata={"choices": ("gate_up_proj", "down_proj")}
+    )
 
 
 @dataclass
 class DataConfig:
     # "hub" | "local" | "sample" (bundled with the package)
-    source: str = "sample"
+    source: str = one_of("sample", "hub", "local", "sample")
     name: str | None = None
     revision: str | None = None
     split: str = "train"
@@ -148,10 +165,10 @@ class DataConfig:
     eval_fraction: float = 0.1
     eval_path: str | None = None
     # rows longer than train.max_length: "drop" | "truncate"
-    max_length_policy: str = "drop"
+    max_length_policy: str = one_of("drop", "drop", "truncate")
     # multi-turn rows: "last" trains the last assistant turn (earlier turns are context), "split" makes one
     # row per assistant turn (README "Data")
-    multi_turn: str = "last"
+    multi_turn: str = one_of("last", "last", "split")
     skip_bad_rows: bool = False
     max_rows: int | None = None
     seed: int = 42
@@ -179,7 +196,11 @@ class TrainConfig:
     gradient_accumulation_steps: int = 8
     max_length: int = 2048
     warmup_ratio: float = 0.03
-    lr_scheduler_type: str = "cosine_with_min_lr"
+    lr_scheduler_type: str = one_of(
+        "cosine_with_min_lr",
+        *("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"),
+        *("inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay"),
+    )
     min_lr_rate: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -204,7 +225,7 @@ class TrainConfig:
     # sequences stay <= max_length through data.max_length_policy), `max_length` is TRL's own: bins of
     # max_length, per_device_train_batch_size of them flattened per micro-batch. Same tokens per step and
     # masks; the bigger bin leaves fewer padding slots (H200: 96.2% -> see docs/BENCHMARKS.md).
-    packing_bin: str = "micro_batch"
+    packing_bin: str = one_of("micro_batch", "micro_batch", "max_length")
     padding_free: bool = False
     # TRL's collator option. None: unset, except where the layers are compiled (model.compile_layers without
     # gradient checkpointing) and each new micro-batch length would compile them again: then
@@ -248,7 +269,7 @@ class EvalConfig:
     # base + adapter/ unmerged, PEFT; with model.experts_dtype=mxfp4 the experts stay MXFP4 so a 120b fits one
     # GPU; eval's base numbers then come from the same model under PEFT's disable_adapter()), or "auto":
     # adapter when model.experts_dtype=mxfp4, else merged.
-    model: str = "auto"
+    model: str = one_of("auto", "auto", "merged", "adapter")
 
 
 @dataclass
@@ -257,7 +278,7 @@ class MergeConfig:
     # "mxfp4" (only with model.experts_dtype=mxfp4): the adapted experts re-quantized into the checkpoint's MXFP4
     # blocks/scales (120b: ~61 GB instead of ~234 GB); merge_check.json then says how much of the adapter's
     # weight change survived the re-quantization (a small LoRA delta is mostly rounded away: a warning says so).
-    format: str = "bf16"
+    format: str = one_of("bf16", "bf16", "mxfp4")
 
 
 @dataclass

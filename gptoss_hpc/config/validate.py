@@ -10,26 +10,22 @@ import re
 from pathlib import Path
 
 from gptoss_hpc.config import derive
-from gptoss_hpc.config.schema import STAGES, RunConfig
+from gptoss_hpc.config.schema import (
+    STAGES,
+    ClusterConfig,
+    ContainerConfig,
+    DataConfig,
+    EvalConfig,
+    LoraConfig,
+    MergeConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    choices,
+)
 from gptoss_hpc.config.site import site_problems
 from gptoss_hpc.errors import ConfigError
 
-BACKENDS = ("local", "slurm")
-ACCELERATORS = ("gpu", "cpu")
-CONTAINERS = ("none", "apptainer", "pyxis")
-PREEMPT_SIGNALS = ("USR2", "TERM")
-DTYPES = ("bfloat16", "float16", "float32")
-ATTN = ("eager", "flex_attention", "sdpa", "kernels-community/vllm-flash-attn3")
-EXPERTS = (None, "eager", "grouped_mm", "batched_mm")
-DATA_SOURCES = ("hub", "local", "sample")
-LENGTH_POLICIES = ("drop", "truncate")
-MULTI_TURN_POLICIES = ("last", "split")  # gptoss_hpc.data.turns (not imported: keep validate light)
-LORA_BIAS = ("none", "all", "lora_only")
-EXPERT_PARAMS = ("gate_up_proj", "down_proj")
-SCHEDULERS = (
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-    "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay",
-)  # fmt: skip
 _MEM_RE = re.compile(r"^\d+[KMGT]?$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -50,7 +46,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def _one_of(key: str, value: object, allowed: tuple, where: str) -> list[str]:
+def _one_of(key: str, value: object, schema: type, where: str) -> list[str]:
+    """``key``'s value against the values its schema field allows (``schema.one_of``)."""
+    allowed = choices(schema, key.rsplit(".", 1)[-1])
     if value in allowed:
         return []
     shown = ", ".join(str(a) for a in allowed)
@@ -88,8 +86,8 @@ def _run(cfg: RunConfig) -> list[str]:
 
 def _cluster(cfg: RunConfig) -> list[str]:
     c, p = cfg.cluster, []
-    p += _one_of("cluster.backend", c.backend, BACKENDS, "conf/cluster/<name>.yaml")
-    p += _one_of("cluster.accelerator", c.accelerator, ACCELERATORS, "conf/cluster/<name>.yaml")
+    p += _one_of("cluster.backend", c.backend, ClusterConfig, "conf/cluster/<name>.yaml")
+    p += _one_of("cluster.accelerator", c.accelerator, ClusterConfig, "conf/cluster/<name>.yaml")
     p += _at_least("cluster.nodes", c.nodes, 1, "set cluster.nodes=1 or more")
     if c.accelerator == "gpu":
         p += _at_least("cluster.gpus_per_node", c.gpus_per_node, 1, "set it in conf/cluster/<name>.yaml")
@@ -132,7 +130,7 @@ def _cluster(cfg: RunConfig) -> list[str]:
     p += _at_least("cluster.signal_delay_s", c.signal_delay_s, 0, "seconds before the time limit")
     p += _at_least("cluster.array_parallelism", c.array_parallelism, 1, "the %N cap of the job array")
     p += _at_least("cluster.max_requeues", c.max_requeues, 0, "how often a preempted job requeues")
-    p += _one_of("cluster.preempt_signal", c.preempt_signal, PREEMPT_SIGNALS, "conf/cluster/<name>.yaml")
+    p += _one_of("cluster.preempt_signal", c.preempt_signal, ClusterConfig, "conf/cluster/<name>.yaml")
     if c.gpus_per_task is not None and c.gpus_per_task != 1:
         p.append(f"cluster.gpus_per_task must be 1 or null (got {c.gpus_per_task}): one rank per GPU")
     for key, value in (("cluster.mem", c.mem), ("cluster.mem_per_gpu", c.mem_per_gpu)):
@@ -146,7 +144,7 @@ def _cluster(cfg: RunConfig) -> list[str]:
         p.append(f"cluster.nodes must be 1 for the local backend (got {c.nodes}); use a Slurm cluster")
     if c.backend == "local" and c.accelerator == "cpu" and c.tasks_per_node not in (None, 1):
         pass  # several local CPU ranks are fine: submitit's local executor starts them
-    p += _one_of("cluster.container.kind", c.container.kind, CONTAINERS, "conf/cluster/<name>.yaml")
+    p += _one_of("cluster.container.kind", c.container.kind, ContainerConfig, "conf/cluster/<name>.yaml")
     if c.container.kind != "none" and not c.container.image:
         p.append(f"cluster.container.image is required for container kind {c.container.kind!r}")
     if c.container.kind == "pyxis" and c.backend != "slurm":
@@ -176,13 +174,13 @@ def _model(cfg: RunConfig) -> list[str]:
     if not m.name_or_path:
         p.append("model.name_or_path is empty; set a Hub id (openai/gpt-oss-20b) or a local path")
     p += _at_least("model.num_hidden_layers", m.num_hidden_layers, 1, "match the model's config.json")
-    p += _one_of("model.dtype", m.dtype, DTYPES, "conf/model/<name>.yaml")
-    p += _one_of("model.attn_implementation", m.attn_implementation, ATTN, "the model yaml")
+    p += _one_of("model.dtype", m.dtype, ModelConfig, "conf/model/<name>.yaml")
+    p += _one_of("model.attn_implementation", m.attn_implementation, ModelConfig, "the model yaml")
     if m.attn_implementation == "sdpa":
         p.append("model.attn_implementation=sdpa is not supported by gpt-oss (attention sinks); use "
                  "flex_attention or eager")  # fmt: skip
-    p += _one_of("model.experts_implementation", m.experts_implementation, EXPERTS, "the model yaml")
-    p += _one_of("model.experts_dtype", m.experts_dtype, ("bfloat16", "mxfp4"), "the model yaml")
+    p += _one_of("model.experts_implementation", m.experts_implementation, ModelConfig, "the model yaml")
+    p += _one_of("model.experts_dtype", m.experts_dtype, ModelConfig, "the model yaml")
     if m.experts_dtype == "mxfp4" and m.tiny:
         p.append(
             "model.experts_dtype=mxfp4 needs an MXFP4 checkpoint (model.name_or_path=<folder with *_blocks/"
@@ -209,7 +207,7 @@ def _lora(cfg: RunConfig) -> list[str]:
         p.append(f"lora.lora_alpha must be > 0 (got {lo.lora_alpha}); commonly 2 x lora.r")
     if not 0.0 <= lo.lora_dropout < 1.0:
         p.append(f"lora.lora_dropout must be in [0, 1) (got {lo.lora_dropout})")
-    p += _one_of("lora.bias", lo.bias, LORA_BIAS, "conf/lora/<name>.yaml")
+    p += _one_of("lora.bias", lo.bias, LoraConfig, "conf/lora/<name>.yaml")
     layers = derive.expert_layers(lo, cfg.model.num_hidden_layers)
     bad = [i for i in layers if not 0 <= i < cfg.model.num_hidden_layers]
     if bad:
@@ -218,9 +216,10 @@ def _lora(cfg: RunConfig) -> list[str]:
             f"({cfg.model.num_hidden_layers} layers: 0..{cfg.model.num_hidden_layers - 1}); "
             "use indices below model.num_hidden_layers or null for the scaled default"
         )
-    unknown = [x for x in lo.expert_params if x not in EXPERT_PARAMS]
+    expert_params = choices(LoraConfig, "expert_params")
+    unknown = [x for x in lo.expert_params if x not in expert_params]
     if unknown:
-        p.append(f"lora.expert_params has {unknown}; gpt-oss experts have {list(EXPERT_PARAMS)}")
+        p.append(f"lora.expert_params has {unknown}; gpt-oss experts have {list(expert_params)}")
     tm = lo.target_modules
     if isinstance(tm, str) and tm != "all-linear":
         p.append(f"lora.target_modules {tm!r}: give a list of module names or 'all-linear'")
@@ -231,7 +230,7 @@ def _lora(cfg: RunConfig) -> list[str]:
 
 def _data(cfg: RunConfig) -> list[str]:
     d, p = cfg.data, []
-    p += _one_of("data.source", d.source, DATA_SOURCES, "conf/data/<name>.yaml")
+    p += _one_of("data.source", d.source, DataConfig, "conf/data/<name>.yaml")
     if d.source == "hub" and not d.name:
         p.append("data.name is required for data.source=hub; e.g. HuggingFaceH4/Multilingual-Thinking")
     if d.source == "local":
@@ -245,8 +244,8 @@ def _data(cfg: RunConfig) -> list[str]:
         p.append(f"data.eval_fraction must be in [0, 1) (got {d.eval_fraction}); 0 = no held-out split")
     if "eval" in cfg.stages and d.eval_fraction == 0.0 and not d.eval_path:
         p.append("the eval stage needs held-out rows: set data.eval_fraction>0 or data.eval_path")
-    p += _one_of("data.max_length_policy", d.max_length_policy, LENGTH_POLICIES, "the data yaml")
-    p += _one_of("data.multi_turn", d.multi_turn, MULTI_TURN_POLICIES, "the data yaml")
+    p += _one_of("data.max_length_policy", d.max_length_policy, DataConfig, "the data yaml")
+    p += _one_of("data.multi_turn", d.multi_turn, DataConfig, "the data yaml")
     if d.max_rows is not None:
         p += _at_least("data.max_rows", d.max_rows, 1, "or null for all rows")
     if not d.messages_field:
@@ -279,7 +278,7 @@ def _train(cfg: RunConfig) -> list[str]:
     p += _at_least("train.max_length", t.max_length, 1, "tokens per sequence, e.g. 2048")
     if not 0.0 <= t.warmup_ratio < 1.0:
         p.append(f"train.warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
-    p += _one_of("train.lr_scheduler_type", t.lr_scheduler_type, SCHEDULERS, "the train yaml")
+    p += _one_of("train.lr_scheduler_type", t.lr_scheduler_type, TrainConfig, "the train yaml")
     if not 0.0 <= t.min_lr_rate <= 1.0:
         p.append(f"train.min_lr_rate must be in [0, 1] (got {t.min_lr_rate}); a fraction of learning_rate")
     if t.weight_decay < 0:
@@ -311,7 +310,7 @@ def _train(cfg: RunConfig) -> list[str]:
             f"train.loss_chunk_tokens={t.loss_chunk_tokens} with {ranks} ranks needs train.deepspeed=true (the "
             "fused loss bypasses DDP's forward, which its gradient sync needs); or set train.loss_chunk_tokens=0"
         )
-    p += _one_of("train.packing_bin", t.packing_bin, ("micro_batch", "max_length"), "the train yaml")
+    p += _one_of("train.packing_bin", t.packing_bin, TrainConfig, "the train yaml")
     if t.pad_to_multiple_of is not None and t.pad_to_multiple_of < 1:
         p.append(f"train.pad_to_multiple_of must be >= 1 or null (got {t.pad_to_multiple_of})")
     if t.loss_chunk_tokens < 0:
@@ -330,8 +329,8 @@ def _eval(cfg: RunConfig) -> list[str]:
     for i, prompt in enumerate(e.prompts):
         if not prompt.get("user"):
             p.append(f"eval.prompts[{i}] has no 'user' text; each prompt is {{system: ..., user: ...}}")
-    p += _one_of("eval.model", e.model, ("auto", "merged", "adapter"), "the command line (eval.model=adapter)")
-    p += _one_of("merge.format", cfg.merge.format, ("bf16", "mxfp4"), "the command line (merge.format=mxfp4)")
+    p += _one_of("eval.model", e.model, EvalConfig, "the command line (eval.model=adapter)")
+    p += _one_of("merge.format", cfg.merge.format, MergeConfig, "the command line (merge.format=mxfp4)")
     if cfg.merge.format == "mxfp4" and cfg.model.experts_dtype != "mxfp4":
         p.append(
             "merge.format=mxfp4 re-quantizes into the base checkpoint's MXFP4 experts: it needs "

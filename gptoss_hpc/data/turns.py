@@ -22,8 +22,10 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from gptoss_hpc.config.schema import DataConfig, choices
+
 INSTRUCTION_ROLES = ("system", "developer")
-MULTI_TURN_POLICIES = ("last", "split")
+MULTI_TURN_POLICIES = choices(DataConfig, "multi_turn")  # "last", "split"
 # Every gpt-oss/Harmony special token (ids 199998..201087 and Harmony's <|reserved_201088|>).
 _CONTROL_NAMES = "startoftext|endoftext|return|constrain|channel|start|end|message|call|endofprompt|reserved_\\d+"
 CONTROL_TOKEN_RE = re.compile(rf"<\|(?:{_CONTROL_NAMES})\|>")
