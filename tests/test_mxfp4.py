@@ -44,7 +44,7 @@ def test_dequantize_is_bit_equal_to_transformers():
     convert_moe_packed_tensors and our own LUT formulation."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from gptoss_hpc.modeling.mxfp4 import SCALE_RANGE, dequantize_mxfp4, dequantize_mxfp4_lut, quantize_mxfp4
+    from gptoss_hpc.modeling.mxfp4.model import SCALE_RANGE, dequantize_mxfp4, dequantize_mxfp4_lut, quantize_mxfp4
 
     g = torch.Generator().manual_seed(0)
     blocks = torch.randint(0, 256, (3, 96, 4, 16), dtype=torch.uint8, generator=g)
@@ -62,7 +62,7 @@ def test_dequantize_is_bit_equal_to_transformers():
     w = dequantize_mxfp4(blocks, scales, torch.float32)
     assert torch.equal(dequantize_mxfp4(*quantize_mxfp4(w), torch.float32), w)
     # the merge's chunked dequant (2 experts + 1) is the same
-    from gptoss_hpc.modeling.mxfp4_merge import dequantize_stack
+    from gptoss_hpc.modeling.mxfp4.merge import dequantize_stack
 
     assert torch.equal(_bits(dequantize_stack(blocks, scales, "cpu", experts_per_chunk=2)), _bits(w))
 
@@ -70,7 +70,7 @@ def test_dequantize_is_bit_equal_to_transformers():
 def test_quantize_rounds_to_the_nearest_e2m1_code_like_a_full_lut_search():
     """The bucketized quantizer (merge.format=mxfp4) against argmin over the 16 codes, ties to the lower code:
     midpoints, signs, zeros, a block that is all zero, and chunking over experts."""
-    from gptoss_hpc.modeling.mxfp4 import FP4_VALUES, SCALE_BIAS, quantize_mxfp4
+    from gptoss_hpc.modeling.mxfp4.model import FP4_VALUES, SCALE_BIAS, quantize_mxfp4
 
     g = torch.Generator().manual_seed(1)
     w = torch.randn(5, 64, 24, generator=g) * 0.02
@@ -88,7 +88,7 @@ def test_quantize_rounds_to_the_nearest_e2m1_code_like_a_full_lut_search():
 
 def _copy_into_bf16_path(mx_model, bf_model):
     """bf_model gets mx_model's weights: the same non-expert tensors and LoRA, the experts dequantized."""
-    from gptoss_hpc.modeling.fast.mxfp4_experts import Mxfp4Experts
+    from gptoss_hpc.modeling.mxfp4.experts import Mxfp4Experts
 
     mx_params = dict(mx_model.named_parameters())
     mx_modules = dict(mx_model.named_modules())
@@ -125,7 +125,7 @@ def _loss_and_grads(model, knobs, batch):
 )
 def test_mxfp4_experts_loss_and_lora_grads_equal_the_dequantized_bf16_path(lora, bf16_stack):
     from gptoss_hpc.bench.train import prepare
-    from gptoss_hpc.modeling.fast.mxfp4_experts import Mxfp4Experts
+    from gptoss_hpc.modeling.mxfp4.experts import Mxfp4Experts
 
     common = [f"lora={lora}", "model.experts_implementation=grouped_mm", "train.loss_chunk_tokens=64"]
     mx_model, mx_knobs = prepare(_cfg(*common, "model.experts_dtype=mxfp4"), "cpu", vocab_size=VOCAB)
@@ -154,8 +154,8 @@ def test_mxfp4_experts_loss_and_lora_grads_equal_the_dequantized_bf16_path(lora,
 def test_checkpoint_round_trip_loads_blocks_without_a_bf16_expert_stack(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from gptoss_hpc.modeling import mxfp4
-    from gptoss_hpc.modeling.fast.mxfp4_experts import Mxfp4Experts
+    from gptoss_hpc.modeling.mxfp4 import model as mxfp4
+    from gptoss_hpc.modeling.mxfp4.experts import Mxfp4Experts
 
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_config(_tiny_config(), dtype=torch.float32, attn_implementation="eager")
@@ -189,7 +189,7 @@ def test_checkpoint_round_trip_loads_blocks_without_a_bf16_expert_stack(tmp_path
 def test_load_reports_a_folder_that_is_not_an_mxfp4_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from gptoss_hpc.modeling.mxfp4 import load_mxfp4_model
+    from gptoss_hpc.modeling.mxfp4.model import load_mxfp4_model
 
     ref = AutoModelForCausalLM.from_config(_tiny_config(), dtype=torch.float32, attn_implementation="eager")
     ref.save_pretrained(str(tmp_path))  # a bf16-layout checkpoint: experts as gate_up_proj, no blocks
@@ -226,7 +226,7 @@ def test_compiled_core_traces_the_mxfp4_op_as_one_graph_and_matches_eager():
     """What CUDA runs: moe_experts_core under torch.compile with the MXFP4 custom op (opaque to the partitioner,
     so the dequantized weight is never saved for backward). aot_eager: dynamo + AOTAutograd without codegen."""
     from gptoss_hpc.modeling.fast.experts import moe_experts_core
-    from gptoss_hpc.modeling.mxfp4 import quantize_mxfp4
+    from gptoss_hpc.modeling.mxfp4.model import quantize_mxfp4
 
     torch.manual_seed(0)
     e, h, i, t, k, r = 4, 64, 64, 24, 2, 4
@@ -260,8 +260,8 @@ def test_unmerged_mxfp4_base_plus_adapter_equals_the_merged_bf16_model(tmp_path)
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from gptoss_hpc.modeling import mxfp4
     from gptoss_hpc.modeling.lora import build_lora_config
+    from gptoss_hpc.modeling.mxfp4 import model as mxfp4
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(_tiny_config(), dtype=torch.float32, attn_implementation="eager")
@@ -299,9 +299,9 @@ def test_streaming_merge_of_an_mxfp4_checkpoint_equals_peft_merge_and_unload(tmp
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from gptoss_hpc.modeling import mxfp4
     from gptoss_hpc.modeling.lora import build_lora_config
-    from gptoss_hpc.modeling.mxfp4_merge import merge_mxfp4_adapter
+    from gptoss_hpc.modeling.mxfp4 import model as mxfp4
+    from gptoss_hpc.modeling.mxfp4.merge import merge_mxfp4_adapter
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(_tiny_config(), dtype=torch.float32, attn_implementation="eager")
@@ -364,8 +364,8 @@ def test_hub_layout_checkpoint_loads_mxfp4_resident_like_transformers_dequantizi
     after dequantizing them (Mxfp4Config(dequantize=True), the path the bf16 experts_dtype takes)."""
     from transformers import AutoModelForCausalLM, Mxfp4Config
 
-    from gptoss_hpc.modeling.fast.mxfp4_experts import Mxfp4Experts
-    from gptoss_hpc.modeling.mxfp4 import load_mxfp4_model
+    from gptoss_hpc.modeling.mxfp4.experts import Mxfp4Experts
+    from gptoss_hpc.modeling.mxfp4.model import load_mxfp4_model
     from gptoss_hpc.synth_checkpoint import write_checkpoint
 
     folder = write_checkpoint(tmp_path / "synth", "tiny", max_shard_bytes=20_000_000)
@@ -433,7 +433,7 @@ def test_experts_build_from_a_hub_config_without_swiglu_alpha():
     default for it (the H200 box's version; the CPU venv's has one): the MXFP4 experts use gpt-oss's 1.702."""
     from types import SimpleNamespace
 
-    from gptoss_hpc.modeling.fast.mxfp4_experts import Mxfp4Experts
+    from gptoss_hpc.modeling.mxfp4.experts import Mxfp4Experts
 
     hub_like = SimpleNamespace(num_local_experts=2, hidden_size=64, intermediate_size=64, swiglu_limit=7.0)
     experts = Mxfp4Experts(hub_like)

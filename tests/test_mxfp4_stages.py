@@ -75,7 +75,7 @@ def _ids() -> torch.Tensor:
 def test_streaming_merge_stage_writes_bf16_shards_that_reproduce_the_unmerged_adapter(trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from gptoss_hpc.modeling.mxfp4 import load_mxfp4_model, load_mxfp4_peft_model
+    from gptoss_hpc.modeling.mxfp4.model import load_mxfp4_model, load_mxfp4_peft_model
     from gptoss_hpc.stages.merge import main
 
     ckpt, _ = trained
@@ -108,7 +108,7 @@ def test_streaming_merge_stage_writes_bf16_shards_that_reproduce_the_unmerged_ad
 
 @pytest.mark.parametrize("fault", ["dropped", "experts_swapped"])
 def test_streaming_merge_that_loses_the_adapter_fails_the_stage(trained, tmp_path, monkeypatch, fault):
-    from gptoss_hpc.modeling import mxfp4_merge
+    from gptoss_hpc.modeling.mxfp4 import merge as mxfp4_merge
     from gptoss_hpc.stages.merge import MergeError, main
 
     real = mxfp4_merge._delta
@@ -135,7 +135,7 @@ def _scale_lora_b(adapter: Path, factor: float) -> None:
 
 
 def test_merge_format_mxfp4_requantizes_the_experts_and_reports_survival(trained, tmp_path):
-    from gptoss_hpc.modeling.mxfp4 import load_mxfp4_model
+    from gptoss_hpc.modeling.mxfp4.model import load_mxfp4_model
     from gptoss_hpc.stages.merge import main
 
     paths = _copy(trained, tmp_path / "large", "merge.format=mxfp4")
@@ -180,7 +180,7 @@ def test_serve_app_answers_from_the_adapter_folder(trained, tmp_path):
     from fastapi.testclient import TestClient
     from peft import PeftModel
 
-    from gptoss_hpc.modeling.mxfp4 import mxfp4_modules
+    from gptoss_hpc.modeling.mxfp4.model import mxfp4_modules
     from gptoss_hpc.serving.app import create_app, load_model
 
     _, config = trained

@@ -47,8 +47,8 @@ def test_train_stage_with_mxfp4_resident_experts(tmp_path, synth, monkeypatch):
     from peft import PeftModel
 
     from gptoss_hpc.config import load_run_config
-    from gptoss_hpc.modeling.fast.mxfp4_experts import Mxfp4Experts
     from gptoss_hpc.modeling.model import load_base_model
+    from gptoss_hpc.modeling.mxfp4.experts import Mxfp4Experts
     from gptoss_hpc.stages.train import main
 
     for var in ("WANDB_API_KEY", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

@@ -1,4 +1,4 @@
-"""The Triton MXFP4 dequant kernel (gptoss_hpc.modeling.fast.mxfp4_triton), the one the GPU trains with, run by
+"""The Triton MXFP4 dequant kernel (gptoss_hpc.modeling.mxfp4.dequant_triton), the one the GPU trains with, run by
 Triton's own CPU interpreter (TRITON_INTERPRET=1): bit for bit transformers' ``convert_moe_packed_tensors`` and our
 ``dequantize_mxfp4`` over every byte value, the scale range real checkpoints use, and row counts that leave a
 partial last tile. Triton lives in its own folder (the Makefile's TRITON_DIR), so each check runs in a subprocess
@@ -20,8 +20,8 @@ SCRIPT = r"""
 import sys
 import torch
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
-from gptoss_hpc.modeling.mxfp4_format import SCALE_RANGE, dequantize_mxfp4
-from gptoss_hpc.modeling.fast.mxfp4_triton import dequantize_mxfp4_bf16
+from gptoss_hpc.modeling.mxfp4.format import SCALE_RANGE, dequantize_mxfp4
+from gptoss_hpc.modeling.mxfp4.dequant_triton import dequantize_mxfp4_bf16
 
 experts, out, groups, block_rows = (int(a) for a in sys.argv[1:5])
 g = torch.Generator().manual_seed(experts * 1000 + out)
@@ -66,7 +66,7 @@ def test_the_triton_dequant_is_bit_equal_to_transformers(shape):
 
 def test_a_wrong_layout_is_refused_with_the_shapes():
     script = (
-        "import torch\nfrom gptoss_hpc.modeling.fast.mxfp4_triton import dequantize_mxfp4_bf16\n"
+        "import torch\nfrom gptoss_hpc.modeling.mxfp4.dequant_triton import dequantize_mxfp4_bf16\n"
         "dequantize_mxfp4_bf16(torch.zeros(2, 4, 3, 8, dtype=torch.uint8), torch.zeros(2, 4, 3, dtype=torch.uint8))"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{TRITON_DIR}{os.pathsep}{REPO}"}

@@ -32,7 +32,7 @@ def _copy_weights(mx_model, bf_model) -> None:
     import torch
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from gptoss_hpc.modeling.fast.mxfp4_experts import Mxfp4Experts
+    from gptoss_hpc.modeling.mxfp4.experts import Mxfp4Experts
 
     mx_params = dict(mx_model.named_parameters())
     mx_modules = dict(mx_model.named_modules())
@@ -90,14 +90,14 @@ def _dequant_ms(model, device: str) -> dict[str, Any]:
     import torch
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from gptoss_hpc.modeling.fast.mxfp4_experts import Mxfp4Experts
-    from gptoss_hpc.modeling.fast.mxfp4_mm import _dequantize, _dequantize_compiled
+    from gptoss_hpc.modeling.mxfp4.experts import Mxfp4Experts
+    from gptoss_hpc.modeling.mxfp4.matmul import _dequantize, _dequantize_compiled
 
     experts = next(m for m in model.modules() if isinstance(m, Mxfp4Experts))
     variants = {"shipped": lambda b, s: _dequantize(b, s, torch.bfloat16),
                 "compiled": lambda b, s: _dequantize_compiled(b, s, torch.bfloat16)}  # fmt: skip
     if device.startswith("cuda"):
-        from gptoss_hpc.modeling.fast.mxfp4_triton import dequantize_mxfp4_bf16
+        from gptoss_hpc.modeling.mxfp4.dequant_triton import dequantize_mxfp4_bf16
 
         for rows, warps in ((128, 4), (256, 4), (256, 8), (512, 8)):
             variants[f"triton_{rows}x{warps}"] = lambda b, s, r=rows, w=warps: dequantize_mxfp4_bf16(

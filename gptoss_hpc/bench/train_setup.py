@@ -48,7 +48,7 @@ def build_model(cfg, device: str, vocab_size: int | None = None):
     config.use_cache = False
     kwargs = load_kwargs(cfg)
     if m.experts_dtype == "mxfp4":
-        from gptoss_hpc.modeling.mxfp4 import build_random_mxfp4_model
+        from gptoss_hpc.modeling.mxfp4.model import build_random_mxfp4_model
 
         # random uint8 blocks/scales made on the device: no bf16 expert stack exists at any point
         model = build_random_mxfp4_model(

@@ -45,7 +45,7 @@ CONTEXT_GIB = 0.6  # CUDA context, outside torch's allocator
 FRAGMENTATION = 0.05  # reserved over allocated at the peak
 USABLE = 0.99  # of the card's nominal GiB (H100 80 GB: 79.2 GiB usable; H200 141: 139.8)
 EVAL_LOSS_CHUNK = 512  # predicted tokens per fp32 loss chunk of eval's held-out loss (gptoss_hpc.stages.eval)
-MERGE_SHARD_GIB = 5e9 / GIB  # the streaming merge's output shard buffer (gptoss_hpc.modeling.mxfp4_merge)
+MERGE_SHARD_GIB = 5e9 / GIB  # the streaming merge's output shard buffer (gptoss_hpc.modeling.mxfp4.merge)
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,7 @@ def _bf16_model_gib(cfg: RunConfig, arch: Arch) -> float:
 
 def merge_estimate(cfg: RunConfig, arch: Arch, capacity_gib: float | None) -> Estimate:
     """bf16 experts: the stage loads the bf16 base whole, adds B@A per weight and saves it. MXFP4-resident experts
-    (model.experts_dtype=mxfp4): it streams tensor by tensor (gptoss_hpc.modeling.mxfp4_merge), so the GPU holds
+    (model.experts_dtype=mxfp4): it streams tensor by tensor (gptoss_hpc.modeling.mxfp4.merge), so the GPU holds
     about three fp32 expert stacks at its peak (the check's base, PEFT's delta and the merged tensor read back);
     with merge.format=mxfp4 the logit check then loads the MXFP4 model (as eval.model=adapter does)."""
     stack = arch.experts * arch.hidden * 2 * arch.intermediate * 4 / GIB  # one layer's gate_up in fp32

@@ -117,7 +117,7 @@ class ModelConfig:
     dequantize_mxfp4: bool = True
     # "bfloat16": experts dequantized once at load (the stock path). "mxfp4": the checkpoint's uint8 blocks/scales
     # stay resident and each layer is dequantized just in time in its forward and backward (a quarter of the
-    # expert memory; gptoss_hpc.modeling.fast.mxfp4_experts); the expert LoRA is applied factored either way.
+    # expert memory; gptoss_hpc.modeling.mxfp4.experts); the expert LoRA is applied factored either way.
     experts_dtype: str = one_of("bfloat16", "bfloat16", "mxfp4")
     attn_implementation: str = one_of("eager", "eager", "flex_attention", "sdpa", "kernels-community/vllm-flash-attn3")
     # transformers' MoE experts kernels: "grouped_mm" | "eager" | None (transformers' default).

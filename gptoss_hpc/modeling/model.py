@@ -206,8 +206,8 @@ def _device() -> str:
 
 def _load_mxfp4(cfg: RunConfig) -> PreTrainedModel:
     """MXFP4-resident experts: read the checkpoint's shards tensor by tensor straight onto this rank's GPU (the
-    trainer's later .to(device) is then a no-op), never building a bf16 expert stack (gptoss_hpc.modeling.mxfp4)."""
-    from gptoss_hpc.modeling.mxfp4 import load_mxfp4_model
+    trainer's later .to(device) is then a no-op), never building a bf16 expert stack (modeling/mxfp4/model.py)."""
+    from gptoss_hpc.modeling.mxfp4.model import load_mxfp4_model
 
     m = cfg.model
     return load_mxfp4_model(
@@ -219,7 +219,7 @@ def load_adapter_model(cfg: RunConfig, paths: PointPaths, adapter: str | Path) -
     """The base + the LoRA adapter, unmerged (eval.model=adapter), for generation. With model.experts_dtype=mxfp4
     the experts stay MXFP4 (120b: ~61 GB instead of ~218 GB of bf16); PEFT's disable_adapter() gives the base."""
     if mxfp4_resident(cfg):
-        from gptoss_hpc.modeling.mxfp4 import load_mxfp4_peft_model
+        from gptoss_hpc.modeling.mxfp4.model import load_mxfp4_peft_model
 
         m = cfg.model
         model = load_mxfp4_peft_model(

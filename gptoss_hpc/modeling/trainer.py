@@ -21,7 +21,7 @@ def speed_knobs_callback(cfg: RunConfig):
         # sequences; apply_speed_knobs isolates them (gptoss_hpc.modeling.fast.isolate_packed_sequences).
         or t.packing
         or t.padding_free
-        # MXFP4-resident experts take their LoRA factored (gptoss_hpc.modeling.fast.mxfp4_experts)
+        # MXFP4-resident experts take their LoRA factored (gptoss_hpc.modeling.mxfp4.experts)
         or m.experts_dtype == "mxfp4"
     ):
         return None

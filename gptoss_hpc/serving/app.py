@@ -111,7 +111,7 @@ def _load_adapter(folder: Path, cfg: Any) -> tuple[Any, Any]:
 
     if base and (Path(base) / "config.json").is_file() and is_mxfp4_checkpoint(base):
         # an MXFP4 base stays MXFP4 (a dequantized 120b would not fit one GPU)
-        from gptoss_hpc.modeling.mxfp4 import load_mxfp4_peft_model
+        from gptoss_hpc.modeling.mxfp4.model import load_mxfp4_peft_model
 
         cuda = torch.cuda.is_available()
         model = load_mxfp4_peft_model(

@@ -334,7 +334,7 @@ def _streaming(cfg: RunConfig, paths: PointPaths, tokenizer: Any) -> Path:
 
 
 def _streaming_checked(cfg: RunConfig, paths: PointPaths, tokenizer: Any, tmp: Path, check: dict[str, Any]) -> Path:
-    from gptoss_hpc.modeling.mxfp4_merge_check import LOW_SURVIVAL
+    from gptoss_hpc.modeling.mxfp4.merge_check import LOW_SURVIVAL
     from gptoss_hpc.stages.merge_streaming import logit_survival
 
     if not check["passed"]:

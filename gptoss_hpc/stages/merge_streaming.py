@@ -1,8 +1,8 @@
 """The merge stage for a base whose experts train MXFP4-resident (model.experts_dtype=mxfp4): no model is built.
 
-``gptoss_hpc.modeling.mxfp4_merge`` reads the checkpoint tensor by tensor, dequantizes and adds the adapter's delta
+``gptoss_hpc.modeling.mxfp4.merge`` reads the checkpoint tensor by tensor, dequantizes and adds the adapter's delta
 on this process's GPU when there is one (one expert stack at a time), and writes bf16 shards (or, with
-``merge.format=mxfp4``, the adapted experts re-quantized into blocks/scales); ``gptoss_hpc.modeling.mxfp4_merge_check``
+``merge.format=mxfp4``, the adapted experts re-quantized into blocks/scales); ``gptoss_hpc.modeling.mxfp4.merge_check``
 then compares every adapted tensor of the written folder with PEFT's own merge. Peak host RSS and peak GPU memory
 are printed and land in the check record and in ``status/merge.json`` (``peak_host_rss_gib``, ``peak_gpu_gib``).
 """
@@ -27,8 +27,8 @@ def merge_streaming(cfg: RunConfig, paths: PointPaths, out: Path) -> dict[str, A
     import torch
 
     from gptoss_hpc.modeling.model import _device, mxfp4_folder
-    from gptoss_hpc.modeling.mxfp4_merge import merge_mxfp4_adapter
-    from gptoss_hpc.modeling.mxfp4_merge_check import check_streaming_merge
+    from gptoss_hpc.modeling.mxfp4.merge import merge_mxfp4_adapter
+    from gptoss_hpc.modeling.mxfp4.merge_check import check_streaming_merge
 
     base = mxfp4_folder(cfg)
     device = _device()
@@ -60,7 +60,7 @@ def logit_survival(cfg: RunConfig, paths: PointPaths, merged: Path, samples: Seq
     ``logit_survival`` = max(0, 1 - mean|merged - adapter| / mean|adapter - base|) (1: the adapter's logits;
     0: no closer to them than the base), with the argmax agreement of merged and adapter."""
     from gptoss_hpc.modeling.model import _device, load_adapter_model, torch_dtype
-    from gptoss_hpc.modeling.mxfp4 import load_mxfp4_model
+    from gptoss_hpc.modeling.mxfp4.model import load_mxfp4_model
     from gptoss_hpc.stages.common import free_device_memory, probe_logits
 
     model = load_adapter_model(cfg, paths, paths.adapter)

@@ -276,7 +276,7 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
     )
     set_collective_timeout(cfg.train.ddp_timeout)
     if cfg.model.experts_dtype == "mxfp4":
-        from gptoss_hpc.modeling.fast.mxfp4_experts import release_placeholders
+        from gptoss_hpc.modeling.mxfp4.experts import release_placeholders
 
         release_placeholders(trainer.model)  # before DeepSpeed's broadcast of every parameter (train() wraps)
     trainable, total = trainer.model.get_nb_trainable_parameters()

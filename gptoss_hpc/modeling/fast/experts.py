@@ -15,9 +15,9 @@ log = logging.getLogger(__name__)
 
 def _expert_mm(x, w, offs, dtype):
     """x @ W_e per expert group; ``w`` is the [E, in, out] weight or MXFP4 (blocks, scales) dequantized just in
-    time (gptoss_hpc.modeling.fast.mxfp4_experts)."""
+    time (gptoss_hpc.modeling.mxfp4.experts)."""
     if isinstance(w, tuple):
-        from gptoss_hpc.modeling.fast.mxfp4_mm import mxfp4_grouped_mm
+        from gptoss_hpc.modeling.mxfp4.matmul import mxfp4_grouped_mm
 
         return mxfp4_grouped_mm(x, *w, offs, dtype)
     return _grouped_mm(x.to(w.dtype), w, offs)
@@ -176,7 +176,7 @@ def _factored_plan(outer):
         chain[module.parameter_name] = (module, adapters[0])
         module = module.base_layer
     config = getattr(module, "config", None)
-    if getattr(module, "takes_factored_lora", False):  # MXFP4 experts (fast/mxfp4_experts.py)
+    if getattr(module, "takes_factored_lora", False):  # MXFP4 experts (mxfp4/experts.py)
         return module, chain
     if getattr(config, "_experts_implementation", None) != FUSED_EXPERTS or not hasattr(module, "alpha"):
         return None

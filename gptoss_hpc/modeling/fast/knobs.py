@@ -128,7 +128,7 @@ def apply_speed_knobs(model: nn.Module, cfg: RunConfig) -> SpeedKnobs:
             )
         knobs.factored_lora = factor_expert_lora(model)
     if m.experts_dtype == "mxfp4":
-        from gptoss_hpc.modeling.fast.mxfp4_experts import release_placeholders
+        from gptoss_hpc.modeling.mxfp4.experts import release_placeholders
 
         # MXFP4 experts read their frozen W only through the factored LoRA, with or without fused_experts
         knobs.factored_lora = knobs.factored_lora or factor_expert_lora(model)

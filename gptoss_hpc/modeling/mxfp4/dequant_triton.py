@@ -1,7 +1,7 @@
 """The MXFP4 -> bf16 dequant as one hand-written Triton kernel (CUDA only; imported lazily, since it imports triton).
 
 Each program turns a run of 16-byte blocks (32 e2m1 codes sharing one e8m0 scale) into their 32 bf16 values, bit
-for bit ``gptoss_hpc.modeling.mxfp4_format.dequantize_mxfp4`` and so transformers' ``convert_moe_packed_tensors``
+for bit ``gptoss_hpc.modeling.mxfp4.format.dequantize_mxfp4`` and so transformers' ``convert_moe_packed_tensors``
 (for scales in SCALE_RANGE), with both sides contiguous: 16 bytes in, one int32 per byte out (its two bf16, low
 nibble first). The dequant runs twice per layer and micro-batch (forward and input gradient), a large share of
 the MXFP4 train step's GPU time; this kernel against torch.compile's for dequantize_mxfp4: docs/BENCHMARKS.md,
@@ -43,7 +43,7 @@ def _luts(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per byte value: its two bf16 (low nibble in the low half) at scale LUT_SCALE, and 0xFFFF in each half whose
     code is not +-0."""
     if device not in _LUTS:
-        from gptoss_hpc.modeling.mxfp4_format import _fp32_bits
+        from gptoss_hpc.modeling.mxfp4.format import _fp32_bits
 
         codes = torch.arange(16, dtype=torch.int32)
         bits = ((_fp32_bits(codes, torch.full_like(codes, LUT_SCALE)) >> 16) & 0xFFFF).tolist()

@@ -1,4 +1,4 @@
-"""gpt-oss experts with MXFP4-resident weights (``model.experts_dtype: mxfp4``; format in gptoss_hpc.modeling.mxfp4).
+"""gpt-oss experts with MXFP4-resident weights (``model.experts_dtype: mxfp4``; format in mxfp4/format.py).
 
 Each layer keeps the checkpoint's uint8 blocks and scales (a quarter of the bf16 bytes, plus 1/32 for the scales)
 and dequantizes its whole expert stack just in time, inside a grouped-GEMM custom op: once in the forward and
@@ -19,8 +19,8 @@ from torch import nn
 
 from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.modeling.fast.anatomy import _COMPILED
-from gptoss_hpc.modeling.fast.mxfp4_mm import _compile, _compiles
-from gptoss_hpc.modeling.mxfp4_format import BLOCK, EXPERT_PARAMS, SCALE_BIAS, dequantize_mxfp4
+from gptoss_hpc.modeling.mxfp4.format import BLOCK, EXPERT_PARAMS, SCALE_BIAS, dequantize_mxfp4
+from gptoss_hpc.modeling.mxfp4.matmul import _compile, _compiles
 
 SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0  # gpt-oss's values (the constants of transformers' GptOssExperts)
 
@@ -63,7 +63,7 @@ class Mxfp4Experts(nn.Module):
             self.register_buffer(f"{name}_scales", scales, persistent=False)
             setattr(self, f"{name}_bias", nn.Parameter(torch.zeros(e, d_out), requires_grad=False))
         # on the meta device while transformers builds and initialises the model (its _init_weights sees this class
-        # as GptOssExperts and writes to them); the builders in gptoss_hpc.modeling.mxfp4 reset them after
+        # as GptOssExperts and writes to them); the builders in gptoss_hpc.modeling.mxfp4.model reset them after
         self.reset_placeholders(torch.device("meta"))
 
     def reset_placeholders(self, device: torch.device | None = None) -> None:

@@ -1,6 +1,6 @@
 """gpt-oss's MXFP4 expert format: constants, dequantize (bit for bit transformers' ``convert_moe_packed_tensors``)
 and quantize. A leaf module (torch imported inside functions): the MXFP4 experts and their grouped-GEMM op read it,
-``gptoss_hpc.modeling.mxfp4`` (model construction) re-exports it. See that module's docstring for the layout.
+``gptoss_hpc.modeling.mxfp4.model`` (model construction) re-exports it. See that module's docstring for the layout.
 """
 
 from __future__ import annotations

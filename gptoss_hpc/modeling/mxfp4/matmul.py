@@ -1,6 +1,6 @@
 """The MXFP4 grouped GEMM: a custom op that dequantizes the expert stack just in time (compiled on CUDA) and
 multiplies per expert group; its backward is the same op on the transposed weight. Used by the MXFP4 experts
-(``gptoss_hpc.modeling.fast.mxfp4_experts``) through the fused experts' core."""
+(``gptoss_hpc.modeling.mxfp4.experts``) through the fused experts' core."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from gptoss_hpc.modeling.fast.anatomy import _COMPILED
 from gptoss_hpc.modeling.fast.grouped_mm import grouped_mm
-from gptoss_hpc.modeling.mxfp4_format import dequantize_mxfp4
+from gptoss_hpc.modeling.mxfp4.format import dequantize_mxfp4
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +25,11 @@ def _compile(fn):
 
 
 def _dequantize(blocks, scales, dtype):
-    """dequantize_mxfp4: bf16 on CUDA through the Triton kernel (gptoss_hpc.modeling.fast.mxfp4_triton), else
+    """dequantize_mxfp4: bf16 on CUDA through the Triton kernel (gptoss_hpc.modeling.mxfp4.dequant_triton), else
     through torch.compile on CUDA (one fused pass; the eager version makes ~6 passes)."""
     if blocks.is_cuda and dtype == torch.bfloat16 and not _COMPILED.get("mxfp4_triton_disabled"):
         try:
-            from gptoss_hpc.modeling.fast.mxfp4_triton import dequantize_mxfp4_bf16
+            from gptoss_hpc.modeling.mxfp4.dequant_triton import dequantize_mxfp4_bf16
 
             return dequantize_mxfp4_bf16(blocks, scales)
         except torch.OutOfMemoryError:

@@ -9,7 +9,7 @@ on the GPU (one expert stack in fp32 there at a time: ~8.5 GB + its delta for th
 this for ``model.experts_dtype=mxfp4``. ``out_format="mxfp4"`` re-quantizes the adapted expert stacks into the
 checkpoint's blocks/scales (unadapted ones are copied as they are) and keeps ``quantization_config``: the 120b
 merged model is then ~61 GB instead of ~234 GB, at the price of rounding most of a small LoRA delta away
-(``gptoss_hpc.modeling.mxfp4_merge_check`` measures how much survives).
+(``gptoss_hpc.modeling.mxfp4.merge_check`` measures how much survives).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss_hpc.errors import GptossHpcError
-from gptoss_hpc.modeling.mxfp4 import _shard_files, dequantize_mxfp4, quantize_mxfp4
+from gptoss_hpc.modeling.mxfp4.model import _shard_files, dequantize_mxfp4, quantize_mxfp4
 
 log = logging.getLogger(__name__)
 
@@ -214,12 +214,12 @@ def merge_mxfp4_adapter(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m gptoss_hpc.modeling.mxfp4_merge BASE ADAPTER OUT [--dtype bfloat16] [--device cuda] [--format mxfp4]
+    """python -m gptoss_hpc.modeling.mxfp4.merge BASE ADAPTER OUT [--dtype bfloat16] [--device cuda] [--format mxfp4]
     (the merge alone, without the stage's check)"""
     import argparse
     import sys
 
-    p = argparse.ArgumentParser(prog="python -m gptoss_hpc.modeling.mxfp4_merge", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m gptoss_hpc.modeling.mxfp4.merge", description=__doc__.splitlines()[0])
     p.add_argument("base", help="MXFP4 checkpoint folder (Hub layout: *_blocks/*_scales safetensors)")
     p.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("out", help="where the merged safetensors go")

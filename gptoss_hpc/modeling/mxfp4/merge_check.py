@@ -25,8 +25,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from gptoss_hpc.modeling.mxfp4 import _shard_files, dequantize_mxfp4, quantize_mxfp4
-from gptoss_hpc.modeling.mxfp4_merge import dequantize_stack
+from gptoss_hpc.modeling.mxfp4.merge import dequantize_stack
+from gptoss_hpc.modeling.mxfp4.model import _shard_files, dequantize_mxfp4, quantize_mxfp4
 
 log = logging.getLogger(__name__)
 

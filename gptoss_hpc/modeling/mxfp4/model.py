@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss_hpc.errors import GptossHpcError
-from gptoss_hpc.modeling.mxfp4_format import (  # noqa: F401  re-exported: the format's public names
+from gptoss_hpc.modeling.mxfp4.format import (  # noqa: F401  re-exported: the format's public names
     BLOCK,
     EXPERT_PARAMS,
     FP4_VALUES,
@@ -44,7 +44,7 @@ def mxfp4_experts_in_models() -> Iterator[None]:
     in its module when it is constructed)."""
     from transformers.models.gpt_oss import modeling_gpt_oss
 
-    from gptoss_hpc.modeling.fast.mxfp4_experts import Mxfp4Experts
+    from gptoss_hpc.modeling.mxfp4.experts import Mxfp4Experts
 
     before = modeling_gpt_oss.GptOssExperts
     modeling_gpt_oss.GptOssExperts = Mxfp4Experts
@@ -81,7 +81,7 @@ def build_random_mxfp4_model(
 
 
 def mxfp4_modules(model) -> list[Any]:
-    from gptoss_hpc.modeling.fast.mxfp4_experts import Mxfp4Experts
+    from gptoss_hpc.modeling.mxfp4.experts import Mxfp4Experts
 
     return [m for m in model.modules() if isinstance(m, Mxfp4Experts)]
 
@@ -146,7 +146,7 @@ def load_mxfp4_model(
             config, **_model_kwargs(dtype, attn_implementation, experts_implementation)
         )
     files = _shard_files(folder)
-    from gptoss_hpc.modeling.fast.mxfp4_experts import Mxfp4Experts
+    from gptoss_hpc.modeling.mxfp4.experts import Mxfp4Experts
 
     # the experts' blocks/scales are non-persistent buffers (kept out of training checkpoints), so not in state_dict
     expected = set(model.state_dict().keys()) | {
@@ -266,7 +266,7 @@ def load_mxfp4_peft_model(
     from peft import PeftModel
 
     from gptoss_hpc.modeling.fast.experts import factor_expert_lora
-    from gptoss_hpc.modeling.fast.mxfp4_experts import release_placeholders
+    from gptoss_hpc.modeling.mxfp4.experts import release_placeholders
 
     base = load_mxfp4_model(base_folder, device, dtype, attn_implementation, experts_implementation)
     model = PeftModel.from_pretrained(base, str(adapter_folder))
