@@ -200,9 +200,10 @@ def test_merged_model_reproduces_adapter_logits(merged_point: PointPaths):
 
 @pytest.mark.slow
 def test_merge_fails_above_tolerance(trained_point: PointPaths, monkeypatch):
+    from gptoss_hpc.modeling import merge_check
     from gptoss_hpc.stages import merge
 
-    monkeypatch.setitem(merge.TOLERANCES, "float32", (-1.0, 0.0))  # nothing can pass a negative tolerance
+    monkeypatch.setitem(merge_check.TOLERANCES, "float32", (-1.0, 0.0))  # nothing can pass a negative tolerance
     with pytest.raises(merge.MergeError, match="tolerance"):
         merge.body(*_cfg_paths(trained_point))
 
@@ -306,8 +307,7 @@ def _probe():
 def test_bf16_merge_check_uses_rounding_noise_and_restores_weights(trained_point: PointPaths):
     import torch
 
-    from gptoss_hpc.stages.common import probe_logits
-    from gptoss_hpc.stages.merge import adapted_parameters, merge_and_check, rounding_noise
+    from gptoss_hpc.modeling.merge_check import adapted_parameters, merge_and_check, probe_logits, rounding_noise
 
     model = _bf16_adapter_model(trained_point)
     targets = adapted_parameters(model)
@@ -327,7 +327,7 @@ def test_bf16_merge_check_uses_rounding_noise_and_restores_weights(trained_point
 
 @pytest.mark.slow
 def test_bf16_merge_check_catches_a_lost_adapter(trained_point: PointPaths):
-    from gptoss_hpc.stages.merge import MergeError, merge_and_check
+    from gptoss_hpc.modeling.merge_check import MergeError, merge_and_check
 
     model = _bf16_adapter_model(trained_point)
     model.merge_and_unload = model.unload  # a broken merge: drops the adapter instead of folding it in

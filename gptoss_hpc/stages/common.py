@@ -10,7 +10,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from gptoss_hpc.config import RunConfig, load_run_config
 from gptoss_hpc.errors import GptossHpcError
@@ -126,19 +126,6 @@ def cap_gpu_memory(cfg: RunConfig) -> float | None:
     torch.cuda.set_per_process_memory_fraction(want / total, device)
     log.info("cluster.gpu_memory_gib=%g: CUDA allocator capped at %.1f of this GPU's %.1f GiB", want, want, total)
     return float(want)
-
-
-def probe_logits(model: Any, samples: Sequence[Sequence[int]]) -> list[Any]:
-    """fp32 logits of each probe sample on the host (the merge checks compare models on them, one at a time)."""
-    import torch
-
-    device = next(model.parameters()).device
-    out = []
-    with torch.inference_mode():
-        for ids in samples:
-            x = torch.tensor([list(ids)], device=device)
-            out.append(model(input_ids=x).logits[0].float().cpu())
-    return out
 
 
 def free_device_memory() -> None:

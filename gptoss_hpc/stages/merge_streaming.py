@@ -59,9 +59,10 @@ def logit_survival(cfg: RunConfig, paths: PointPaths, merged: Path, samples: Seq
     probe samples. One model at a time on the device (the MXFP4 base + adapter unmerged, then the merged one):
     ``logit_survival`` = max(0, 1 - mean|merged - adapter| / mean|adapter - base|) (1: the adapter's logits;
     0: no closer to them than the base), with the argmax agreement of merged and adapter."""
+    from gptoss_hpc.modeling.merge_check import probe_logits
     from gptoss_hpc.modeling.model import _device, load_adapter_model, torch_dtype
     from gptoss_hpc.modeling.mxfp4.model import load_mxfp4_model
-    from gptoss_hpc.stages.common import free_device_memory, probe_logits
+    from gptoss_hpc.stages.common import free_device_memory
 
     model = load_adapter_model(cfg, paths, paths.adapter)
     adapter = probe_logits(model, samples)
