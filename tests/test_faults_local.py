@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from gptoss_hpc.paths import RunPaths
-from gptoss_hpc.stages.train import FAULT_ENV
+from gptoss_hpc.stages.train_callbacks import FAULT_ENV
 
 pytestmark = pytest.mark.slow
 

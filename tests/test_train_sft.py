@@ -17,7 +17,7 @@ import pytest
 
 from gptoss_hpc.config import compose, save_run_config, to_run_config, validate
 from gptoss_hpc.paths import PointPaths
-from gptoss_hpc.stages.train import latest_checkpoint
+from gptoss_hpc.stages.checkpoints import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,7 +134,7 @@ def test_two_ranks_run_deepspeed_zero2_over_gloo(tmp_path):
     """2 ranks via submitit's LocalExecutor (tasks_per_node=2) and TrainJob, as the launcher submits it."""
     import submitit
 
-    from gptoss_hpc.stages.train import TrainJob
+    from gptoss_hpc.stages.train_job import TrainJob
 
     config = make_point(tmp_path, "model.tokenizer=tiny-bpe", "train.deepspeed=true", "cluster.tasks_per_node=2")
     paths = PointPaths.from_config(config)

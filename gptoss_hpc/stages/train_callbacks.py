@@ -1,0 +1,126 @@
+"""The train stage's own trainer callbacks and what they share with the stage: metrics.jsonl lines, the stop on the
+preempt signal (``PREEMPT``, set by ``on_preempt_signal`` or TrainJob.checkpoint), the test-only fault hook; and
+``train_callbacks``, which assembles them with the modeling layer's (speed knobs, recompile watch, profiling)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from gptoss_hpc.config import RunConfig
+from gptoss_hpc.errors import GptossHpcError
+from gptoss_hpc.modeling.distributed import any_rank, global_rank
+from gptoss_hpc.modeling.trainer import recompile_watch_callback, speed_knobs_callback
+from gptoss_hpc.paths import PointPaths
+from gptoss_hpc.stage_warnings import stage_warning
+
+log = logging.getLogger(__name__)
+
+# Test-only: "<rank>:<step>" makes that rank raise InjectedFault after that step (tests/test_faults_slurm.py).
+FAULT_ENV = "GPTOSS_HPC_TEST_RAISE_AT"
+# Set by the preempt-signal handler (or TrainJob.checkpoint); read by the trainer callback at each step end.
+PREEMPT = threading.Event()
+
+
+class InjectedFault(GptossHpcError):
+    """Raised only when GPTOSS_HPC_TEST_RAISE_AT asks for it: a real user never sets that variable."""
+
+
+class Preempted(GptossHpcError):
+    """Training stopped on the preempt signal after saving a checkpoint; re-running the job resumes from it."""
+
+    def __init__(self, checkpoint: str | None, step: int) -> None:
+        self.checkpoint, self.step = checkpoint, step
+        super().__init__(f"preempted at step {step}; checkpoint {checkpoint} saved; re-run the same command to resume")
+
+
+def metrics_and_preemption(paths: PointPaths, world_size: int) -> tuple[Any, Any]:
+    from transformers import TrainerCallback
+
+    class MetricsCallback(TrainerCallback):
+        """One JSON line per logging step in metrics.jsonl (rank 0)."""
+
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            if "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+            record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+            with paths.metrics.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    class PreemptionCallback(TrainerCallback):
+        """On the preempt signal (any rank): all ranks agree at a step end, save a checkpoint and stop."""
+
+        def __init__(self) -> None:
+            self.triggered = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            flag = PREEMPT.is_set()
+            if world_size > 1:
+                flag = any_rank(flag)
+            if flag:
+                log.warning("preemption signal: saving checkpoint-%d and stopping", state.global_step)
+                self.triggered = True
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return MetricsCallback(), PreemptionCallback()
+
+
+def fault_callback() -> Any:
+    """The test-only fault hook (None unless GPTOSS_HPC_TEST_RAISE_AT is set)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    from transformers import TrainerCallback
+
+    try:
+        rank, step = (int(x) for x in spec.split(":"))
+    except ValueError as exc:
+        raise GptossHpcError(f"{FAULT_ENV}={spec!r} is not <rank>:<step>, e.g. 0:2; unset it") from exc
+
+    class FaultCallback(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if global_rank() == rank and state.global_step == step:
+                raise InjectedFault(f"test fault injected by {FAULT_ENV}={spec} on rank {rank} at step {step}")
+
+    log.warning("%s=%s is set: rank %d will raise at step %d (test-only fault hook)", FAULT_ENV, spec, rank, step)
+    return FaultCallback()
+
+
+def on_preempt_signal(signum, frame) -> None:
+    log.warning("caught %s: will checkpoint at the end of this step", signal.Signals(signum).name)
+    PREEMPT.set()
+
+
+@dataclass
+class TrainCallbacks:
+    """The trainer's callbacks, in order, and the three the stage reads after training."""
+
+    metrics: Any
+    preemption: Any
+    knobs: Any | None
+    all: list[Any] = field(default_factory=list)
+
+
+def train_callbacks(cfg: RunConfig, paths: PointPaths, world_size: int, profile: Any | None) -> TrainCallbacks:
+    """metrics.jsonl, the preemption stop, the speed knobs (when any is on), the recompile watch, the profiler
+    (``profile``: made before the model loads, so a bad GPTOSS_HPC_PROFILE_STEPS fails early) and the test-only
+    fault hook (when its variable is set)."""
+    metrics_cb, preempt_cb = metrics_and_preemption(paths, world_size)
+    knobs_cb = speed_knobs_callback(cfg)
+    optional = [knobs_cb, recompile_watch_callback(stage_warning), profile, fault_callback()]
+    return TrainCallbacks(
+        metrics_cb, preempt_cb, knobs_cb, [metrics_cb, preempt_cb, *(c for c in optional if c is not None)]
+    )
