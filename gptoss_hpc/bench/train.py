@@ -26,13 +26,13 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from gptoss_hpc.bench.train_env import environment, measure_peak_tflops, print_table
 from gptoss_hpc.bench.train_setup import (  # noqa: F401  (re-exported for tests)
     PREDICTED_ROWS,
     active_matmul_params,
@@ -112,25 +112,6 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------------------
 # timing
 # ----------------------------------------------------------------------------------------------------------
-def measure_peak_tflops(device: str) -> float:
-    import torch
-
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(10):
-        start.record()
-        a @ b
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * 8192**3 / statistics.median(times) / 1e12
-
-
 def run_stack(
     name: str,
     cfg,
@@ -259,9 +240,9 @@ def run_stack(
 
 
 def _fresh_compile_state() -> None:
-    """Each stack starts with no compiled code from the ones before it (it compiles its own). A stack timed after
-    compiled stacks in one process once ran 16.2k tok/s where it ran 21.7k in its own (2026-11-25, before this
-    reset; the reset was not measured on a GPU)."""
+    """Each stack starts with no compiled code from the ones before it (it compiles its own): a stack timed after
+    compiled stacks in one process ran slower than in its own (2026-11-25, before this reset; the reset itself
+    was not measured on a GPU)."""
     import torch
 
     from gptoss_hpc.modeling.fast import _COMPILED
@@ -308,54 +289,6 @@ def _compose(overrides: list[str]):
     from gptoss_hpc.config import compose, to_run_config
 
     return to_run_config(compose(overrides))
-
-
-def environment() -> dict[str, Any]:
-    import peft
-    import torch
-    import transformers
-
-    env = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-    }
-    if torch.cuda.is_available():
-        env["card"] = torch.cuda.get_device_name()
-        env["card_mem_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-        with contextlib.suppress(Exception):
-            import subprocess
-
-            env["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                check=False,
-            ).stdout.strip()
-    return env
-
-
-def print_table(rows: list[dict[str, Any]]) -> None:
-    cols = [
-        ("name", 36),
-        ("lora", 10),
-        ("micro_batch", 11),
-        ("grad_accum", 3),
-        ("tokens_per_step", 7),
-        ("step_s", 6),
-        ("tok_s", 7),
-        ("mfu", 5),
-        ("peak_alloc_gib", 5),
-        ("status", 6),
-    ]
-    print(" | ".join(f"{c[:w]:>{w}}" for c, w in cols))
-    for r in rows:
-        if "tok_s" not in r and r.get("status") == "ok":
-            continue
-        print(" | ".join(f"{r.get(c, '')!s:>{w}}"[: max(w, 1) + 30] for c, w in cols))
 
 
 def main(argv: list[str] | None = None) -> int:
