@@ -7,6 +7,12 @@
   flaky controller never leaves an untracked duplicate.
 - `RenderOnlyExecutor` renders the same sbatch text on a machine with no Slurm client (a laptop preparing
   a dry run), where submitit's constructor raises `Could not detect "srun"`.
+
+The subclass points, all of submitit 1.5's SlurmExecutor (pinned <2 in pyproject.toml): `_submit_command` (its
+body, with the sbatch call replaced by `sbatch_with_retry`), `_internal_process_submissions` (its array path
+builds a plain SlurmExecutor, which would bypass the retry) and `_make_submission_file_text` (read by
+`submission.backends.render_scripts` for the dry run). submitit has no public hook for the sbatch call or the
+script text; `tests/test_sbatch_retry.py` and the sbatch golden files fail if these change shape.
 """
 
 from __future__ import annotations
