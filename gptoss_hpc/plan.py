@@ -83,7 +83,8 @@ def lengths_table(base: list[str], lengths: list[int]) -> str:
     if arch is None:
         return f"no architecture known for model.name_or_path={base_cfg.model.name_or_path}"
     lines = [
-        f"{base_cfg.model.name_or_path}, LoRA r={base_cfg.lora.r} on {base_cfg.lora.expert_params or base_cfg.lora.target_modules}: "
+        f"{base_cfg.model.name_or_path}, LoRA r={base_cfg.lora.r} on "
+        f"{base_cfg.lora.expert_params or base_cfg.lora.target_modules}: "
         "the fastest setting that fits one row of each length (card GiB in brackets; host GiB of offloaded "
         "checkpoints after a +)",
         "",

@@ -4,10 +4,10 @@ The launch measures every training and held-out row (gptoss_hpc.submission.lengt
 
 - auto: ``max_length`` becomes the longest row rounded up to a bucket (``bucket``), as long as some setting of
   ``train.fit_memory`` fits ``cluster.gpu_memory_gib`` at that length and the model's context holds it. The
-  micro-batch stays a token budget of at least ``per_device_train_batch_size x REFERENCE_ROW_TOKENS`` (many short
-  rows, or one long row, packed), and ``gradient_accumulation_steps`` shrinks so that an optimizer step keeps the
-  tokens it had with reference rows, as far as the rows allow (never below one micro-batch). Keys the command line
-  sets are never changed.
+  micro-batch stays a token budget of about ``per_device_train_batch_size x REFERENCE_ROW_TOKENS``, or one row of
+  ``max_length`` when that is longer (many short rows, or one long row, packed), and
+  ``gradient_accumulation_steps`` shrinks so that an optimizer step keeps the tokens it had with reference rows,
+  as far as the rows allow (never below one micro-batch). Keys the command line sets are never changed.
 - rows that cannot fit (longer than the longest length that fits the card, or than the model's context) are
   refused, with their count, the longest as ``file:row: N tokens`` and the fixes, unless the user asked for
   ``data.max_length_policy=drop|truncate``: then the length is the longest that fits, and the rows and tokens
