@@ -242,7 +242,7 @@ def test_the_layer_check_sees_imports() -> None:
     graph = import_graph(function_level=True)
     assert ("stages", "modeling") in package_edges(graph)
     planted = {k: set(v) for k, v in graph.items()}
-    planted["gptoss_hpc.modeling"].add("gptoss_hpc.submission.slurm")
+    planted["gptoss_hpc.modeling"].add("gptoss_hpc.submission.backends")
     assert any(v.startswith("modeling (modeling) imports submission") for v in layer_violations(planted))
     planted = {k: set(v) for k, v in graph.items()}
     planted["gptoss_hpc.errors"].add("gptoss_hpc.paths")

@@ -27,7 +27,7 @@ OWNED_FIELDS: dict[str, str] = {
     "warmup_steps": "train.warmup_ratio",
     "warmup_ratio": "train.warmup_ratio",
     "lr_scheduler_kwargs": "train.min_lr_rate (with lr_scheduler_type=cosine_with_min_lr)",
-    "gradient_checkpointing_kwargs": "train.gradient_checkpointing",
+    "gradient_checkpointing_kwargs": "train.gradient_checkpointing, train.gradient_checkpointing_offload",
     "use_cpu": "cluster.accelerator",
     "accelerator_config": "nothing: batches are copied to the GPU without blocking (cluster.accelerator)",
     "completion_only_loss": "train.assistant_only_loss",

@@ -66,8 +66,15 @@ def pad_to_multiple_of(cfg: RunConfig) -> int | None:
     if not compiles_static_shapes(cfg):
         return None
     if t.packing or t.padding_free:
-        return t.per_device_train_batch_size * t.max_length
-    return min(t.max_length, 1024)
+        return t.per_device_train_batch_size * derive.max_length(t)
+    return min(derive.max_length(t), 1024)
+
+
+def _checkpointing_kwargs(t: Any) -> dict[str, Any] | None:
+    """transformers' checkpointing options: non-reentrant (PEFT + compiled regions need it). The offload of the
+    checkpointed inputs (train.gradient_checkpointing_offload) is applied by the speed knobs
+    (gptoss_hpc.modeling.fast.offload), not by transformers' own switch."""
+    return {"use_reentrant": False} if t.gradient_checkpointing else None
 
 
 def sft_dataset(dataset: Any) -> Any:
@@ -102,7 +109,7 @@ def build_sft_config_kwargs(cfg: RunConfig, paths: PointPaths, env: Mapping[str,
         "max_grad_norm": t.max_grad_norm,
         "optim": t.optim,
         "gradient_checkpointing": t.gradient_checkpointing,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False} if t.gradient_checkpointing else None,
+        "gradient_checkpointing_kwargs": _checkpointing_kwargs(t),
         "bf16": use_bf16(cfg),
         # On CPU, use_cpu=True is what makes DeepSpeed + gloo work; ACCELERATE_USE_CPU would drop DeepSpeed.
         "use_cpu": on_cpu,
