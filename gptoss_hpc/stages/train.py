@@ -58,6 +58,7 @@ from gptoss_hpc.modeling.tracking import finish_wandb, start_wandb
 from gptoss_hpc.modeling.trainer import recompile_watch_callback, speed_knobs_callback, trainer_class
 from gptoss_hpc.paths import PointPaths
 from gptoss_hpc.stages.common import run_stage, stage_cli, stage_warning, write_status
+from gptoss_hpc.stages.fault_hooks import hook_spec
 from gptoss_hpc.stages.requeue import (
     RequeueLimitError,
     RequeuePolicy,
@@ -157,9 +158,9 @@ def _callbacks(paths: PointPaths, world_size: int) -> tuple[Any, Any]:
     return MetricsCallback(), PreemptionCallback()
 
 
-def _fault_callback() -> Any:
-    """The test-only fault hook (None unless GPTOSS_HPC_TEST_RAISE_AT is set)."""
-    spec = os.environ.get(FAULT_ENV)
+def _fault_callback(paths: PointPaths) -> Any:
+    """The test-only fault hook (None unless GPTOSS_HPC_TEST_RAISE_AT is set for this point)."""
+    spec = hook_spec(FAULT_ENV, paths)
     if not spec:
         return None
     from transformers import TrainerCallback
@@ -261,7 +262,7 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
     callbacks.append(recompile_watch_callback(stage_warning))
     if profile_cb is not None:
         callbacks.append(profile_cb)
-    fault_cb = _fault_callback()
+    fault_cb = _fault_callback(paths)
     if fault_cb is not None:
         callbacks.append(fault_cb)
     trainer_cls = trainer_class(SFTTrainer, cfg, dist_info["world_size"], "deepspeed" in kwargs)
