@@ -28,7 +28,7 @@ from pathlib import Path
 from gptoss_hpc.bench import chaos_faults as faults
 from gptoss_hpc.bench.chaos_checks import Outcome, verify
 from gptoss_hpc.bench.chaos_plan import KINDS, Fault, Plan, make_plan
-from gptoss_hpc.monitor.state import collect, read_metrics
+from gptoss_hpc.monitor.state import collect
 from gptoss_hpc.paths import RunPaths
 from gptoss_hpc.stages.fault_hooks import POINTS_ENV
 from gptoss_hpc.submission import slurm
@@ -156,9 +156,8 @@ class Soak:
                 if i in self.fired or fault.point is None or fault.kind == "nan":
                     continue
                 task = tasks[fault.point]
-                steps, _ = read_metrics(RunPaths(run_dir).point(fault.point).metrics)
                 running = live.get(task) is not None and live[task].state == "RUNNING"
-                if running and steps and max(steps) >= fault.at_step:
+                if running and self._reached(task, RunPaths(run_dir).point(fault.point).metrics, fault.at_step):
                     self._fire(i, fault, self._point_fault(manifest, fault, tasks))
             if all(not t.is_alive() for t in self.threads) and self._all_ended(run_dir):
                 break
@@ -171,6 +170,24 @@ class Soak:
             if i not in self.fired and fault.kind != "nan":
                 self.errors.append(f"{fault.describe()}: never fired (its point ended or never got there)")
         return run_dir, manifest, started
+
+    @staticmethod
+    def _reached(task: str, metrics: Path, step: int) -> bool:
+        """The task's running rank 0 has itself logged `step` or later (a requeued point's earlier attempt
+        logged steps too: those do not count, or a fault would hit the new attempt while it still imports)."""
+        pid = faults.rank_pid(task)
+        born = faults.started_at(pid) if pid else None
+        if born is None or not metrics.is_file():
+            return False
+        last = None
+        for line in metrics.read_text().splitlines()[-5:]:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and "loss" in rec and float(rec.get("time", 0)) > born:
+                last = int(rec["step"])
+        return last is not None and last >= step
 
     def _ctld_due(self, ctld: list[tuple[int, Fault]], started: float) -> None:
         for i, fault in ctld:

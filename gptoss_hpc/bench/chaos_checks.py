@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from gptoss_hpc.bench.chaos_faults import Injection, checkpoints, job_pids
+from gptoss_hpc.bench.chaos_faults import Injection, checkpoints, job_pids, loads
 from gptoss_hpc.bench.chaos_plan import FAILING_KINDS, Plan
 from gptoss_hpc.monitor.state import collect, read_json, read_metrics
 from gptoss_hpc.paths import PointPaths, RunPaths
@@ -144,29 +144,10 @@ def resumes(log: Path, metrics: Path) -> list[tuple[int, int | None]]:
     return out
 
 
-def checkpoint_loads(directory: Path) -> str:
-    """'' when a checkpoint holds everything a resume reads and it parses, else what is wrong."""
-    try:
-        state = json.loads((directory / "trainer_state.json").read_text())
-        from safetensors import safe_open
-
-        with safe_open(str(directory / "adapter_model.safetensors"), "pt") as f:
-            for key in f:
-                f.get_tensor(key)
-        import torch
-
-        torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=False)
-    except Exception as exc:  # any failure to read is the finding itself
-        return f"{directory.name}: {type(exc).__name__}: {str(exc)[:80]}"
-    if f"checkpoint-{state.get('global_step')}" != directory.name:
-        return f"{directory.name}: trainer_state.json says global_step {state.get('global_step')}"
-    return ""
-
-
 def _lost(point: PointPaths, expected: str, plan: Plan, steps: list[int], truncated: set[str]) -> str:
     problems = []
     kept = [d for _, d in checkpoints(point) if str(d) not in truncated]
-    if steps and max(steps) > plan.save_steps and not any(not checkpoint_loads(d) for d in kept):
+    if steps and max(steps) > plan.save_steps and not any(not loads(d) for d in kept):
         problems.append("no loadable checkpoint left")
     if expected == "COMPLETED":
         metrics = read_json(point.train_metrics) or {}
@@ -179,7 +160,7 @@ def _lost(point: PointPaths, expected: str, plan: Plan, steps: list[int], trunca
             from safetensors import safe_open
 
             with safe_open(str(adapter), "pt") as f:
-                [f.get_tensor(k) for k in f]
+                [f.get_tensor(k) for k in f.keys()]  # noqa: SIM118
         except Exception as exc:  # a missing or torn adapter is the finding
             problems.append(f"adapter does not load: {type(exc).__name__}")
     return "; ".join(problems)

@@ -7,6 +7,7 @@ it could not cause the fault, so a fault is never counted that did not happen.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -103,6 +104,16 @@ def rank_pid(task_id: str, rank: int = 0) -> int | None:
     return None
 
 
+def started_at(pid: int) -> float | None:
+    """When a process started (epoch seconds), from /proc: field 22 of its stat, in clock ticks since boot."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def wait_until(check: Callable[[], bool], timeout: float, every: float = 0.5) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -125,6 +136,25 @@ def checkpoints(paths: PointPaths) -> list[tuple[int, Path]]:
         return []
     found = [(int(m.group(1)), d) for d in paths.train.iterdir() if (m := _CHECKPOINT.match(d.name)) and d.is_dir()]
     return sorted(found)
+
+
+def loads(directory: Path) -> str:
+    """'' when a checkpoint holds what a resume reads and each part parses, else what is wrong."""
+    try:
+        state = json.loads((directory / "trainer_state.json").read_text())
+        from safetensors import safe_open
+
+        with safe_open(str(directory / "adapter_model.safetensors"), "pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                f.get_tensor(key)
+        import torch
+
+        torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=False)
+    except Exception as exc:  # any failure to read is the finding itself
+        return f"{directory.name}: {type(exc).__name__}: {str(exc)[:80]}"
+    if f"checkpoint-{state.get('global_step')}" != directory.name:
+        return f"{directory.name}: trainer_state.json says global_step {state.get('global_step')}"
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------- faults
@@ -180,10 +210,11 @@ def ckpt_truncate(task_id: str, paths: PointPaths) -> Injection:
     subprocess.run(["scontrol", "requeuehold", task_id], check=True, capture_output=True, text=True)
     if not wait_until(lambda: not job_pids({task_id}), 60):
         raise FaultError(f"{task_id} still has processes 60 s after scontrol requeuehold")
-    found = checkpoints(paths)
+    # the newest checkpoint that is whole: the stop may have cut a save short, and that one is skipped anyway
+    found = [(step, d) for step, d in checkpoints(paths) if not loads(d)]
     if len(found) < 2:
         subprocess.run(["scontrol", "release", task_id], check=True, capture_output=True, text=True)
-        raise FaultError(f"{paths.train} holds {len(found)} checkpoint(s): nothing older to resume from")
+        raise FaultError(f"{paths.train} holds {len(found)} whole checkpoint(s): nothing older to resume from")
     step, newest = found[-1]
     target = newest / "adapter_model.safetensors"
     if not target.is_file():
