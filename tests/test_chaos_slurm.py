@@ -1,5 +1,5 @@
 """The chaos soak (gptoss_hpc/bench/chaos.py, `bash launchers/chaos.sh`) in its bounded CI form, on the REAL 2-node
-local Slurm: one seed, a 5-point sweep of the tiny gpt-oss, all six fault kinds (a rank SIGKILLed, a node's
+local Slurm: one seed, a 5-point sweep of the tiny gpt-oss (all five at once), all six fault kinds (a rank SIGKILLed, a node's
 processes killed, a preemption, a NaN loss, a truncated checkpoint, slurmctld restarted). The full soak
 (8 points, 5 seeds) is in docs/BENCHMARKS.md, "Reliability".
 
@@ -26,7 +26,7 @@ SEED = 11
 
 
 def test_bounded_chaos_soak_handles_every_fault_and_loses_nothing(tmp_path: Path) -> None:
-    plan = make_plan(SEED, points=5, max_steps=30, save_steps=5)
+    plan = make_plan(SEED, points=5, max_steps=50, save_steps=5, parallel=5)
     assert {f.kind for f in plan.faults} == set(KINDS)
     outcome = soak(plan, tmp_path)
     print(outcome.table())

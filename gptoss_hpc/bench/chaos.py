@@ -35,8 +35,9 @@ from gptoss_hpc.submission import slurm
 from gptoss_hpc.submission.manifest import Manifest
 
 NAN_ENV = "GPTOSS_HPC_TEST_NAN_AT"
-# tiny gpt-oss, small BPE tokenizer, one rank per point, 4 CPUs each: two points per node, four at a time,
-# so a node loss hits some points and not others and part of the sweep is pending when the controller restarts
+# tiny gpt-oss, small BPE tokenizer, one rank per point, `parallel` points at a time spread over both nodes (each
+# asks for half a node's share of CPUs), so a node loss hits some points and not others, and with more points
+# than `parallel` part of the sweep is pending when the controller restarts
 SWEEP = [
     "experiment=demo",
     "cluster=local_slurm",
@@ -44,10 +45,10 @@ SWEEP = [
     "train.max_length=256",
     "train.logging_steps=1",
     "cluster.gpus_per_node=1",
-    "cluster.cpus_per_task=4",
     "train.deepspeed=false",
     "stages=[train,report]",
 ]
+NODE_CPUS = 8
 SOAK_TIMEOUT_S = 1800
 
 
@@ -57,7 +58,8 @@ def sweep_args(plan: Plan, run_root: Path) -> list[str]:
         *SWEEP,
         f"train.max_steps={plan.max_steps}",
         f"train.save_steps={plan.save_steps}",
-        f"cluster.array_parallelism={min(4, plan.points)}",
+        f"cluster.array_parallelism={plan.parallel}",
+        f"cluster.cpus_per_task={NODE_CPUS // -(-plan.parallel // 2)}",
         f"name=chaos{plan.seed}",
         f"run_root={run_root}",
         "-m",
@@ -223,8 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="comma-separated seeds: one sweep each, then one line per seed")
     p.add_argument("--schedule", type=Path, help="replay this schedule.json instead of drawing one")
     p.add_argument("--points", type=int, default=8)
-    p.add_argument("--max-steps", type=int, default=40)
+    p.add_argument("--max-steps", type=int, default=60)
     p.add_argument("--save-steps", type=int, default=5)
+    p.add_argument("--parallel", type=int, default=4, help="points training at once (the rest wait)")
     p.add_argument(
         "--kinds", default=",".join(KINDS), help=f"fault kinds to inject (default: all of {','.join(KINDS)})"
     )
@@ -244,7 +247,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             else [args.seed if args.seed is not None else int(time.time()) % 100000]
         )
         plans = [
-            make_plan(s, points=args.points, max_steps=args.max_steps, save_steps=args.save_steps, kinds=kinds)
+            make_plan(
+                s,
+                points=args.points,
+                max_steps=args.max_steps,
+                save_steps=args.save_steps,
+                parallel=args.parallel,
+                kinds=kinds,
+            )
             for s in seeds
         ]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -194,7 +194,8 @@ def verify(
             f"ckpt {ckpt} -> step {first} {'ok' if first == ckpt + 1 else 'WRONG'}"
             for ckpt, first in resumes(log, point.metrics)
         ]
-        reason = row.error or (f"exit {row.exit_code}" if row.failed else "")
+        said = [ln.strip() for ln in row.stderr_tail if "error:" in ln]  # srun's "task 0: Killed" ...
+        reason = row.error or (said[-1] if said else f"exit {row.exit_code}" if row.failed else "")
         points.append(
             PointRow(p, expected, row.state, reason[:90], runs.get(row.job_id, 0), 1 + requeues, resumed,
                      _lost(point, expected, plan, steps, truncated))

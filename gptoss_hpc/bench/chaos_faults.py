@@ -91,9 +91,11 @@ def job_pids(job_ids: set[str]) -> dict[int, str]:
 def _is_rank(pid: int) -> bool:
     """A training process: submitit's job body in the srun step (not the batch shell, srun or slurmstepd)."""
     try:
-        return b"submitit.core._submit" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
+    # srun's own argv names the module too, and srun would forward the signal a second time
+    return Path(argv[0].decode(errors="replace")).name.startswith("python") and b"submitit.core._submit" in argv
 
 
 def rank_pid(task_id: str, rank: int = 0) -> int | None:
@@ -204,10 +206,18 @@ def node_kill(task_id: str, launch_tasks: list[str]) -> Injection:
 
 
 def ckpt_truncate(task_id: str, paths: PointPaths) -> Injection:
-    """The job stopped hard (`scontrol requeuehold`: SIGTERM, then SIGKILL; nothing saved), its newest
-    checkpoint's adapter weights cut to half their size, then the job released: it must resume from the
+    """The job stopped hard, as by a node that loses power (its ranks frozen with SIGSTOP, the job requeued
+    and held by `scontrol requeuehold`, the ranks SIGKILLed: nothing saved, no step past the freeze), its newest
+    whole checkpoint's adapter weights cut to half their size, then the job released: it must resume from the
     newest checkpoint that loads, and say which one it skipped."""
+    ranks = [p for p in job_pids({task_id}) if _is_rank(p)]
+    if not ranks:
+        raise FaultError(f"task {task_id} has no running rank to stop")
+    for pid in ranks:
+        os.kill(pid, signal.SIGSTOP)
     subprocess.run(["scontrol", "requeuehold", task_id], check=True, capture_output=True, text=True)
+    for pid in ranks:  # Slurm would SIGKILL them after KillWait; submitit ignores its SIGTERM
+        os.kill(pid, signal.SIGKILL)
     if not wait_until(lambda: not job_pids({task_id}), 60):
         raise FaultError(f"{task_id} still has processes 60 s after scontrol requeuehold")
     # the newest checkpoint that is whole: the stop may have cut a save short, and that one is skipped anyway

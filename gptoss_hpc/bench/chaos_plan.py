@@ -2,7 +2,7 @@
 
 A schedule is plain JSON (``--schedule FILE`` replays one; the soak prints and saves the one it ran):
 
-    {"seed": 3, "points": 8, "max_steps": 40, "save_steps": 5,
+    {"seed": 3, "points": 8, "max_steps": 60, "save_steps": 5, "parallel": 4,
      "faults": [{"kind": "rank_kill", "point": 5, "at_step": 9}, {"kind": "ctld_restart", "after_s": 21.4}, ...]}
 
 A point fault fires once its point has logged ``at_step`` (and its job runs); ``ctld_restart`` fires
@@ -51,8 +51,9 @@ class Fault:
 class Plan:
     seed: int
     points: int = 8
-    max_steps: int = 40
+    max_steps: int = 60
     save_steps: int = 5
+    parallel: int = 4  # points training at once (cluster.array_parallelism); the rest wait, PENDING
     faults: list[Fault] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -84,6 +85,8 @@ class Plan:
                 problems.append(f"{f.kind} needs a point in 0..{self.points - 1} (got {f.point})")
             elif f.at_step is None or not 1 <= f.at_step < self.max_steps:
                 problems.append(f"{f.kind} p{f.point} needs 1 <= at_step < max_steps={self.max_steps}")
+        if not 1 <= self.parallel <= 8:
+            problems.append(f"parallel must be 1..8 (got {self.parallel}): the 2 nodes have 8 CPUs each")
         targets = [f.point for f in self.faults if f.point is not None]
         if len(targets) != len(set(targets)):
             problems.append(f"two point faults share a point ({sorted(targets)}): each needs its own")
@@ -92,7 +95,13 @@ class Plan:
 
 
 def make_plan(
-    seed: int, *, points: int = 8, max_steps: int = 40, save_steps: int = 5, kinds: tuple[str, ...] = KINDS
+    seed: int,
+    *,
+    points: int = 8,
+    max_steps: int = 60,
+    save_steps: int = 5,
+    parallel: int = 4,
+    kinds: tuple[str, ...] = KINDS,
 ) -> Plan:
     """A random schedule: each point kind on its own random point, at a random step; the controller
     restart at a random time in the first minute (during the launch, or while points train or wait)."""
@@ -101,7 +110,7 @@ def make_plan(
     if len(point_kinds) > points:
         raise PlanError(f"{len(point_kinds)} point faults need >= {len(point_kinds)} points (got {points})")
     targets = rng.sample(range(points), len(point_kinds))
-    late = max_steps - save_steps - 2  # every fault before the point can finish
+    late = min(max_steps - save_steps - 2, max_steps * 3 // 5)  # well before the point can finish
     first = {  # the earliest step a fault means something at
         "rank_kill": 3,
         "node_kill": save_steps + 1,  # a checkpoint to resume from
@@ -115,6 +124,6 @@ def make_plan(
     ]
     if "ctld_restart" in kinds:
         faults.append(Fault("ctld_restart", after_s=round(rng.uniform(3, 60), 1)))
-    plan = Plan(seed=seed, points=points, max_steps=max_steps, save_steps=save_steps, faults=faults)
+    plan = Plan(seed, points, max_steps, save_steps, parallel, faults)
     plan.check()
     return plan
