@@ -230,7 +230,7 @@ def _fault_row(plan: Plan, f, caused: dict, points: list[PointRow], run: RunPath
     if f.kind == "ckpt_truncate":
         row = points[f.point]
         step = inj.facts["truncated_step"]
-        warned = any(f"checkpoint-{step}" in w for w in _warnings(run, f.point))
+        warned = any(re.search(rf"checkpoint-{step}\b", w) for w in _warnings(run, f.point))
         older = all(int(r.split()[1]) < step for r in row.resumes) and bool(row.resumes)
         handled = handled and warned and older
         inj.detail += f"; resumed below it: {_yn(older)}; warning names it: {_yn(warned)}"
