@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from launch_cli import launch_run
 
+from gptoss_hpc.bench.chaos import TINY
 from gptoss_hpc.bench.chaos_faults import cluster, ctld_pid, job_pids, rank_pid, wait_until
 from gptoss_hpc.monitor.state import read_metrics
 from gptoss_hpc.paths import RunPaths
@@ -34,13 +35,7 @@ pytestmark = [pytest.mark.slurm2, pytest.mark.slow, pytest.mark.timeout(900)]
 
 # two points, one at a time (array_parallelism=1): point 1 is PENDING (JobArrayTaskLimit) while point 0 trains
 SWEEP = [
-    "experiment=demo",
-    "cluster=local_slurm",
-    "model.tokenizer=tiny-bpe",
-    "train.max_length=256",
-    "train.logging_steps=1",
-    "cluster.gpus_per_node=1",
-    "train.deepspeed=false",
+    *TINY,  # the chaos soak's tiny gpt-oss, one rank per point
     "train.max_steps=40",
     "train.save_steps=1000",
     "cluster.array_parallelism=1",

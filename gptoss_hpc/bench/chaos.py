@@ -38,7 +38,7 @@ NAN_ENV = "GPTOSS_HPC_TEST_NAN_AT"
 # tiny gpt-oss, small BPE tokenizer, one rank per point, `parallel` points at a time spread over both nodes (each
 # asks for half a node's share of CPUs), so a node loss hits some points and not others, and with more points
 # than `parallel` part of the sweep is pending when the controller restarts
-SWEEP = [
+TINY = [
     "experiment=demo",
     "cluster=local_slurm",
     "model.tokenizer=tiny-bpe",
@@ -46,8 +46,8 @@ SWEEP = [
     "train.logging_steps=1",
     "cluster.gpus_per_node=1",
     "train.deepspeed=false",
-    "stages=[train,report]",
 ]
+SWEEP = [*TINY, "stages=[train,report]"]
 NODE_CPUS = 8
 SOAK_TIMEOUT_S = 1800
 
