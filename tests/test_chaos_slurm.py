@@ -1,7 +1,7 @@
 """The chaos soak (gptoss_hpc/bench/chaos.py, `bash launchers/chaos.sh`) in its bounded CI form, on the REAL 2-node
-local Slurm: one seed, a 5-point sweep of the tiny gpt-oss (all five at once), all six fault kinds (a rank SIGKILLed, a node's
-processes killed, a preemption, a NaN loss, a truncated checkpoint, slurmctld restarted). The full soak
-(8 points, 5 seeds) is in docs/BENCHMARKS.md, "Reliability".
+local Slurm: one seed, a 5-point sweep of the tiny gpt-oss (all five at once), all six fault kinds (a rank
+SIGKILLed, a node's processes killed, a preemption, a NaN loss, a truncated checkpoint, slurmctld restarted).
+~3 min here. The full soak (8 points, 5 seeds) is in docs/BENCHMARKS.md, "Reliability".
 
 Real: slurmctld/slurmd/slurmdbd, the launcher, TRL training on the CPU, every fault (signals, the node's
 processes, the file cut, the controller restart). Faked: the GPUs (gres on character devices), and the NaN,

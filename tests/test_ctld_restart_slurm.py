@@ -57,7 +57,6 @@ def _states(tasks: list[str]) -> dict[str, str]:
 def test_controller_restart_mid_sweep_loses_nothing_and_repeats_nothing(tmp_path: Path) -> None:
     since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 2))
     # 1. the launch meets a controller that is down for 8 s
-    before = ctld_pid()
     restart = threading.Thread(target=cluster, args=("restart-ctld", "8"))
     restart.start()
     assert wait_until(lambda: ctld_pid() is None, 30, every=0.1), "slurmctld did not go down"
