@@ -58,7 +58,7 @@ from gptoss_hpc.modeling.tracking import finish_wandb, start_wandb
 from gptoss_hpc.modeling.trainer import recompile_watch_callback, speed_knobs_callback, trainer_class
 from gptoss_hpc.paths import PointPaths
 from gptoss_hpc.stages.common import run_stage, stage_cli, stage_warning, write_status
-from gptoss_hpc.stages.fault_hooks import hook_spec
+from gptoss_hpc.stages.fault_hooks import keep_hooks_to_their_points
 from gptoss_hpc.stages.requeue import (
     RequeueLimitError,
     RequeuePolicy,
@@ -158,9 +158,9 @@ def _callbacks(paths: PointPaths, world_size: int) -> tuple[Any, Any]:
     return MetricsCallback(), PreemptionCallback()
 
 
-def _fault_callback(paths: PointPaths) -> Any:
-    """The test-only fault hook (None unless GPTOSS_HPC_TEST_RAISE_AT is set for this point)."""
-    spec = hook_spec(FAULT_ENV, paths)
+def _fault_callback() -> Any:
+    """The test-only fault hook (None unless GPTOSS_HPC_TEST_RAISE_AT is set)."""
+    spec = os.environ.get(FAULT_ENV)
     if not spec:
         return None
     from transformers import TrainerCallback
@@ -192,6 +192,7 @@ def main(config_path: str | Path) -> dict[str, Any]:
 def train(cfg: RunConfig, paths: PointPaths) -> dict[str, Any]:
     from gptoss_hpc.modeling.model import check_reachable
 
+    keep_hooks_to_their_points(paths)
     saved_env = {k: os.environ.get(k) for k in DIST_ENV}
     dist_info = setup_distributed(cfg)
     if threading.current_thread() is threading.main_thread():
@@ -262,7 +263,7 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
     callbacks.append(recompile_watch_callback(stage_warning))
     if profile_cb is not None:
         callbacks.append(profile_cb)
-    fault_cb = _fault_callback(paths)
+    fault_cb = _fault_callback()
     if fault_cb is not None:
         callbacks.append(fault_cb)
     trainer_cls = trainer_class(SFTTrainer, cfg, dist_info["world_size"], "deepspeed" in kwargs)
