@@ -17,7 +17,8 @@ from gptoss_hpc.paths import PointPaths, RunPaths
 from gptoss_hpc.submission import slurm
 from gptoss_hpc.submission.manifest import Manifest
 
-_RESUME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*resum\w* from \S*checkpoint-(\d+)")
+# the train stage's "resuming from <dir>/checkpoint-N" (not a warning that ends "resuming from ... instead")
+_RESUME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*resuming from \S*checkpoint-(\d+)\s*$")
 _NAN = re.compile(r"loss became (?:NaN|nan|inf|non-finite)\S* at step (\d+)")
 REQUEUEING = ("preempt", "ckpt_truncate")  # faults whose point runs again under the same job id
 
