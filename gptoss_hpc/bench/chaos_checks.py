@@ -279,8 +279,11 @@ def _orphans(manifest: Manifest) -> str:
 
 
 def _duplicates(manifest: Manifest, since: float) -> str:
-    start = datetime.fromtimestamp(since - 5).strftime("%Y-%m-%dT%H:%M:%S")
-    submitted = {a.job_id.split("_", 1)[0] for a in slurm.attempts(since=start)}
+    """Jobs of the cluster since the launch began that carry one of the launch's job names (a retried sbatch
+    whose first try did create its job would leave one) but are not the ones launch.json records. The names
+    hold the experiment name (chaos<seed>), so an earlier soak's jobs, listed by sacct -S while they end, differ."""
     expected = {j.job_id for j in manifest.jobs}
-    extra = submitted - expected
-    return f"jobs submitted besides the launch's {sorted(expected)}: {sorted(extra)}" if extra else ""
+    names = {a.name for a in slurm.attempts(expected)}
+    start = datetime.fromtimestamp(since - 5).strftime("%Y-%m-%dT%H:%M:%S")
+    extra = {a.job_id.split("_", 1)[0] for a in slurm.attempts(since=start) if a.name in names} - expected
+    return f"jobs named like the launch's {sorted(expected)} besides them: {sorted(extra)}" if extra else ""
