@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 LOCAL_SLURM = Path(__file__).resolve().parents[2] / "launchers" / "local_slurm.sh"
 CLUSTER_DIR = Path(os.environ.get("GPTOSS_SLURM_MULTI_DIR", "/var/tmp/gptoss_hpc_slurm_nodes"))
+CLUSTER = "gptoss_nodes"  # ClusterName of the 2-node cluster (launchers/local_slurm_nodes.sh)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -73,13 +74,15 @@ def _alive(pid: int) -> bool:
 
 
 def job_pids(job_ids: set[str]) -> dict[int, str]:
-    """Live processes of these Slurm jobs ("123" any task of array/job 123, "123_4" one array task), by PID:
-    the task id they belong to. Read from each process's environment, so leftovers of a dead step count too."""
+    """Live processes of these 2-node-cluster jobs ("123": any task of array/job 123, "123_4": one array task), by
+    PID: the task id they belong to. Read from each process's environment, so leftovers of a dead step count too."""
     found: dict[int, str] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         env = _environ(int(entry.name))
+        if env.get("SLURM_CLUSTER_NAME") != CLUSTER:  # the one-node cluster's jobs reuse the same ids
+            continue
         array, task, job = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID"), env.get("SLURM_JOB_ID")
         ids = {f"{array}_{task}", array} if array and task else {job}
         hit = ids & job_ids
