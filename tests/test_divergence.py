@@ -68,6 +68,7 @@ def _point(tmp_path: Path, *overrides: str) -> Path:
     return save_run_config(cfg, tmp_path / "run" / "p000" / "config.yaml")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("logging_steps", [1, 4], ids=["logged-loss", "device-flag"])
 def test_a_nan_loss_ends_the_train_stage_at_that_step(tmp_path, monkeypatch, logging_steps):
     """logging_steps=1: the logged (already gathered) loss; 4: the per-step device flag between logs."""
@@ -89,6 +90,7 @@ def test_a_nan_loss_ends_the_train_stage_at_that_step(tmp_path, monkeypatch, log
         assert [r["step"] for r in rows] == [1, 2, 3] and math.isnan(rows[-1]["loss"])
 
 
+@pytest.mark.slow
 def test_stop_on_divergence_false_trains_on(tmp_path, monkeypatch):
     from gptoss_hpc.stages import train
 
