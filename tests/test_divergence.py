@@ -96,3 +96,17 @@ def test_stop_on_divergence_false_trains_on(tmp_path, monkeypatch):
     train.main(config)
     paths = PointPaths.from_config(config)
     assert json.loads(paths.stage_status("train").read_text())["state"] == "COMPLETED"
+
+
+def test_the_hooks_take_a_point(monkeypatch):
+    from gptoss_hpc.errors import GptossHpcError
+    from gptoss_hpc.stages.divergence import rank_step
+
+    assert rank_step(NAN_ENV, "p000") is None
+    monkeypatch.setenv(NAN_ENV, "1:3")
+    assert rank_step(NAN_ENV, "p000") == rank_step(NAN_ENV, "p007") == (1, 3)
+    monkeypatch.setenv(NAN_ENV, "1:3:p002")
+    assert rank_step(NAN_ENV, "p002") == (1, 3) and rank_step(NAN_ENV, "p000") is None
+    monkeypatch.setenv(NAN_ENV, "one:3")
+    with pytest.raises(GptossHpcError, match=r"is not <rank>:<step>\[:<point>\]"):
+        rank_step(NAN_ENV, "p000")
