@@ -9,7 +9,7 @@ with no collective in the error path. Between logging steps (``train.logging_ste
 optimizer step: the running loss and the gradient norm tested on the device, OR-ed over the ranks by one small
 all_reduce on the success path.
 
-Test-only hook: ``GPTOSS_HPC_TEST_NAN_AT=<rank>:<step>`` multiplies that rank's training loss by NaN in every
+Test-only hook: ``GPTOSS_HPC_TEST_NAN_AT=<rank>:<step>[:<point>]`` multiplies that rank's training loss by NaN in every
 micro-batch of that optimizer step (1-based, as ``global_step`` after it), inside the real forward/backward, so
 the loss, the gradients and the gradient norm all become NaN as in a real blow-up.
 """
@@ -39,12 +39,22 @@ class Diverged(GptossHpcError):
     """The loss or gradient norm became NaN/inf, or the loss blew up: the train stage stops."""
 
 
-def rank_step(env: str, spec: str) -> tuple[int, int]:
-    """``<rank>:<step>`` of a test-only hook (GPTOSS_HPC_TEST_RAISE_AT, GPTOSS_HPC_TEST_NAN_AT)."""
+def rank_step(env: str, point: str) -> tuple[int, int] | None:
+    """(rank, step) of a test-only hook (GPTOSS_HPC_TEST_RAISE_AT, GPTOSS_HPC_TEST_NAN_AT) set to ``<rank>:<step>``
+    (every point of a launch) or ``<rank>:<step>:<point>`` (that point only, e.g. ``1:3:p002``); None when the
+    variable is unset or names another point."""
+    spec = os.environ.get(env)
+    if not spec:
+        return None
+    parts = spec.split(":")
+    if len(parts) == 3:
+        if parts[2] != point:
+            return None
+        parts = parts[:2]
     try:
-        rank, step = (int(x) for x in spec.split(":"))
+        rank, step = (int(x) for x in parts)
     except ValueError as exc:
-        raise GptossHpcError(f"{env}={spec!r} is not <rank>:<step>, e.g. 0:2; unset it") from exc
+        raise GptossHpcError(f"{env}={spec!r} is not <rank>:<step>[:<point>], e.g. 0:2 or 0:2:p001; unset it") from exc
     return rank, step
 
 
@@ -97,13 +107,12 @@ def _word(value: float) -> str:
     return "NaN" if math.isnan(value) else ("inf" if value > 0 else "-inf")
 
 
-def guarded_trainer_class(base: type, guard: DivergenceGuard | None) -> type:
+def guarded_trainer_class(base: type, guard: DivergenceGuard | None, point: str) -> type:
     """``base`` (an SFTTrainer class) checked by ``guard`` at every optimizer step (None: no check), with the
-    GPTOSS_HPC_TEST_NAN_AT hook when that variable is set."""
-    spec = os.environ.get(NAN_ENV)
-    nan_at = rank_step(NAN_ENV, spec) if spec else None
+    GPTOSS_HPC_TEST_NAN_AT hook when that variable is set for this ``point`` (its folder name, e.g. p000)."""
+    nan_at = rank_step(NAN_ENV, point)
     if nan_at is not None:
-        log.warning("%s=%s is set: rank %d's loss becomes NaN at step %d (test-only hook)", NAN_ENV, spec, *nan_at)
+        log.warning("%s is set: rank %d's loss becomes NaN at step %d (test-only hook)", NAN_ENV, *nan_at)
     if guard is None and nan_at is None:
         return base
 

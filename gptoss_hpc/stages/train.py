@@ -18,8 +18,9 @@ run: W&B falls back to offline files under ``wandb/`` (``wandb sync`` them later
 
 On an error a rank tears down without any collective and exits non-zero; srun's --kill-on-bad-exit then ends
 the other ranks (see modeling/distributed.py). Test-only fault hook: ``GPTOSS_HPC_TEST_RAISE_AT=<rank>:<step>``
-makes that rank raise InjectedFault at the end of that optimizer step (the fault tests use it);
-``GPTOSS_HPC_TEST_NAN_AT=<rank>:<step>`` makes that rank's loss NaN in that step (stages/divergence.py).
+(``<rank>:<step>:<point>``: that point only) makes that rank raise InjectedFault at the end of that optimizer
+step (the fault tests use it); ``GPTOSS_HPC_TEST_NAN_AT=<rank>:<step>[:<point>]`` makes that rank's loss NaN
+in that step (stages/divergence.py).
 Checkpoints are written aside and renamed into place, and a resume skips damaged ones (stages/checkpoints.py).
 """
 
@@ -131,14 +132,15 @@ def _callbacks(paths: PointPaths, world_size: int) -> tuple[Any, Any]:
     return MetricsCallback(), PreemptionCallback()
 
 
-def _fault_callback() -> Any:
-    """The test-only fault hook (None unless GPTOSS_HPC_TEST_RAISE_AT is set)."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
+def _fault_callback(point: str) -> Any:
+    """The test-only fault hook (None unless GPTOSS_HPC_TEST_RAISE_AT is set for this point)."""
+    at = rank_step(FAULT_ENV, point)
+    if at is None:
         return None
     from transformers import TrainerCallback
 
-    rank, step = rank_step(FAULT_ENV, spec)
+    rank, step = at
+    spec = f"{rank}:{step}"
 
     class FaultCallback(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -233,12 +235,12 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
     callbacks.append(recompile_watch_callback(stage_warning))
     if profile_cb is not None:
         callbacks.append(profile_cb)
-    fault_cb = _fault_callback()
+    fault_cb = _fault_callback(paths.root.name)
     if fault_cb is not None:
         callbacks.append(fault_cb)
     trainer_cls = trainer_class(SFTTrainer, cfg, dist_info["world_size"], "deepspeed" in kwargs)
     guard = DivergenceGuard(cfg, lambda: latest_checkpoint(paths.train)) if cfg.train.stop_on_divergence else None
-    trainer_cls = atomic_checkpoint_class(guarded_trainer_class(trainer_cls, guard))
+    trainer_cls = atomic_checkpoint_class(guarded_trainer_class(trainer_cls, guard, paths.root.name))
     trainer = trainer_cls(
         model=model,
         args=args,
