@@ -13,14 +13,12 @@ which the test-only hook GPTOSS_HPC_TEST_NAN_AT puts into a real training step's
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from gptoss_hpc.bench.chaos import soak
 from gptoss_hpc.bench.chaos_plan import KINDS, Plan, PlanError, make_plan
-from gptoss_hpc.errors import GptossHpcError
 
 pytestmark = [pytest.mark.slurm2, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -49,20 +47,3 @@ def test_a_schedule_names_every_fault_and_refuses_two_on_one_point(tmp_path: Pat
     path.write_text(plan.to_json())
     with pytest.raises(PlanError, match="two point faults share a point"):
         Plan.load(path)
-
-
-def test_fault_hooks_stay_with_the_points_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gptoss_hpc.paths import RunPaths
-    from gptoss_hpc.stages.fault_hooks import HOOK_ENVS, POINTS_ENV, keep_hooks_to_their_points
-
-    run = RunPaths(tmp_path)
-    for name in HOOK_ENVS:
-        monkeypatch.setenv(name, "0:7")
-    monkeypatch.setenv(POINTS_ENV, "3,5")
-    keep_hooks_to_their_points(run.point(5))
-    assert all(os.environ.get(n) == "0:7" for n in HOOK_ENVS)  # a named point keeps them
-    keep_hooks_to_their_points(run.point(4))
-    assert not any(n in os.environ for n in HOOK_ENVS)  # any other point loses them
-    monkeypatch.setenv(POINTS_ENV, "three")
-    with pytest.raises(GptossHpcError, match=POINTS_ENV):
-        keep_hooks_to_their_points(run.point(3))

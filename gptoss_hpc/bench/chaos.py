@@ -29,12 +29,11 @@ from gptoss_hpc.bench import chaos_faults as faults
 from gptoss_hpc.bench.chaos_checks import Outcome, verify
 from gptoss_hpc.bench.chaos_plan import KINDS, Fault, Plan, make_plan
 from gptoss_hpc.monitor.state import collect
-from gptoss_hpc.paths import RunPaths
-from gptoss_hpc.stages.fault_hooks import POINTS_ENV
+from gptoss_hpc.paths import RunPaths, point_dirname
+from gptoss_hpc.stages.divergence import NAN_ENV
 from gptoss_hpc.submission import slurm
 from gptoss_hpc.submission.manifest import Manifest
 
-NAN_ENV = "GPTOSS_HPC_TEST_NAN_AT"
 # tiny gpt-oss, small BPE tokenizer, one rank per point, `parallel` points at a time spread over both nodes (each
 # asks for half a node's share of CPUs), so a node loss hits some points and not others, and with more points
 # than `parallel` part of the sweep is pending when the controller restarts
@@ -69,10 +68,9 @@ def sweep_args(plan: Plan, run_root: Path) -> list[str]:
 
 def launch_env(plan: Plan) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPTOSS_HPC_TEST_")}
-    nan = [f for f in plan.faults if f.kind == "nan"]
-    if nan:
-        env[NAN_ENV] = f"0:{nan[0].at_step}"
-        env[POINTS_ENV] = str(nan[0].point)
+    for f in plan.faults:
+        if f.kind == "nan":  # <rank>:<step>:<point>: that point of the sweep only
+            env[NAN_ENV] = f"0:{f.at_step}:{point_dirname(f.point)}"
     return env
 
 

@@ -246,7 +246,7 @@ def _fault_row(plan: Plan, f, caused: dict, points: list[PointRow], run: RunPath
 
 
 def plan_env(f) -> str:
-    return f"GPTOSS_HPC_TEST_NAN_AT=0:{f.at_step} on p{f.point:03d}"
+    return f"GPTOSS_HPC_TEST_NAN_AT=0:{f.at_step}:p{f.point:03d}"
 
 
 def _warnings(run: RunPaths, point: int) -> list[str]:

@@ -62,7 +62,6 @@ from gptoss_hpc.paths import PointPaths
 from gptoss_hpc.stages.checkpoints import atomic_checkpoint_class, checkpoint_step, clear_staging, latest_checkpoint
 from gptoss_hpc.stages.common import run_stage, stage_cli, stage_warning, write_status
 from gptoss_hpc.stages.divergence import DivergenceGuard, guarded_trainer_class, rank_step
-from gptoss_hpc.stages.fault_hooks import keep_hooks_to_their_points
 from gptoss_hpc.stages.requeue import (
     RequeueLimitError,
     RequeuePolicy,
@@ -164,7 +163,6 @@ def main(config_path: str | Path) -> dict[str, Any]:
 def train(cfg: RunConfig, paths: PointPaths) -> dict[str, Any]:
     from gptoss_hpc.modeling.model import check_reachable
 
-    keep_hooks_to_their_points(paths)
     saved_env = {k: os.environ.get(k) for k in DIST_ENV}
     dist_info = setup_distributed(cfg)
     if threading.current_thread() is threading.main_thread():
