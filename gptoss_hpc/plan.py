@@ -4,6 +4,7 @@
     python -m gptoss_hpc.plan model=gpt_oss_120b cluster=coreweave_h100 train=fast
     python -m gptoss_hpc.plan cluster.gpu_memory_gib=24 model.experts_dtype=mxfp4 train.per_device_train_batch_size=1
     python -m gptoss_hpc.plan --fits                                  # README's "what fits where" table
+    python -m gptoss_hpc.plan --lengths 16384,32768,65536,131072      # one long row: what fits, per card
 
 The numbers come from gptoss_hpc.config.memory (weights by dtype, LoRA + optimizer, activations, logits, MXFP4
 dequant buffer, workspace; calibrated on H100/H200 measurements). `card` adds fragmentation and the CUDA
@@ -17,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from gptoss_hpc.config import derive
 from gptoss_hpc.config.memory import USABLE, Estimate, arch_for, estimate_stages, gpu_memory_gib, train_estimate
 
 CARDS = (24, 48, 80, 141)
@@ -44,6 +46,20 @@ def format_table(estimates: list[Estimate]) -> str:
     return "\n".join(lines)
 
 
+def _fit_cell(found) -> str:
+    """``fastest_fit``'s choice as a table cell: experts dtype, micro-batch, recompute/offload, card GiB (+ host)."""
+    if found is None:
+        return "does not fit"
+    _, _, cfg, est = found
+    t = cfg.train
+    dtype = "bf16" if cfg.model.experts_dtype == "bfloat16" else cfg.model.experts_dtype
+    knobs = (" recompute" if t.gradient_checkpointing else "") + (
+        " offload" if t.gradient_checkpointing_offload else ""
+    )
+    host = f" +{est.note.split()[0]}" if est.note else ""
+    return f"{dtype} {t.per_device_train_batch_size}x{derive.max_length(t)}{knobs} ({est.card:.0f}{host})"
+
+
 def fits_table(base: list[str], lora: str = "experts") -> str:
     """For gpt-oss-20b and -120b and each card size: the setting train.fit_memory would train with (the fastest
     candidate of gptoss_hpc.config.fit whose train stage fits)."""
@@ -54,18 +70,38 @@ def fits_table(base: list[str], lora: str = "experts") -> str:
     for model in ("gpt_oss_20b", "gpt_oss_120b"):
         base_cfg = _compose([f"model={model}", f"lora={lora}", "train=default", *base])
         arch = arch_for(base_cfg)
-        cells = []
-        for card in CARDS:
-            found = fastest_fit(base_cfg, arch, card)
-            if found is None:
-                cells.append("does not fit")
-                continue
-            _, _, cfg, est = found
-            t = cfg.train
-            dtype = "bf16" if cfg.model.experts_dtype == "bfloat16" else cfg.model.experts_dtype
-            recompute = " recompute" if t.gradient_checkpointing else ""
-            cells.append(f"{dtype} {t.per_device_train_batch_size}x{t.max_length}{recompute} ({est.card:.0f})")
+        cells = [_fit_cell(fastest_fit(base_cfg, arch, card)) for card in CARDS]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def lengths_table(base: list[str], lengths: list[int]) -> str:
+    """For each row length and card size: what train.fit_memory trains one such row with (max_length=auto, one row
+    per micro-batch) and its planned GiB; the step tokens per GPU follow from the reference rows
+    (gptoss_hpc.config.lengths.with_length)."""
+    from gptoss_hpc.config.fit import fastest_fit
+    from gptoss_hpc.config.lengths import with_length
+
+    base_cfg = _compose(base)
+    arch = arch_for(base_cfg)
+    if arch is None:
+        return f"no architecture known for model.name_or_path={base_cfg.model.name_or_path}"
+    lines = [
+        f"{base_cfg.model.name_or_path}, LoRA r={base_cfg.lora.r} on "
+        f"{base_cfg.lora.expert_params or base_cfg.lora.target_modules}: "
+        "the fastest setting that fits one row of each length (card GiB in brackets; host GiB of offloaded "
+        "checkpoints after a +)",
+        "",
+        "| row tokens | " + " | ".join(f"{c} GB" for c in CARDS) + " |",
+        "|---|" + "---|" * len(CARDS),
+    ]
+    for length in lengths:
+        cfg = with_length(base_cfg, length, ())
+        if length > arch.max_position_embeddings:
+            cells = [f"over the context ({arch.max_position_embeddings:,})"] * len(CARDS)
+        else:
+            cells = [_fit_cell(fastest_fit(cfg, arch, card)) for card in CARDS]
+        lines.append(f"| {length:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -99,7 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fits", action="store_true", help="print the what-fits-where table (20b/120b x card sizes)")
     p.add_argument("--lora", default="experts", help="LoRA preset for --fits (default experts)")
     p.add_argument("--compare", nargs="+", metavar="JSON", help="bench train --json files: measured vs estimated")
+    p.add_argument(
+        "--lengths",
+        metavar="N,N,...",
+        help="row lengths in tokens (e.g. 16384,32768,65536,131072): the setting that fits each, per card size",
+    )
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.lengths:
+        try:
+            lengths = [int(x.replace("k", "000").replace("K", "000")) for x in args.lengths.split(",") if x]
+        except ValueError:
+            p.error(f"--lengths {args.lengths!r}: give token counts separated by commas, e.g. 16384,32768")
+        print(lengths_table(args.overrides, lengths))
+        return 0
     if args.compare:
         print(compare(args.compare))
         return 0
@@ -118,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     t = cfg.train
     print(
         f"{cfg.model.name_or_path} experts={cfg.model.experts_dtype} lora r={cfg.lora.r} micro-batch "
-        f"{t.per_device_train_batch_size}x{t.max_length} recompute={t.gradient_checkpointing} "
+        f"{t.per_device_train_batch_size}x{derive.max_length(t)} recompute={t.gradient_checkpointing} "
         f"compiled layers={cfg.model.compile_layers} gpu_memory_gib={capacity if capacity is not None else 'unknown'}"
     )
     print(format_table(estimates))
