@@ -94,8 +94,10 @@ def test_controller_restart_mid_sweep_loses_nothing_and_repeats_nothing(tmp_path
     assert wait_until(lambda: _states(tasks).get(tasks[1]) == "CANCELLED", 60, every=1), _states(tasks)
     assert wait_until(lambda: not job_pids({array}), 30), job_pids({array})
 
-    # 5. nothing submitted or run twice: one array job since the test began, each task one attempt
-    runs = [a.job_id for a in slurm.attempts([array])]
-    assert sorted(runs) == tasks, runs
-    assert {a.job_id.split("_")[0] for a in slurm.attempts(since=since)} == {array}
+    # 5. nothing submitted or run twice: one job of the launch's name since the test began (sacct -S also lists
+    #    jobs of earlier tests that ended after it), each task one attempt
+    runs = slurm.attempts([array])
+    assert sorted(a.job_id for a in runs) == tasks, runs
+    names = {a.name for a in runs}
+    assert {a.job_id.split("_")[0] for a in slurm.attempts(since=since) if a.name in names} == {array}
     assert len(list((run_dir / "slurm" / "train").glob("*_submitted.pkl"))) == 2  # submitit's, once per task
