@@ -145,6 +145,17 @@ def resumes(log: Path, metrics: Path) -> list[tuple[int, int | None]]:
     return out
 
 
+def fresh_starts(steps: list[int], save_steps: int) -> list[str]:
+    """A rerun that logged step 1 again started from nothing: right only if the run before it never got past
+    its first save (logged <= save_steps steps), else a checkpoint was there and was not used."""
+    out = []
+    for i in range(1, len(steps)):
+        if steps[i] == 1 and steps[i - 1] >= 1:
+            before = max(steps[:i])
+            out.append(f"none (killed at step {before}) {'ok' if before <= save_steps else 'WRONG'}")
+    return out
+
+
 def _lost(point: PointPaths, expected: str, plan: Plan, steps: list[int], truncated: set[str]) -> str:
     problems = []
     kept = [d for _, d in checkpoints(point) if str(d) not in truncated]
@@ -194,7 +205,7 @@ def verify(
         resumed = [
             f"ckpt {ckpt} -> step {first} {'ok' if first == ckpt + 1 else 'WRONG'}"
             for ckpt, first in resumes(log, point.metrics)
-        ]
+        ] + fresh_starts(steps, plan.save_steps)
         said = [ln.strip() for ln in row.stderr_tail if "error:" in ln]  # srun's "task 0: Killed" ...
         reason = row.error or (said[-1] if said else f"exit {row.exit_code}" if row.failed else "")
         points.append(
