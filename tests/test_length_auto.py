@@ -215,7 +215,10 @@ def test_a_launch_whose_rows_cannot_be_read_submits_nothing(tmp_path, capsys) ->
         f"run_root={tmp_path}",
     ]
     assert launch.main([*args, "dry_run=true"]) == 0
-    assert "the rows are measured at launch (the dataset gptoss-hpc-tests/no-such-set is on the Hub)" in capsys.readouterr().out
+    assert (
+        "the rows are measured at launch (the dataset gptoss-hpc-tests/no-such-set is on the Hub)"
+        in capsys.readouterr().out
+    )
     assert launch.main(args) == 1
     err = capsys.readouterr().err
     assert "measures every training row before submitting anything" in err and "gptoss-hpc-tests/no-such-set" in err
