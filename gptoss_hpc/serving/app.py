@@ -198,6 +198,7 @@ def create_app(
         service.close()
 
     app = FastAPI(title="gptoss_hpc serve", description=f"serving {name}", lifespan=lifespan)
+    app.state.service = service  # tests reach the model and the engine through it
     app.add_middleware(CountResponses, metrics=service.metrics)
     app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_request_bytes)
 
