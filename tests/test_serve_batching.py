@@ -161,7 +161,7 @@ def test_best_serves_the_lowest_held_out_loss(tmp_path: Path, capsys):
     from gptoss_hpc.stages.serve import best_point_config
 
     run = make_run(tmp_path, [["lora.r=8"], ["lora.r=16"], ["lora.r=32"]])
-    with pytest.raises(GptossHpcError, match="no point .* has a held-out loss"):
+    with pytest.raises(GptossHpcError, match=r"no point .* has a held-out loss"):
         best_point_config(run.root)
     complete_point(run, 0, loss=1.5, adherence=0.5)
     complete_point(run, 1, loss=1.25, adherence=0.5)

@@ -298,3 +298,51 @@ class BatchEngine:
             router.join(timeout=5)
         if self._model.config._attn_implementation != self._saved_attn:
             self._model.set_attn_implementation(self._saved_attn)
+
+
+def generate_completions(
+    model: Any,
+    tokenizer: Any,
+    conversations: list[list[dict[str, Any]]],
+    *,
+    max_new_tokens: int,
+    do_sample: bool,
+    capacity_gib: float | None = None,
+) -> list[str] | None:
+    """Every conversation's completion, decoded together (the eval stage's generations): the text after the prompt
+    with special tokens kept, ending at its stop token, as harmony.generate_completion returns it. None, with a
+    warning saying why, when the model cannot be batched (the caller then generates one at a time)."""
+    from gptoss_hpc.modeling.harmony import prompt_ids, stop_token_ids
+
+    problem = batching_problem(model)
+    if problem is not None:
+        log.warning("generating one prompt at a time, not batched: %s", problem)
+        return None
+    if not conversations:
+        return []
+    prompts = [prompt_ids(tokenizer, c) for c in conversations]
+    running = min(len(prompts), 32)
+    context = max(len(p) for p in prompts) + max_new_tokens
+    device = next(model.parameters()).device
+    plan = plan_kv_cache(model, max_running=running, max_context=context, capacity_gib=capacity_gib, device=device)
+    generation = getattr(batch_model(model), "generation_config", None)
+    temperature = (getattr(generation, "temperature", None) or 1.0) if do_sample else None
+    top_p = getattr(generation, "top_p", None) if do_sample else None
+    engine = BatchEngine(
+        model, tokenizer, stop_token_ids(tokenizer), max_running=running, max_waiting=len(prompts), plan=plan
+    )
+
+    async def one(prompt: list[int]) -> str:
+        rid = engine.submit(prompt, max_new_tokens, temperature=temperature, top_p=top_p)
+        tokens: list[int] = []
+        async for step in engine.follow(rid):
+            tokens = step.tokens
+        return tokenizer.decode(tokens, skip_special_tokens=False)
+
+    async def run_all() -> list[str]:
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+    try:
+        return asyncio.run(run_all())
+    finally:
+        engine.close()
