@@ -156,7 +156,7 @@ def create_app(
     from fastapi.responses import JSONResponse
 
     from gptoss_hpc.modeling.harmony import generate_completion
-    from gptoss_hpc.serving.batching import ContextTooLongError
+    from gptoss_hpc.serving.batching import ContextTooLongError, EngineDownError
     from gptoss_hpc.serving.generation import Service
     from gptoss_hpc.serving.metrics import CountResponses
     from gptoss_hpc.serving.openai_api import add_openai_routes
@@ -229,6 +229,10 @@ def create_app(
     @app.exception_handler(ContextTooLongError)
     async def _too_long(request: Request, exc: ContextTooLongError) -> JSONResponse:
         return problem(request, 400, [str(exc)], "invalid_request_error")
+
+    @app.exception_handler(EngineDownError)
+    async def _down(request: Request, exc: EngineDownError) -> JSONResponse:
+        return problem(request, 503, [str(exc)], "server_error")
 
     @app.exception_handler(GenerationFailedError)
     async def _failed(request: Request, exc: GenerationFailedError) -> JSONResponse:

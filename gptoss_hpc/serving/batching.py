@@ -34,6 +34,10 @@ CPU_FULL_REQUESTS = 4
 START_TIMEOUT_S = 300.0  # the generation thread allocates the cache (and may warm up) before it serves
 
 
+class EngineDownError(GptossHpcError):
+    """The batching thread stopped (a fatal error in it): the server cannot generate (503)."""
+
+
 class ContextTooLongError(GptossHpcError):
     """The prompt plus the requested new tokens do not fit this server's context (client error, 400)."""
 
@@ -229,15 +233,22 @@ class BatchEngine:
             self._counter += 1
             rid = f"req-{self._counter}"
             self._routes[rid] = (asyncio.get_running_loop(), asyncio.Queue())
-        self._manager.add_request(
-            prompt,
-            request_id=rid,
-            max_new_tokens=max_new_tokens,
-            streaming=True,
-            temperature=float(temperature) if sampling else 1.0,
-            top_k=0 if sampling else 1,
-            top_p=float(top_p) if sampling and top_p is not None else 1.0,
-        )
+        try:
+            added = self._manager.add_request(
+                prompt,
+                request_id=rid,
+                max_new_tokens=max_new_tokens,
+                streaming=True,
+                temperature=float(temperature) if sampling else 1.0,
+                top_k=0 if sampling else 1,
+                top_p=float(top_p) if sampling and top_p is not None else 1.0,
+            )
+        except Exception as exc:
+            self.release(rid, cancel=False)
+            raise EngineDownError(f"the batching thread refused the request: {exc}") from exc
+        if added is None:  # the manager drops requests once its thread has stopped
+            self.release(rid, cancel=False)
+            raise EngineDownError("the batching thread has stopped; the server must be restarted (GET /ready is 503)")
         return rid
 
     async def follow(self, rid: str) -> AsyncIterator[Progress]:

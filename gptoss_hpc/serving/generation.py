@@ -16,7 +16,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from gptoss_hpc.serving.batching import BatchEngine, ContextTooLongError, KVPlan, batching_problem
+from gptoss_hpc.serving.batching import BatchEngine, KVPlan, batching_problem
 from gptoss_hpc.serving.metrics import Metrics
 from gptoss_hpc.serving.streaming import StopMatcher
 from gptoss_hpc.serving.worker import Answer, GenerationFailedError, Generator
@@ -129,20 +129,13 @@ class Service:
         try:
             prompt = prompt_ids(self.tokenizer, messages)
         except (HarmonyFormatError, ValueError, TypeError) as exc:
-            self.metrics.refused("400")
             raise GenerationFailedError(f"cannot generate for this input: {exc}") from exc
-        try:
-            source = (
-                self._batched(prompt, max_new_tokens, temperature, top_p)
-                if self.engine is not None
-                else self._serial(messages, max_new_tokens, temperature, top_p)
-            )
-        except ContextTooLongError:
-            self.metrics.refused("400")
-            raise
-        except Exception:
-            self.metrics.refused("429")
-            raise
+        # refusals (429, 400, 503) raise here; the middleware counts them by status
+        source = (
+            self._batched(prompt, max_new_tokens, temperature, top_p)
+            if self.engine is not None
+            else self._serial(messages, max_new_tokens, temperature, top_p)
+        )
         self.metrics.admitted(len(prompt))
         return Completion(self, len(prompt), StopMatcher(stop), source)
 

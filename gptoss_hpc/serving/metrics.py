@@ -55,9 +55,6 @@ class Metrics:
         with self._lock:
             self.prompt_tokens += prompt_tokens
 
-    def refused(self, code: str) -> None:
-        """A request refused before it generated (the HTTP status is counted by the middleware)."""
-
     def finished(self, completion: Any, outcome: str) -> None:
         import time
 
