@@ -160,8 +160,9 @@ class BatchEngine:
         self.max_running, self.max_waiting, self.plan = max_running, max_waiting, plan
         self._model = batch_model(model)
         self._saved_attn = self._model.config._attn_implementation
-        if self._saved_attn != "eager":
-            self._model.set_attn_implementation("eager")  # -> paged|eager in the manager
+        # Already paged, so that the manager keeps it: transformers 5.17 switches an eager model that supports
+        # flash attention to a flash kernel when one is installed, and the flash paged kernels drop the sinks.
+        self._model.set_attn_implementation("paged|eager")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
         # The processors exist only when their defaults are set: every request then passes its own values.
         generation = GenerationConfig(
