@@ -116,7 +116,7 @@ def serve_load(model: Path, env: dict[str, str], work: Path, budget_s: float, na
     start = text.find('{"batched"')
     row["result"] = "pass" if rc == 0 else f"FAIL (rc {rc})"
     if start >= 0:
-        row["batch_check"] = json.loads(text[start:])
+        row["batch_check"] = json.JSONDecoder().raw_decode(text[start:])[0]  # log lines may follow it
     elif rc != 0:
         row["log_tail"] = text[-3000:]
     rows.append(row)
