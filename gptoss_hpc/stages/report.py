@@ -233,6 +233,12 @@ def render_markdown(manifest: Manifest, points: Sequence[PointSummary], best: Po
     return "\n".join(lines)
 
 
+def best_point(points: Sequence[PointSummary]) -> PointSummary | None:
+    """The point with the lowest held-out loss (the fine-tuned model's eval loss), None when none has one."""
+    scored = [p for p in points if p.metric("loss") is not None]
+    return min(scored, key=lambda p: p.metric("loss") or 0.0) if scored else None
+
+
 def build_report(run_dir: str | os.PathLike[str]) -> Path:
     run = RunPaths(Path(run_dir).resolve())
     try:
@@ -240,8 +246,7 @@ def build_report(run_dir: str | os.PathLike[str]) -> Path:
     except GptossHpcError as exc:
         raise ReportError(str(exc)) from exc
     points = [summarize_point(run, manifest, record) for record in sorted(manifest.points, key=lambda r: r.index)]
-    scored = [p for p in points if p.metric("loss") is not None]
-    best = min(scored, key=lambda p: p.metric("loss") or 0.0) if scored else None
+    best = best_point(points)
 
     run.report.mkdir(parents=True, exist_ok=True)
     plot_all(points, run.report)
