@@ -56,6 +56,7 @@ from gptoss_hpc.modeling.hub import push_folder
 from gptoss_hpc.modeling.profiling import profile_callback
 from gptoss_hpc.modeling.tracking import finish_wandb, start_wandb
 from gptoss_hpc.modeling.trainer import recompile_watch_callback, speed_knobs_callback, trainer_class
+from gptoss_hpc.monitor.records import write_data_record
 from gptoss_hpc.paths import PointPaths
 from gptoss_hpc.stages.common import run_stage, stage_cli, stage_warning, write_status
 from gptoss_hpc.stages.requeue import (
@@ -66,6 +67,7 @@ from gptoss_hpc.stages.requeue import (
     requeue_target,
     restart_count,
 )
+from gptoss_hpc.stages.run_facts import train_run_facts
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +219,7 @@ def train(cfg: RunConfig, paths: PointPaths) -> dict[str, Any]:
 def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
-    from gptoss_hpc.data import load_datasets
+    from gptoss_hpc.data import load_data
     from gptoss_hpc.modeling.batch_facts import check_batch_facts
     from gptoss_hpc.modeling.deepspeed import render_deepspeed_config
     from gptoss_hpc.modeling.lora import build_lora_config
@@ -233,7 +235,10 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
         return json.loads(paths.train_metrics.read_text())
     paths.train.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.model)
-    train_ds = sft_dataset(load_datasets(cfg, tokenizer)[0])  # loss on each row's last assistant turn
+    loaded = load_data(cfg, tokenizer)
+    if rank0:
+        write_data_record(paths, loaded.stats)  # rows kept, dropped, truncated: status and the report show them
+    train_ds = sft_dataset(loaded.train)  # loss on each row's last assistant turn
     _drop_none_turn_keys(tokenizer)
 
     kwargs = build_sft_config_kwargs(cfg, paths)
@@ -316,6 +321,7 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
             "total_params": total,
             "train_rows": len(train_ds),
             **engine,
+            **train_run_facts(trainer, paths, dist_info["world_size"]),
             "speed_knobs": knobs_cb.summary if knobs_cb is not None else None,
             "batch": batch,
             "hub_repo": None,
