@@ -80,7 +80,7 @@ def steady_rate(
     pts = [(int(r["step"]), float(r["time"]), float(r[key])) for r in rows if isinstance(r.get(key), int | float)]
     if len(pts) < 2:
         return None, None
-    start = min(warmup_steps, pts[len(pts) // 2][0])
+    start = min(warmup_steps, pts[(len(pts) - 1) // 2][0])
     steady = [p for p in pts if p[0] >= start]
     rates = [(b[2] - a[2]) / (b[1] - a[1]) for a, b in pairwise(steady) if b[0] > a[0] and b[1] > a[1] and b[2] > a[2]]
     if not rates:
