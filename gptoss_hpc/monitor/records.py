@@ -75,7 +75,7 @@ def steady_rate(
 ) -> tuple[float | None, str | None]:
     """(median per-second rate of the cumulative ``key`` over steady logged steps, "first-last" steps used).
 
-    Steady means from step ``warmup_steps`` on; a run too short for two such rows uses its second half. Intervals
+    Steady means from step ``warmup_steps`` on; a run too short for that starts at its middle logged step. Intervals
     where the counter or the step did not grow are skipped (a resumed run's counters restart with its process)."""
     pts = [(int(r["step"]), float(r["time"]), float(r[key])) for r in rows if isinstance(r.get(key), int | float)]
     if len(pts) < 2:
