@@ -35,7 +35,7 @@ from gptoss_hpc.paths import PointPaths, RunPaths
 # (gptoss_hpc.modeling.trainer.RECOMPILE_WARMUP_STEPS).
 STEADY_WARMUP_STEPS = 4
 # metrics.jsonl lines `status` reads for a running point's rate (the file's tail only: status stays fast)
-LIVE_TAIL_LINES = 50
+LIVE_TAIL_LINES = 20
 # rows that never trained: too long under data.max_length_policy, or bad rows skipped under data.skip_bad_rows
 DROPPED_KEYS = ("dropped_too_long", "dropped_prompt_too_long", "bad_rows_skipped")
 
@@ -129,17 +129,16 @@ def facts(
 
 
 def point_facts(point: PointPaths, *, full_metrics: bool = False) -> dict[str, Any]:
-    """The facts of one point from its files; metrics.jsonl's tail only unless ``full_metrics`` (the report)."""
+    """The facts of one point from its files; metrics.jsonl's tail only unless ``full_metrics`` (the report), and
+    none of it when train_metrics.json holds the steady rate already (a 500-point sweep's status stays fast)."""
+    train_metrics = read_json(point.train_metrics)
+    lines: list[str] = []
     if full_metrics and point.metrics.is_file():
         lines = point.metrics.read_text(encoding="utf-8", errors="replace").splitlines()
-    else:
+    elif (train_metrics or {}).get("steady_tok_s") is None:
         lines = tail_lines(point.metrics, LIVE_TAIL_LINES)
-    return facts(
-        read_json(point.data_record),
-        read_json(point.train_metrics),
-        read_json(point.stage_status("train")),
-        metric_rows(lines),
-    )
+    status = read_json(point.stage_status("train"))
+    return facts(read_json(point.data_record), train_metrics, status, metric_rows(lines))
 
 
 # ---------------------------------------------------------------------------------------- formatting
