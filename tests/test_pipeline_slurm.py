@@ -91,10 +91,12 @@ def _dependency(job_id: str) -> str:
 
 def test_four_point_sweep_is_one_array_per_stage_and_completes_without_leaking_secrets(tmp_path: Path) -> None:
     env = {**CANARIES, "WANDB_MODE": "offline", "PUSH_TO_HUB": "false"}
-    # a sweep over lengths: at 192 tokens the sample's longer rows are dropped (data.max_length_policy=drop)
+    # a sweep over lengths: at 192 tokens the sample's longer rows are dropped, as asked
     fast = [a for a in FAST if not a.startswith("train.max_length=")]
     run_dir, manifest, stdout = _launch(
-        ["-m", *fast, "name=sweep4", "lora.r=4,8", "train.max_length=192,256"], tmp_path, env
+        ["-m", *fast, "name=sweep4", "lora.r=4,8", "train.max_length=192,256", "data.max_length_policy=drop"],
+        tmp_path,
+        env,
     )
     jobs = {j.stage: j for j in manifest.jobs}
     assert list(jobs) == ["train", "merge", "eval", "report"]
@@ -166,7 +168,9 @@ def _each_point_says_what_it_kept_and_cost(run_dir: Path, manifest: Manifest, re
         assert f["rows_dropped"] == data["dropped_too_long"] and f["tokens_trained"] == trained["tokens"]
         assert f["tok_s"] > 0 and f["steady_steps"] == "2-3"  # 3 steps: the second half
         assert f["gpu_hours"] == 0 and f["mfu"] is None and f["peak_gib"] is None  # the ranks ran on the CPU
-        assert rows[point.dir][1:6] == [*point.overrides, f"{f['rows_trained']:,}", str(f["rows_dropped"]), "0"]
+        assert data["tokens_dropped"] > 0 if short else data["tokens_dropped"] == 0
+        length = f"{data['max_length']:,}"
+        assert rows[point.dir][1:7] == [*point.overrides, length, f"{f['rows_trained']:,}", str(f["rows_dropped"]), "0"]
 
 
 def _merged_equals_base_plus_adapter(point) -> None:

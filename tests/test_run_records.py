@@ -112,14 +112,15 @@ def test_write_data_record_updates_the_keys_already_there(tmp_path: Path):
 
 def test_old_records_show_dashes_and_new_ones_every_fact():
     old = facts(None, None, {"state": "COMPLETED", "wall_s": 12.0})  # a run dir from before the run facts
-    assert fact_cells(old) == ["-"] * 8
+    assert fact_cells(old) == ["-"] * 9
     new = facts(
-        {"train_rows": 900, "dropped_too_long": 3, "dropped_prompt_too_long": 1, "bad_rows_skipped": 0, "truncated": 0},
+        {"max_length": 8192, "train_rows": 900, "dropped_too_long": 3, "dropped_prompt_too_long": 1,
+         "bad_rows_skipped": 0, "truncated": 0},
         {"tokens": 1_234_567, "steady_tok_s": 26443.2, "steady_mfu": 0.412, "peak_gpu_gib": 57.4,
          "peak_gpu_reserved_gib": 65.4, "gpus": 8},
         {"state": "COMPLETED", "wall_s": 1800.0, "peak_gpu_gib": 50.0},
     )  # fmt: skip
-    assert fact_cells(new) == ["900", "4", "0", "1,234,567", "26,443", "0.412", "57.4 (65.4 res.)", "4"]
+    assert fact_cells(new) == ["8,192", "900", "4", "0", "1,234,567", "26,443", "0.412", "57.4 (65.4 res.)", "4"]
 
 
 def _local_run(root: Path) -> RunPaths:
@@ -137,7 +138,9 @@ def _local_run(root: Path) -> RunPaths:
             steps = [{k: v for k, v in s.items() if k != "num_input_tokens_seen"} for s in steps]
         p.metrics.write_text("".join(json.dumps(s) + "\n" for s in steps))
         p.stage_status("train").write_text(json.dumps({"state": "COMPLETED", "wall_s": 7200.0}))
-    write_data_record(run.point(1), {"train_rows": 59, "dropped_too_long": 2, "truncated": 5, "max_length": 8192})
+    write_data_record(run.point(1), {"train_rows": 59, "dropped_too_long": 2, "truncated": 5, "tokens_truncated": 90})
+    # what the launch measured (config.lengths): the length it decided for an auto point
+    run.point(1).data_lengths.write_text(json.dumps({"rows": 66, "p50": 180, "max": 9000, "max_length": 8192}))
     run.point(1).train_metrics.write_text(json.dumps({"tokens": 2000, "gpus": 2, "steady_mfu": 0.5}))
     Manifest("lengths", "2026-12-07T20:00:00", "local", str(run.root), points,
              [JobRecord("train", "11,12", False, [0, 1], "slurm/train")]).save()  # fmt: skip
@@ -157,13 +160,14 @@ def test_status_and_the_report_show_each_points_facts(tmp_path: Path, capsys: py
     assert status.main([str(run.root)]) == 0
     table = capsys.readouterr().out
     lines = {line.split()[0]: line.split() for line in table.splitlines() if line.startswith(("p000", "p001"))}
-    assert lines["p000"][1:] == ["train.max_length=2048", *["-"] * 8]
-    assert lines["p001"][1:] == ["train.max_length=8192", "59", "2", "5", "2,000", "1,000", "0.500", "-", "4"]
+    assert lines["p000"][1:] == ["train.max_length=2048", *["-"] * 9]
+    assert lines["p001"][1:] == ["train.max_length=8192", "8,192", "59", "2", "5", "2,000", "1,000", "0.500", "-", "4"]
 
     md = build_report(run.root).read_text()
-    assert "| p000 | train.max_length=2048 | - | - | - | - | - | - | - | - | - |" in md
-    assert "| p001 | train.max_length=8192 | 59 | 2 | 5 | 2,000 | 1,000 | 0.500 | - | 4 | 1-2 |" in md
+    assert "| p000 | train.max_length=2048 | - | - | - | - | - | - | - | - | - | - |" in md
+    assert "| p001 | train.max_length=8192 | 8,192 | 59 | 2 | 5 | 2,000 | 1,000 | 0.500 | - | 4 | 1-2 |" in md
     report = json.loads((run.report / "report.json").read_text())
     assert report["points"][1]["facts"]["tokens_trained"] == 2000
     assert (run.report / "cost_per_point.png").read_bytes()[:4] == b"\x89PNG"
-    assert point_facts(run.point(1))["max_length"] == 8192
+    f = point_facts(run.point(1))
+    assert f["max_length"] == 8192 and f["tokens_truncated"] == 90 and f["row_tokens_max"] == 9000

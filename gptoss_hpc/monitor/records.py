@@ -1,10 +1,12 @@
 """What each point of a launch kept and cost, read from its records: `status` and the report show the same facts.
 
 Per point (``pNNN/``):
-- ``data.json``: the data pass's counts, the keys of ``gptoss_hpc.data.load.load_data``'s ``stats`` (rows_read,
-  bad_rows_skipped, over_max_length, dropped_too_long, truncated, dropped_prompt_too_long, train_rows, eval_rows,
-  max_length, max_length_policy ...). Written by ``write_data_record``: by the train stage from what it loaded, and by
-  whatever else counts the rows first (a launch-time pass); each writer's keys update the file's.
+- ``data.json``: what the train stage loaded, the keys of ``gptoss_hpc.data.load.load_data``'s ``stats`` (rows_read,
+  bad_rows_skipped, over_max_length, dropped_too_long, truncated, dropped_prompt_too_long, tokens_dropped,
+  tokens_truncated, train_rows, eval_rows, max_length, max_length_policy ...), by ``write_data_record`` (a writer's
+  keys update the file's).
+- ``data_lengths.json``: what the launch measured of the rows before submitting (gptoss_hpc.config.lengths: row
+  tokens p50/p90/p99/max, the max_length it chose, rows and tokens over it).
 - ``train_metrics.json``: ``tokens`` (TRL's num_input_tokens_seen: non-padding tokens over all ranks), and from the
   train stage's run facts (stages/run_facts.py) steady tok/s and MFU, peak GiB and the GPUs it used.
 - ``metrics.jsonl``: per logging step ``time``, ``num_input_tokens_seen`` and ``useful_flops``; a running point's
@@ -39,7 +41,7 @@ LIVE_TAIL_LINES = 20
 # rows that never trained: too long under data.max_length_policy, or bad rows skipped under data.skip_bad_rows
 DROPPED_KEYS = ("dropped_too_long", "dropped_prompt_too_long", "bad_rows_skipped")
 
-FACT_HEADERS = ("rows trained", "dropped", "truncated", "tokens", "tok/s", "MFU", "peak GiB", "GPU-h")
+FACT_HEADERS = ("length", "rows trained", "dropped", "truncated", "tokens", "tok/s", "MFU", "peak GiB", "GPU-h")
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -97,9 +99,10 @@ def facts(
     train_metrics: Mapping[str, Any] | None,
     train_status: Mapping[str, Any] | None,
     rows: Sequence[Mapping[str, Any]] = (),
+    lengths: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A point's facts from its records (any of them may be None); see the module docstring."""
-    data, tm, st = data or {}, train_metrics or {}, train_status or {}
+    data, tm, st, measured = data or {}, train_metrics or {}, train_status or {}, lengths or {}
     dropped = [data[k] for k in DROPPED_KEYS if isinstance(data.get(k), int)]
     tok_s, steps = _num(tm.get("steady_tok_s")), tm.get("steady_steps")
     if tok_s is None:  # a running point, or one trained before the stage recorded it
@@ -123,8 +126,12 @@ def facts(
         "gpus": tm.get("gpus"),
         "wall_s": wall,
         "gpu_hours": None if wall is None or gpus is None or st.get("state") != "COMPLETED" else wall * gpus / 3600,
-        "max_length": data.get("max_length"),
-        "max_length_policy": data.get("max_length_policy"),
+        "max_length": data.get("max_length", measured.get("max_length")),
+        "max_length_policy": data.get("max_length_policy", measured.get("policy")),
+        "tokens_dropped": data.get("tokens_dropped"),
+        "tokens_truncated": data.get("tokens_truncated"),
+        "row_tokens_p50": measured.get("p50"),
+        "row_tokens_max": measured.get("max"),
     }
 
 
@@ -137,8 +144,8 @@ def point_facts(point: PointPaths, *, full_metrics: bool = False) -> dict[str, A
         lines = point.metrics.read_text(encoding="utf-8", errors="replace").splitlines()
     elif (train_metrics or {}).get("steady_tok_s") is None:
         lines = tail_lines(point.metrics, LIVE_TAIL_LINES)
-    status = read_json(point.stage_status("train"))
-    return facts(read_json(point.data_record), train_metrics, status, metric_rows(lines))
+    status, lengths = read_json(point.stage_status("train")), read_json(point.data_lengths)
+    return facts(read_json(point.data_record), train_metrics, status, metric_rows(lines), lengths)
 
 
 # ---------------------------------------------------------------------------------------- formatting
@@ -154,6 +161,7 @@ def fact_cells(f: Mapping[str, Any]) -> list[str]:
     if f.get("peak_reserved_gib") is not None:
         peak += f" ({f['peak_reserved_gib']:.1f} res.)"
     return [
+        _count(f.get("max_length")),
         _count(f.get("rows_trained")),
         _count(f.get("rows_dropped")),
         _count(f.get("rows_truncated")),

@@ -219,6 +219,7 @@ def train(cfg: RunConfig, paths: PointPaths) -> dict[str, Any]:
 def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
+    from gptoss_hpc.config.lengths import with_length
     from gptoss_hpc.data import load_data
     from gptoss_hpc.modeling.batch_facts import check_batch_facts
     from gptoss_hpc.modeling.deepspeed import render_deepspeed_config
@@ -238,6 +239,8 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
     loaded = load_data(cfg, tokenizer)
     if rank0:
         write_data_record(paths, loaded.stats)  # rows kept, dropped, truncated: status and the report show them
+    if cfg.train.max_length is None:  # a config no launch resolved (run by hand): the length the data asked for
+        cfg = with_length(cfg, loaded.stats["max_length"], ())
     train_ds = sft_dataset(loaded.train)  # loss on each row's last assistant turn
     _drop_none_turn_keys(tokenizer)
 
