@@ -198,3 +198,22 @@ def test_mixed_lengths_train_through_the_real_stage_in_token_budget_micro_batche
     )
     steps = [json.loads(line) for line in (point / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps if "loss" in s][:3] == [1, 2, 3]
+
+
+def test_a_launch_whose_rows_cannot_be_read_submits_nothing(tmp_path, capsys) -> None:
+    """A Hub dataset that cannot be reached (this machine has no Hub; the name does not exist either): a dry run
+    still prints its scripts with a note, a launch is refused before anything is written."""
+    from gptoss_hpc import launch
+
+    args = [
+        "experiment=demo",
+        "data=multilingual_thinking",
+        "data.name=gptoss-hpc-tests/no-such-set",
+        f"run_root={tmp_path}",
+    ]
+    assert launch.main([*args, "dry_run=true"]) == 0
+    assert "the rows were not measured" in capsys.readouterr().out
+    assert launch.main(args) == 1
+    err = capsys.readouterr().err
+    assert "measures every training row before submitting anything" in err and "gptoss-hpc-tests/no-such-set" in err
+    assert not any(tmp_path.iterdir())

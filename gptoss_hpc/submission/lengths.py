@@ -95,10 +95,9 @@ def decide(cfg: RunConfig, overrides: list[str], measured_by_data: dict[str, Mea
         try:
             measured_by_data[key] = measure(cfg)
         except ResourceNotReachableError as exc:
-            if not cfg.dry_run:
-                raise
-            note = f"train.max_length={cfg.train.max_length or 'auto'}: not measured in this dry run ({exc})"
-            return Resolution(cfg, lines=[note.splitlines()[0]])
+            # a dry run (or a script that only renders) goes on; launch.py refuses to submit an unmeasured point
+            note = f"train.max_length={cfg.train.max_length or 'auto'}: the rows were not measured ({exc})"
+            return Resolution(cfg, lines=[note.splitlines()[0]], unmeasured=str(exc))
     capacity, arch = gpu_memory_gib(cfg), arch_for(cfg)
     keys = [*user_set(overrides), *_user_length_keys(overrides)]
 

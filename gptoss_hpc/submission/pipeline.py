@@ -47,6 +47,7 @@ class Point:
     # pNNN/data_lengths.json)
     length_lines: list[str] = field(default_factory=list)
     length_record: dict[str, Any] = field(default_factory=dict)
+    unmeasured: str | None = None  # why its rows could not be measured: launch.py refuses to submit it
 
 
 @dataclass
@@ -112,7 +113,7 @@ def compose_launch(overrides: Sequence[str], multirun: bool = False) -> Launch:
         except ConfigError as exc:
             problems += [label + p for p in exc.problems]
             continue
-        points.append(Point(index, point_overrides, cfg, lengths.lines, lengths.record))
+        points.append(Point(index, point_overrides, cfg, lengths.lines, lengths.record, lengths.unmeasured))
     problems += secrets.problems()  # malformed WANDB_API_KEY: refused here, not in every job
     if problems:
         header = f"{len(batches)}-point sweep rejected, nothing submitted" if swept else "invalid configuration"
