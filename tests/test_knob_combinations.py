@@ -134,7 +134,7 @@ def test_combination_trains_on_two_ranks(tmp_path, compiled_on_cpu, k: Knobs) ->
     """2 ranks through submitit's LocalExecutor and TrainJob (as the launcher starts them), ZeRO-2 over gloo."""
     import submitit
 
-    from gptoss_hpc.stages.train_job import TrainJob
+    from gptoss_hpc.stages.train import TrainJob
 
     config = _point(tmp_path, k, "train.deepspeed=true", "cluster.tasks_per_node=2")
     paths = PointPaths.from_config(config)

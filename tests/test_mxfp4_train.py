@@ -90,7 +90,7 @@ def test_two_ranks_deepspeed_zero2_with_mxfp4_resident_experts(tmp_path, synth):
     the parameter list by then, or the broadcast fails. 2 ranks over gloo, as the launcher submits them."""
     import submitit
 
-    from gptoss_hpc.stages.train_job import TrainJob
+    from gptoss_hpc.stages.train import TrainJob
 
     config = _point(tmp_path, synth, "train.deepspeed=true", "cluster.tasks_per_node=2", "train.max_steps=2")
     paths = PointPaths.from_config(config)

@@ -21,7 +21,7 @@ import submitit
 
 from gptoss_hpc.config import compose, save_run_config, to_run_config, validate
 from gptoss_hpc.paths import PointPaths
-from gptoss_hpc.stages.train_job import TrainJob
+from gptoss_hpc.stages.train import TrainJob
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(900)]
 

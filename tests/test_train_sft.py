@@ -134,7 +134,7 @@ def test_two_ranks_run_deepspeed_zero2_over_gloo(tmp_path):
     """2 ranks via submitit's LocalExecutor (tasks_per_node=2) and TrainJob, as the launcher submits it."""
     import submitit
 
-    from gptoss_hpc.stages.train_job import TrainJob
+    from gptoss_hpc.stages.train import TrainJob
 
     config = make_point(tmp_path, "model.tokenizer=tiny-bpe", "train.deepspeed=true", "cluster.tasks_per_node=2")
     paths = PointPaths.from_config(config)

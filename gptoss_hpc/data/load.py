@@ -58,22 +58,21 @@ def load_datasets(cfg: RunConfig, tokenizer: Any = None) -> tuple[Dataset, Datas
     return loaded.train, loaded.eval
 
 
-def load_data(cfg: RunConfig, tokenizer: Any = None, *, lengths: dict[str, int] | None = None) -> LoadedData:
+def load_data(
+    cfg: RunConfig, tokenizer: Any = None, *, lengths: dict[str, int] | None = None, hub_folder: str | None = None
+) -> LoadedData:
     """Like load_datasets, plus the counts (also logged at INFO). ``lengths``: row lengths already measured,
-    by ``<file>:<row>`` label (the launch's), so they are not measured again."""
+    by ``<file>:<row>`` label (the launch's), so they are not measured again. ``hub_folder``: a local snapshot of
+    the data.source=hub dataset (the launch's pre-fetch) to read instead of the Hub."""
     from datasets import Dataset
 
     from gptoss_hpc.data.length import SOURCE_KEY
 
     d = cfg.data
-    where, raw = source_rows(d)
+    where, raw = source_rows(d, hub_folder)
     if d.multi_turn not in MULTI_TURN_POLICIES:
         raise DataError(f"data.multi_turn={d.multi_turn!r}: use {' or '.join(MULTI_TURN_POLICIES)}")
-    opts = {
-        "messages_field": d.messages_field,
-        "reasoning_language_field": d.reasoning_language_field,
-        "control_tokens": control_token_pattern(_special_strings(tokenizer)),
-    }
+    opts = row_check_options(d, tokenizer)
     main = normalise_rows(raw, **opts)
     held: Normalised | None = None
     if d.eval_path:
@@ -179,6 +178,21 @@ def _apply_length_policy(
     return train_rows, eval_rows
 
 
+def row_check_options(d: DataConfig, tokenizer: Any = None) -> dict[str, Any]:
+    """normalise_rows' options for data config ``d``: the same row check in ``data validate`` and the train stage."""
+    return {
+        "messages_field": d.messages_field,
+        "reasoning_language_field": d.reasoning_language_field,
+        "control_tokens": control_token_pattern(_special_strings(tokenizer)),
+        "multi_turn": d.multi_turn,
+    }
+
+
+def check_file(path: str | Path, d: DataConfig) -> Normalised:
+    """``python -m gptoss_hpc.data validate``: every row of a file through the train stage's row check."""
+    return normalise_rows(read_rows(path), **row_check_options(d))
+
+
 def split_rows_per_assistant_turn(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per assistant turn; each keeps its source label with the turn's number (``file:row#k``)."""
     from gptoss_hpc.data.length import SOURCE_KEY
@@ -224,8 +238,8 @@ def split_rows(
     return train, held
 
 
-def source_rows(d: DataConfig) -> tuple[str, Iterator[RawRow]]:
-    """(a name for messages, the raw rows) of data.source."""
+def source_rows(d: DataConfig, hub_folder: str | None = None) -> tuple[str, Iterator[RawRow]]:
+    """(a name for messages, the raw rows) of data.source (``hub_folder``: a local snapshot of the Hub dataset)."""
     if d.source == "local":
         if not d.path:
             raise DataError("data.path is required for data.source=local; data.path=/path/to/train.jsonl")
@@ -237,7 +251,7 @@ def source_rows(d: DataConfig) -> tuple[str, Iterator[RawRow]]:
         if not d.name:
             raise DataError("data.name is required for data.source=hub; e.g. HuggingFaceH4/Multilingual-Thinking")
         where = f"{d.name}[{d.split}]"
-        ds = load_hub_dataset(d.name, d.split, d.revision)
+        ds = load_hub_dataset(d.name, d.split, d.revision, folder=hub_folder)
         return where, (RawRow(f"{where}:{i}", row) for i, row in enumerate(ds))
     raise DataError(f"data.source={d.source!r}: use hub, local or sample")
 
@@ -266,12 +280,13 @@ def _offline_snapshot(name: str, revision: str | None) -> str | None:
         return None  # not prefetched: datasets raises its own offline error, turned into the fix below
 
 
-def load_hub_dataset(name: str, split: str, revision: str | None) -> Any:
+def load_hub_dataset(name: str, split: str, revision: str | None, folder: str | None = None) -> Any:
     """datasets.load_dataset, with offline / gated / not-found turned into ResourceNotReachableError."""
     import datasets
 
     try:
-        return datasets.load_dataset(_offline_snapshot(name, revision) or name, split=split, revision=revision)
+        source = folder or _offline_snapshot(name, revision) or name
+        return datasets.load_dataset(source, split=split, revision=None if folder else revision)
     except Exception as e:  # DatasetNotFoundError, GatedRepoError, ConnectionError, OfflineModeIsEnabled ...
         raise ResourceNotReachableError(
             f"dataset {name!r} (split={split!r}, revision={revision or 'default'}) could not be loaded: "

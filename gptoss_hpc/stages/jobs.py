@@ -32,7 +32,7 @@ class StageCall:
 def stage_callable(stage: str) -> Any:
     """Train jobs use the checkpointable TrainJob (requeue + resume on preemption); the rest StageCall."""
     if stage == "train":
-        from gptoss_hpc.stages.train_job import TrainJob
+        from gptoss_hpc.stages.train import TrainJob
 
         return TrainJob()
     return StageCall(stage)

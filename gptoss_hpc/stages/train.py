@@ -7,7 +7,7 @@
 Ranks come from torchrun's env, else from Slurm/submitit (``TorchDistributedEnvironment``), else one
 process. A re-run resumes from the newest complete ``train/checkpoint-N``. On ``cluster.preempt_signal``
 (SIGUSR2 by default, or SIGTERM: Slurm's warning before the time limit, or preemption) every rank finishes
-its step, a checkpoint is saved, and under the launcher (``stages.train_job.TrainJob``) the job requeues itself up to
+its step, a checkpoint is saved, and under the launcher (``TrainJob``) the job requeues itself up to
 ``cluster.max_requeues`` times (stages/requeue.py); run by hand it exits non-zero saying how to resume.
 
 Outputs (rank 0): ``adapter/`` (adapter safetensors + config, tokenizer, deepspeed.json), ``metrics.jsonl``
@@ -18,7 +18,10 @@ run: W&B falls back to offline files under ``wandb/`` (``wandb sync`` them later
 
 On an error a rank tears down without any collective and exits non-zero; srun's --kill-on-bad-exit then ends
 the other ranks (see modeling/distributed.py). Test-only fault hook: ``GPTOSS_HPC_TEST_RAISE_AT=<rank>:<step>``
-makes that rank raise InjectedFault at the end of that optimizer step (the fault tests use it).
+(``<rank>:<step>:<point>``: that point only) makes that rank raise InjectedFault at the end of that optimizer
+step (the fault tests use it); ``GPTOSS_HPC_TEST_NAN_AT=<rank>:<step>[:<point>]`` makes that rank's loss NaN
+in that step (stages/divergence.py).
+Checkpoints are written aside and renamed into place, and a resume skips damaged ones (stages/checkpoints.py).
 """
 
 from __future__ import annotations
@@ -31,16 +34,21 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gptoss_hpc.config import RunConfig
+import submitit
+
+from gptoss_hpc.config import RunConfig, load_run_config
 from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.fileio import write_atomic
 from gptoss_hpc.modeling.distributed import (
     DIST_ENV,
     abort_distributed,
+    any_rank,
     collective_timeout_s,
+    global_rank,
     rank_hostnames,
     set_collective_timeout,
     setup_distributed,
@@ -49,18 +57,104 @@ from gptoss_hpc.modeling.distributed import (
 from gptoss_hpc.modeling.hub import push_folder
 from gptoss_hpc.modeling.profiling import profile_callback
 from gptoss_hpc.modeling.tracking import finish_wandb, start_wandb
-from gptoss_hpc.modeling.trainer import trainer_class
+from gptoss_hpc.modeling.trainer import recompile_watch_callback, speed_knobs_callback, trainer_class
+from gptoss_hpc.monitor.records import write_data_record
 from gptoss_hpc.paths import PointPaths
-from gptoss_hpc.stages.checkpoints import latest_checkpoint
-from gptoss_hpc.stages.common import run_stage, stage_cli, stage_warning
+from gptoss_hpc.stages.checkpoints import atomic_checkpoint_class, checkpoint_step, clear_staging, latest_checkpoint
+from gptoss_hpc.stages.common import run_stage, stage_cli, stage_warning, write_status
+from gptoss_hpc.stages.divergence import DivergenceGuard, guarded_trainer_class, rank_step
 from gptoss_hpc.stages.requeue import (
+    RequeueLimitError,
+    RequeuePolicy,
     preempt_signum,
+    requeue,
+    requeue_target,
+    restart_count,
 )
-from gptoss_hpc.stages.train_callbacks import Preempted, on_preempt_signal, train_callbacks
+from gptoss_hpc.stages.run_facts import train_run_facts
 
 log = logging.getLogger(__name__)
 
 STAGE = "train"
+# Test-only: "<rank>:<step>" makes that rank raise InjectedFault after that step (tests/test_faults_slurm.py).
+FAULT_ENV = "GPTOSS_HPC_TEST_RAISE_AT"
+# Set by the preempt-signal handler (or TrainJob.checkpoint); read by the trainer callback at each step end.
+PREEMPT = threading.Event()
+
+
+class InjectedFault(GptossHpcError):
+    """Raised only when GPTOSS_HPC_TEST_RAISE_AT asks for it: a real user never sets that variable."""
+
+
+class Preempted(GptossHpcError):
+    """Training stopped on the preempt signal after saving a checkpoint; re-running the job resumes from it."""
+
+    def __init__(self, checkpoint: str | None, step: int) -> None:
+        self.checkpoint, self.step = checkpoint, step
+        super().__init__(f"preempted at step {step}; checkpoint {checkpoint} saved; re-run the same command to resume")
+
+
+# ----------------------------------------------------------------------------------------- callbacks
+def _callbacks(paths: PointPaths, world_size: int) -> tuple[Any, Any]:
+    from transformers import TrainerCallback
+
+    class MetricsCallback(TrainerCallback):
+        """One JSON line per logging step in metrics.jsonl (rank 0)."""
+
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            if "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+            record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+            with paths.metrics.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    class PreemptionCallback(TrainerCallback):
+        """On the preempt signal (any rank): all ranks agree at a step end, save a checkpoint and stop."""
+
+        def __init__(self) -> None:
+            self.triggered = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            flag = PREEMPT.is_set()
+            if world_size > 1:
+                flag = any_rank(flag)
+            if flag:
+                log.warning("preemption signal: saving checkpoint-%d and stopping", state.global_step)
+                self.triggered = True
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return MetricsCallback(), PreemptionCallback()
+
+
+def _fault_callback(point: str) -> Any:
+    """The test-only fault hook (None unless GPTOSS_HPC_TEST_RAISE_AT is set for this point)."""
+    at = rank_step(FAULT_ENV, point)
+    if at is None:
+        return None
+    from transformers import TrainerCallback
+
+    rank, step = at
+    spec = f"{rank}:{step}"
+
+    class FaultCallback(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if global_rank() == rank and state.global_step == step:
+                raise InjectedFault(f"test fault injected by {FAULT_ENV}={spec} on rank {rank} at step {step}")
+
+    log.warning("%s=%s is set: rank %d will raise at step %d (test-only fault hook)", FAULT_ENV, spec, rank, step)
+    return FaultCallback()
+
+
+def _on_preempt(signum, frame) -> None:
+    log.warning("caught %s: will checkpoint at the end of this step", signal.Signals(signum).name)
+    PREEMPT.set()
 
 
 # -------------------------------------------------------------------------------------------- the stage
@@ -74,7 +168,7 @@ def train(cfg: RunConfig, paths: PointPaths) -> dict[str, Any]:
     saved_env = {k: os.environ.get(k) for k in DIST_ENV}
     dist_info = setup_distributed(cfg)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(preempt_signum(cfg.cluster), on_preempt_signal)
+        signal.signal(preempt_signum(cfg.cluster), _on_preempt)
     try:
         check_reachable(cfg)  # model/tokenizer: one message before any rank loads anything heavy
         result = _train(cfg, paths, dist_info)
@@ -95,13 +189,15 @@ def train(cfg: RunConfig, paths: PointPaths) -> dict[str, Any]:
 
 
 def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict[str, Any]:
-    from trl import SFTTrainer
+    from trl import SFTConfig, SFTTrainer
 
     from gptoss_hpc.config.lengths import with_length
     from gptoss_hpc.data import load_data
+    from gptoss_hpc.modeling.batch_facts import check_batch_facts
+    from gptoss_hpc.modeling.deepspeed import render_deepspeed_config
     from gptoss_hpc.modeling.lora import build_lora_config
     from gptoss_hpc.modeling.model import load_base_model
-    from gptoss_hpc.modeling.sft import deepspeed_json_path, sft_dataset
+    from gptoss_hpc.modeling.sft import build_sft_config_kwargs, deepspeed_json_path, sft_dataset, wandb_enabled
     from gptoss_hpc.modeling.tokenizer import load_tokenizer
 
     rank0 = dist_info["rank"] == 0
@@ -113,91 +209,16 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
     paths.train.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.model)
     loaded = load_data(cfg, tokenizer)
+    if rank0:
+        write_data_record(paths, loaded.stats)  # rows kept, dropped, truncated: status and the report show them
     if cfg.train.max_length is None:  # a config no launch resolved (run by hand): the length the data asked for
         cfg = with_length(cfg, loaded.stats["max_length"], ())
     train_ds = sft_dataset(loaded.train)  # loss on each row's last assistant turn
     _drop_none_turn_keys(tokenizer)
 
-    args, deepspeed, batch = _sft_args(cfg, paths, dist_info["world_size"], rank0)
-
-    profile_cb = profile_callback(paths.train)  # a bad GPTOSS_HPC_PROFILE_STEPS fails here, before the model loads
-    model = load_base_model(cfg, paths, for_training=True)
-    cbs = train_callbacks(cfg, paths, dist_info["world_size"], profile_cb)
-    trainer_cls = trainer_class(SFTTrainer, cfg, dist_info["world_size"], deepspeed)
-    trainer = trainer_cls(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=None,
-        processing_class=tokenizer,
-        peft_config=build_lora_config(cfg),
-        callbacks=cbs.all,
-    )
-    set_collective_timeout(cfg.train.ddp_timeout)
-    if cfg.model.experts_dtype == "mxfp4":
-        from gptoss_hpc.modeling.mxfp4.experts import release_placeholders
-
-        release_placeholders(trainer.model)  # before DeepSpeed's broadcast of every parameter (train() wraps)
-    trainable, total = trainer.model.get_nb_trainable_parameters()
-    log.info("LoRA: %d trainable of %d parameters (%.4f%%)", trainable, total, 100 * trainable / total)
-
-    resume = latest_checkpoint(paths.train)
-    if resume is not None:
-        log.info("resuming from %s", resume)
-    started = time.time()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    engine = _engine_facts(trainer)
-
-    if cbs.preemption.triggered:
-        saved = latest_checkpoint(paths.train)
-        raise Preempted(str(saved) if saved else None, trainer.state.global_step)
-
-    trainer.save_model(str(paths.adapter))  # every rank calls it; rank 0 writes adapter + tokenizer
-    metrics: dict[str, Any] = {}
-    if rank0:
-        if deepspeed:
-            shutil.copy2(deepspeed_json_path(paths), paths.adapter / "deepspeed.json")
-        losses = cbs.metrics.losses
-        metrics = {
-            "train_loss": result.training_loss,
-            "first_loss": losses[0] if losses else None,
-            "last_loss": losses[-1] if losses else None,
-            "logged_losses": len(losses),
-            "global_step": trainer.state.global_step,
-            "max_steps": trainer.state.max_steps,
-            "tokens": int(trainer.state.num_input_tokens_seen or 0),
-            "runtime_s": time.time() - started,
-            "train_runtime_s": result.metrics.get("train_runtime"),
-            "resumed_from": str(resume) if resume else None,
-            "world_size": dist_info["world_size"],
-            "rank_source": dist_info["source"],
-            "trainable_params": trainable,
-            "total_params": total,
-            "train_rows": len(train_ds),
-            **engine,
-            "speed_knobs": cbs.knobs.summary if cbs.knobs is not None else None,
-            "batch": batch,
-            "hub_repo": None,
-            "hub_push": None,
-        }
-        finish_wandb()
-        write_atomic(paths.train_metrics, json.dumps(metrics, indent=2) + "\n")
-        _push_adapter(cfg, paths, metrics)
-    return metrics
-
-
-def _sft_args(cfg: RunConfig, paths: PointPaths, world_size: int, rank0: bool) -> tuple[Any, bool, dict[str, Any]]:
-    """SFTConfig for this point (with its DeepSpeed JSON written, and W&B started on rank 0), whether DeepSpeed
-    runs, and the batch facts every rank agrees on."""
-    from trl import SFTConfig
-
-    from gptoss_hpc.modeling.batch_facts import check_batch_facts
-    from gptoss_hpc.modeling.deepspeed import render_deepspeed_config
-    from gptoss_hpc.modeling.sft import build_sft_config_kwargs, deepspeed_json_path, wandb_enabled
-
     kwargs = build_sft_config_kwargs(cfg, paths)
     if "deepspeed" in kwargs:
-        ds_config = render_deepspeed_config(cfg, world_size)
+        ds_config = render_deepspeed_config(cfg, dist_info["world_size"])
         write_atomic(deepspeed_json_path(paths), json.dumps(ds_config, indent=2) + "\n")
     if wandb_enabled():
         os.environ.setdefault("WANDB_PROJECT", cfg.name)
@@ -209,19 +230,100 @@ def _sft_args(cfg: RunConfig, paths: PointPaths, world_size: int, rank0: bool) -
     args = SFTConfig(**kwargs)
     # every rank: the DeepSpeed JSON, accumulation and effective batch are the config's and the same on all ranks
     batch = check_batch_facts(cfg, args, deepspeed_json_path(paths) if "deepspeed" in kwargs else None)
-    return args, "deepspeed" in kwargs, batch
 
+    profile_cb = profile_callback(paths.train)  # a bad GPTOSS_HPC_PROFILE_STEPS fails here, before the model loads
+    model = load_base_model(cfg, paths, for_training=True)
+    metrics_cb, preempt_cb = _callbacks(paths, dist_info["world_size"])
+    callbacks = [metrics_cb, preempt_cb]
+    knobs_cb = speed_knobs_callback(cfg)
+    if knobs_cb is not None:
+        callbacks.append(knobs_cb)
+    callbacks.append(recompile_watch_callback(stage_warning))
+    if profile_cb is not None:
+        callbacks.append(profile_cb)
+    fault_cb = _fault_callback(paths.root.name)
+    if fault_cb is not None:
+        callbacks.append(fault_cb)
+    trainer_cls = trainer_class(SFTTrainer, cfg, dist_info["world_size"], "deepspeed" in kwargs)
+    guard = DivergenceGuard(cfg, lambda: latest_checkpoint(paths.train)) if cfg.train.stop_on_divergence else None
+    trainer_cls = atomic_checkpoint_class(guarded_trainer_class(trainer_cls, guard, paths.root.name))
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=None,
+        processing_class=tokenizer,
+        peft_config=build_lora_config(cfg),
+        callbacks=callbacks,
+    )
+    set_collective_timeout(cfg.train.ddp_timeout)
+    if cfg.model.experts_dtype == "mxfp4":
+        from gptoss_hpc.modeling.mxfp4.experts import release_placeholders
 
-def _push_adapter(cfg: RunConfig, paths: PointPaths, metrics: dict[str, Any]) -> None:
-    """The optional Hub push of the saved adapter, recorded in train_metrics.json; a failure is a warning."""
-    try:
-        metrics["hub_repo"] = push_folder(cfg, paths, paths.adapter, what="adapter")
-        metrics["hub_push"] = "pushed" if metrics["hub_repo"] else None
-    except GptossHpcError as exc:  # the adapter is saved: a push that failed must not fail the run
-        metrics["hub_push"] = f"push failed: {exc}"
-        stage_warning(metrics["hub_push"])
-    if metrics["hub_push"]:
+        release_placeholders(trainer.model)  # before DeepSpeed's broadcast of every parameter (train() wraps)
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    log.info("LoRA: %d trainable of %d parameters (%.4f%%)", trainable, total, 100 * trainable / total)
+
+    resume = latest_checkpoint(paths.train, warn=stage_warning if rank0 else log.warning)
+    if rank0:
+        clear_staging(paths.train)  # before train(): no rank saves before the first optimizer step
+    if resume is not None:
+        # the chaos soak and `status` read where the run resumed: the first step it trains is resumed_step + 1
+        log.info("resuming from %s", resume)
+        record = {"event": "resumed", "checkpoint": str(resume), "resumed_step": checkpoint_step(resume)}
+        write_status(paths, STAGE, "RUNNING", **record)
+        if rank0:  # kept after the status file moves on; readers of metrics.jsonl skip rows without a loss
+            with paths.metrics.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({**record, "time": time.time()}) + "\n")
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    engine = _engine_facts(trainer)
+
+    if preempt_cb.triggered:
+        saved = latest_checkpoint(paths.train)
+        raise Preempted(str(saved) if saved else None, trainer.state.global_step)
+
+    trainer.save_model(str(paths.adapter))  # every rank calls it; rank 0 writes adapter + tokenizer
+    metrics: dict[str, Any] = {}
+    if rank0:
+        if "deepspeed" in kwargs:
+            shutil.copy2(deepspeed_json_path(paths), paths.adapter / "deepspeed.json")
+        losses = metrics_cb.losses
+        metrics = {
+            "train_loss": result.training_loss,
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "logged_losses": len(losses),
+            "global_step": trainer.state.global_step,
+            "max_steps": trainer.state.max_steps,
+            "tokens": int(trainer.state.num_input_tokens_seen or 0),
+            "runtime_s": time.time() - started,
+            "train_runtime_s": result.metrics.get("train_runtime"),
+            "resumed_from": str(resume) if resume else None,
+            "resumed_step": checkpoint_step(resume) if resume else None,
+            "world_size": dist_info["world_size"],
+            "rank_source": dist_info["source"],
+            "trainable_params": trainable,
+            "total_params": total,
+            "train_rows": len(train_ds),
+            **engine,
+            **train_run_facts(trainer, paths, dist_info["world_size"]),
+            "speed_knobs": knobs_cb.summary if knobs_cb is not None else None,
+            "batch": batch,
+            "hub_repo": None,
+            "hub_push": None,
+        }
+        finish_wandb()
         write_atomic(paths.train_metrics, json.dumps(metrics, indent=2) + "\n")
+        try:
+            metrics["hub_repo"] = push_folder(cfg, paths, paths.adapter, what="adapter")
+            metrics["hub_push"] = "pushed" if metrics["hub_repo"] else None
+        except GptossHpcError as exc:  # the adapter is saved: a push that failed must not fail the run
+            metrics["hub_push"] = f"push failed: {exc}"
+            stage_warning(metrics["hub_push"])
+        if metrics["hub_push"]:
+            write_atomic(paths.train_metrics, json.dumps(metrics, indent=2) + "\n")
+    return metrics
 
 
 def _engine_facts(trainer) -> dict[str, Any]:
@@ -261,6 +363,62 @@ def _drop_none_turn_keys(tokenizer) -> None:
         return original(conversation, *args, **kwargs)
 
     tokenizer.apply_chat_template = apply_chat_template
+
+
+# -------------------------------------------------------------------------------------- the Slurm job
+class TrainJob(submitit.helpers.Checkpointable):
+    """What the launcher submits (``executor.map_array(TrainJob(), config_paths)``).
+
+    On ``cluster.preempt_signal`` (USR2 or TERM: the time-limit warning or preemption) every rank finishes its
+    step and a checkpoint is saved (our handler + the trainer callback); then rank 0 requeues this job (an
+    array task: only itself) while ``cluster.max_requeues`` allows, else the job fails saying so. The requeued
+    job resumes from the checkpoint at the same global step.
+    """
+
+    clock: Callable[[], float] = time.time  # class default: a job pickled before this attribute existed
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+
+    def __call__(self, config_path: str) -> dict[str, Any]:
+        started = self.clock()
+        submitit_handler = signal.getsignal(signal.SIGUSR2)
+        try:
+            return main(config_path)
+        except Preempted as exc:
+            paths = PointPaths.from_config(config_path)
+            if "SLURM_JOB_ID" not in os.environ and callable(submitit_handler):
+                # submitit's local executor: its own handler checkpoints and restarts the tasks
+                write_status(paths, STAGE, "REQUEUED", checkpoint=exc.checkpoint, step=exc.step)
+                if global_rank() != 0:
+                    time.sleep(120)  # rank 0 requeues the whole job, which ends this task
+                    raise
+                submitit_handler(signal.SIGUSR2, None)  # submitit: checkpoint() → requeue → sys.exit
+                raise
+            cluster = load_run_config(paths.config).cluster
+            decision = RequeuePolicy.for_cluster(cluster, started, self.clock).decide(restart_count())
+            message = decision.describe(exc.step, exc.checkpoint)
+            rank0 = global_rank() == 0
+            if not decision.requeue:
+                if rank0:
+                    write_status(paths, STAGE, "FAILED", error=message, checkpoint=exc.checkpoint, step=exc.step)
+                raise RequeueLimitError(message) from exc
+            if rank0:
+                write_status(paths, STAGE, "REQUEUED", checkpoint=exc.checkpoint, step=exc.step, reason=message)
+            log.warning("%s", message)
+            if not rank0:
+                time.sleep(120)  # rank 0 requeues the job, which ends this task
+                raise
+            # requeueing sends SIGTERM to every task: it must not start another checkpoint
+            signal.signal(preempt_signum(cluster), signal.SIG_IGN)
+            requeue(requeue_target())
+            # SystemExit, not an exception: submitit then writes no result, and the requeued run writes it
+            raise SystemExit(f"requeued: {message}") from exc
+
+    def checkpoint(self, config_path: str) -> submitit.helpers.DelayedSubmission:
+        PREEMPT.set()  # if the signal reached submitit's handler first, the running trainer still stops
+        log.warning("requeueing %s: the next run resumes from the newest checkpoint", config_path)
+        return submitit.helpers.DelayedSubmission(TrainJob(), config_path)
 
 
 if __name__ == "__main__":
