@@ -1,9 +1,10 @@
-"""python -m gptoss_hpc.bench {submit,train,status,mxfp4} [args...]
+"""python -m gptoss_hpc.bench {submit,train,status,mxfp4,long_check} [args...]
 
 python -m gptoss_hpc.bench submit --points 64      # compose + validate + submit a held 64-point sweep
 python -m gptoss_hpc.bench train model=gpt_oss_20b # training tok/s on the GPU (docs/BENCHMARKS.md)
 python -m gptoss_hpc.bench status --jobs 500       # status over a 500-job launch
 python -m gptoss_hpc.bench mxfp4                   # MXFP4-resident experts vs bf16: loss, LoRA grads, memory
+python -m gptoss_hpc.bench long_check             # long-range attention (sinks, windows, documents) vs an exact reference
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ BENCHES = {
     "train": "gptoss_hpc.bench.train",
     "status": "gptoss_hpc.bench.status",
     "mxfp4": "gptoss_hpc.bench.mxfp4_check",
+    "long_check": "gptoss_hpc.bench.long_check",
 }
 
 
