@@ -67,7 +67,7 @@ def test_block_mask_builder_takes_any_length_without_recompiling():
 
     class Config:  # the two fields flex_document_masks reads from a GptOssConfig
         sliding_window = 16
-        layer_types = ["sliding_attention", "full_attention"]
+        layer_types = ("sliding_attention", "full_attention")
 
     graphs = []
     for length in (1024, 2304, 1000, 4096):  # the first compiles (two graphs: full, sliding), the others do not
@@ -77,7 +77,8 @@ def test_block_mask_builder_takes_any_length_without_recompiling():
         graphs.append(counters["stats"]["unique_graphs"])
         for kind, window in (("full_attention", None), ("sliding_attention", 16)):
             eager = create_block_mask(_document_mask_mod(docs, window), 1, None, length, length, device="cpu")
-            assert all(torch.equal(a, b) for a, b in zip(masks[kind].as_tuple()[2:6], eager.as_tuple()[2:6]))
+            got, want = masks[kind].as_tuple()[2:6], eager.as_tuple()[2:6]
+            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     assert graphs[1:] == [graphs[0]] * 3, graphs
 
 

@@ -4,7 +4,7 @@ python -m gptoss_hpc.bench submit --points 64      # compose + validate + submit
 python -m gptoss_hpc.bench train model=gpt_oss_20b # training tok/s on the GPU (docs/BENCHMARKS.md)
 python -m gptoss_hpc.bench status --jobs 500       # status over a 500-job launch
 python -m gptoss_hpc.bench mxfp4                   # MXFP4-resident experts vs bf16: loss, LoRA grads, memory
-python -m gptoss_hpc.bench long_check             # long-range attention (sinks, windows, documents) vs an exact reference
+python -m gptoss_hpc.bench long_check             # long-range attention vs an exact reference (issue 27)
 """
 
 from __future__ import annotations

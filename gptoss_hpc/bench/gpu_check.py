@@ -9,6 +9,7 @@
     bash launchers/gpu_check.sh knobs:0-7             # GPU knob list, entries 0..7 (GPU_KNOBS below)
     bash launchers/gpu_check.sh fit:20b@24 fit:120b@80 # shipped defaults on a smaller card: train.fit_memory's
                                                       # choice, the allocator capped at that many GiB
+    bash launchers/gpu_check.sh long:attn long:bench:16384,32768   # long rows (gptoss_hpc.bench.gpu_check_long)
     bash launchers/gpu_check.sh --cpu pipeline        # CI-sized: tiny checkpoint, CPU ranks (tests/test_gpu_check.py)
     python -m gptoss_hpc.bench.gpu_check table A.json B.json   # one table from several phases' JSON
 
@@ -38,6 +39,7 @@ from typing import Any
 
 from gptoss_hpc.bench.gpu_check_120b import phase_pipeline120b
 from gptoss_hpc.bench.gpu_check_knobs import GPU_KNOBS, Knobs, knob_matrix  # noqa: F401  (re-exported)
+from gptoss_hpc.bench.gpu_check_long import phase_long
 from gptoss_hpc.bench.gpu_check_parts import (
     environment,
     result_of,
@@ -51,7 +53,7 @@ from gptoss_hpc.bench.gpu_check_parts import (
 )
 
 TRAIN_CONFIGS = {"train=default": ["train=default"], "train=reference": ["train=reference"]}
-PHASES = ("pipeline", "configs", "bench", "2gpu", "knobs", "pipeline120b", "fit")
+PHASES = ("pipeline", "configs", "bench", "2gpu", "knobs", "pipeline120b", "fit", "long")
 DEFAULT_PHASES = ("pipeline", "configs", "bench", "knobs")
 
 
@@ -66,6 +68,7 @@ class Check:
     started: float
     rows: list[dict[str, Any]]
     extra: list[str] = field(default_factory=list)  # --set: overrides after every run's own (and its bench's)
+    cap_gib: float | None = None  # --cap-gib: the long phase's runs on a card of this many GiB
 
     def left(self) -> float:
         """Seconds before no new run may start."""
@@ -370,6 +373,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         help="a Hydra override added to every run (and its bench), after the phase's own; repeatable",
     )
     p.add_argument("--warmup", type=int, default=None, help="steps left out of the trainer's tok/s (GPU 4, CPU 1)")
+    p.add_argument("--cap-gib", type=float, default=None, help="phase long: cap the GPU at this many GiB (H200 as 80)")
     return p.parse_args(argv)
 
 
@@ -394,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         started=time.time(),
         rows=[],
         extra=list(args.set),
+        cap_gib=args.cap_gib,
     )
     env = environment(args.cpu)
     command = "bash launchers/gpu_check.sh " + " ".join(argv)
@@ -412,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
                 phase_2gpu(c)
             elif name == "fit":
                 phase_fit(c, span)
+            elif name == "long":
+                phase_long(c, _python(), launch, base_overrides, checkpoint, span)
             elif name == "pipeline120b":
                 phase_pipeline120b(c, launch, base_overrides, span)
             elif name == "knobs":

@@ -188,10 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = compose_check(args.overrides, args.device, args.layers)
     result: dict[str, Any] = {"command": "python -m gptoss_hpc.bench long_check " + " ".join(argv or sys.argv[1:])}
     if args.mask_lengths:
-        from gptoss_hpc.modeling.fast import unwrap  # noqa: F401  (imports transformers before the config)
         from transformers import GptOssConfig
 
         from gptoss_hpc.bench.train_setup import model_config_json
+        from gptoss_hpc.modeling.fast import unwrap  # noqa: F401  (imports transformers before the config)
 
         config = GptOssConfig.from_json_file(str(model_config_json(cfg)))
         lengths = [int(x) for x in args.mask_lengths.split(",") if x]

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 NAME = "gptoss_chunked_reference"
-QUERY_CHUNK = 1024
+QUERY_CHUNK = 256
 # what a mask bug would look like, for the check's controls: documents merged into one, sliding windows ignored
 _CONTROL = {"merge_documents": False, "ignore_window": False}
 
