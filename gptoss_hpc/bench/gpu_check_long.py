@@ -11,13 +11,16 @@
 Each row: tok/s (bench: the timed steps; train: the median step after --warmup), peak GiB allocated (and the
 nvidia-smi peak, ~reserved + context), the memory plan's GiB (gptoss_hpc.config.memory.train_estimate of the
 same config), useful MFU with attention FLOPs (gptoss_hpc.config.flops), and the cold start: seconds from the
-command's start to the end of the first steady step (bench: build + warm-up steps).
+command's start to the end of the first steady step, with empty inductor/Triton caches (``cold_caches``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +50,40 @@ def _mfu(arch, doc_lengths: list[int], tok_s: float | None, card: str | None) ->
     return round(mfu(arch, doc_lengths, sum(doc_lengths) / tok_s, card), 3)
 
 
+@contextlib.contextmanager
+def cold_caches(c, tag: str) -> Iterator[None]:
+    """Runs started inside see empty inductor and Triton caches of their own: the cold start is measured cold even
+    on a machine kept warm from an earlier command (which keeps /tmp and with it the default caches)."""
+    keys = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+    before = {k: os.environ.get(k) for k in keys}
+    for k in keys:
+        os.environ[k] = str(c.work / "caches" / tag / k.split("_")[0].lower())
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def part_attn(c, python: str) -> None:
     out = c.work / "long_check.json"
-    cmd = [python, "-m", "gptoss_hpc.bench", "long_check", "--json", str(out)]
+    keep = [o for o in c.extra if o.split("=")[0].split(".")[0] in ("model", "train", "lora")]
+    cmd = [python, "-m", "gptoss_hpc.bench", "long_check", *keep, "--json", str(out)]
     if c.cpu:
         cmd += ["--device", "cpu", "--tokens", "512", "--layers", "2", "--vocab", "512"]  # mask builder: a slow test
     else:
-        cmd += ["--tokens", "32768", "--mask-lengths", "16384,32768,65536,131072,98304"]
+        # fp32, 2 layers (sliding, full): ~40-60 GiB at 32k; --set model.num_hidden_layers=4 for four
+        cmd += ["--tokens", "32768", "--layers", "2", "--mask-lengths", "16384,32768,65536,131072,98304"]
     r = run_sampled(cmd, env=c.env(), log=c.work / "logs" / "long_check.log", timeout_s=c.hard_left(), label="attn")
     row: dict[str, Any] = {"phase": "long", "name": "attention vs exact reference", "wall_s": round(r.wall_s, 1)}
     try:
         got = json.loads(out.read_text())
         check = got["check"]
-        row["result"] = "pass" if r.rc == 0 and check["status"] == "pass" else f"FAIL ({check['status']})"
+        ok = r.rc == 0 and check["status"].startswith(("pass", "reported"))
+        row["result"] = "pass" if ok else f"FAIL ({check['status']})"
         row["name"] += (
             f" ({check['tokens']} tokens, {check['layers']} layers, {check['attn']} {check['dtype']}: loss rel "
             f"{check['loss_rel_err']:.1e}, LoRA grad rel {check['grad_rel_err']:.1e}, max abs "
@@ -115,7 +139,8 @@ def part_bench(c, python: str, span: str) -> None:
             bench_peak_gib=bench.get("peak_reserved_gib"),
             plan_gib=plan,
             mfu=_mfu(arch, docs, bench["tok_s"], got["env"].get("card")),
-            cold_start_s=round(bench.get("build_s", 0) + bench.get("warmup_s", 0), 1),
+            # command start to the end of the warm-up step (imports, build, compile), empty compile caches
+            cold_start_s=round(r.wall_s - bench["step_s"] * (1 if c.cpu else 2), 1),
             overrides=ov,
         )
         row["name"] += f" (plan {plan} GiB, MFU {row['mfu']}, cold start {row['cold_start_s']} s)"
@@ -146,7 +171,8 @@ def part_train(c, python: str, launch, base_overrides, checkpoint, span: str) ->
         if c.cap_gib:
             ov.append(f"cluster.gpu_memory_gib={c.cap_gib}")
         started = time.time()
-        row = launch(c, "long", name, ov, stages="[train]", bench=False)
+        with cold_caches(c, f"train-{kind}"):
+            row = launch(c, "long", name, ov, stages="[train]", bench=False)
         _train_facts(c, row, Path(row["point"]), lengths, started)
 
 

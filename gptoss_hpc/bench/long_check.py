@@ -1,6 +1,6 @@
 """Is attention exact at long range? ``python -m gptoss_hpc.bench long_check`` (issue 27, item 3).
 
-    python -m gptoss_hpc.bench long_check --tokens 32768 --json out.json          # GPU: 20b-shaped, 4 layers, bf16
+    python -m gptoss_hpc.bench long_check --tokens 32768 --layers 2 --json out.json   # GPU: 20b-shaped, fp32
     python -m gptoss_hpc.bench long_check --device cpu --tokens 2048              # CPU: tiny gpt-oss, fp32
     python -m gptoss_hpc.bench long_check --mask-lengths 32768,65536,131072,98304 # + the block-mask builder
 
@@ -27,8 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-# |loss error| / |loss| and ||grad error|| / ||grad|| (all LoRA gradients as one vector)
-TOLERANCE = {"float32": (1e-5, 1e-4), "bfloat16": (1e-2, 5e-2)}
+# |loss error| / |loss| and ||grad error|| / ||grad|| (all LoRA gradients as one vector). The pass criterion is
+# fp32's; a bf16 run (model.dtype=bfloat16) is reported against bf16 rounding of the loss, its gradients only shown
+TOLERANCE = {"float32": (1e-5, 1e-4), "bfloat16": (1e-2, None)}
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -46,7 +47,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 def compose_check(overrides: list[str], device: str, layers: int):
     from gptoss_hpc.config import compose, to_run_config
 
-    base = ["model=gpt_oss_20b"] if device != "cpu" else ["model=tiny_gpt_oss", "model.dtype=float32"]
+    # fp32 on the GPU too: in bf16 the random-weight model's top-4 routing flips under rounding and its LoRA
+    # gradients move ~100% with any change (docs/BENCHMARKS.md, "Correctness"), which would hide a mask error
+    base = ["model=gpt_oss_20b", "model.dtype=float32", "cluster.accelerator=gpu"]
+    if device == "cpu":
+        base = ["model=tiny_gpt_oss", "model.dtype=float32", "cluster.accelerator=cpu"]
     return to_run_config(
         compose([*base, "lora=attention", "lora.lora_dropout=0", f"model.num_hidden_layers={layers}", *overrides])
     )
@@ -143,9 +148,12 @@ def check_long_attention(cfg, device: str, tokens: int, vocab: int | None = None
         "tolerance": {"loss_rel": loss_tol, "grad_rel": grad_tol},
         "controls": controls,
     }
-    exact = out["loss_rel_err"] <= loss_tol and out["grad_rel_err"] <= grad_tol
-    telling = all(c["grad_rel_err"] > 10 * grad_tol for c in controls.values())
-    out["status"] = "pass" if exact and telling else ("fail" if not exact else "inconclusive (controls)")
+    if grad_tol is None:
+        out["status"] = "reported (bf16; the pass criterion is the fp32 run)"
+    else:
+        exact = out["loss_rel_err"] <= loss_tol and out["grad_rel_err"] <= grad_tol
+        telling = all(c["grad_rel_err"] > 10 * grad_tol for c in controls.values())
+        out["status"] = "pass" if exact and telling else ("fail" if not exact else "inconclusive (controls)")
     out["seconds"] = round(time.perf_counter() - started, 1)
     if is_cuda(device):
         out["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
@@ -202,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
-    return 0 if result["check"]["status"] == "pass" else 1
+    return 0 if result["check"]["status"].startswith(("pass", "reported")) else 1
 
 
 if __name__ == "__main__":
