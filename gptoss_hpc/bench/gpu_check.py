@@ -179,6 +179,7 @@ def launch(c: Check, phase: str, name: str, overrides: list[str], *, stages: str
             "result": _stage_result(rec, r.rc),
             "wall_s": wall,
             "peak_gpu_gib": rec.get("peak_gpu_gib") if rec.get("peak_gpu_gib") is not None else r.peak_gib.get(stage),
+            "smi_peak_gib": r.peak_gib.get(stage),  # nvidia-smi's: the allocator's reserved + the CUDA context
             "command": " ".join(cmd[1:]),
             "error": rec.get("error"),
             "point": str(point),

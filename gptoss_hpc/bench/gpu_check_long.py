@@ -143,7 +143,10 @@ def part_bench(c, python: str, span: str) -> None:
             cold_start_s=round(r.wall_s - bench["step_s"] * (1 if c.cpu else 2), 1),
             overrides=ov,
         )
-        row["name"] += f" (plan {plan} GiB, MFU {row['mfu']}, cold start {row['cold_start_s']} s)"
+        row["name"] += (
+            f" (peak {row['peak_gpu_gib']} GiB alloc / {row['bench_peak_gib']} reserved, plan {plan} GiB, "
+            f"MFU {row['mfu']}, cold start {row['cold_start_s']} s)"
+        )
         c.rows.append(row)
 
 
@@ -168,6 +171,8 @@ def part_train(c, python: str, launch, base_overrides, checkpoint, span: str) ->
         data, lengths = _data(c, kind)
         ov = [o for o in base_overrides(c, ckpt, 1) if not o.startswith(("data.path=", "train.max_length="))]
         ov += [f"data.path={data}", "data.eval_fraction=0"]
+        if c.cpu:  # the tiny stand-in's rows (<= ~400 tokens) in 2 x 512-token micro-batches: CPU-sized steps
+            ov.append("train.max_length=512")
         if c.cap_gib:
             ov.append(f"cluster.gpu_memory_gib={c.cap_gib}")
         started = time.time()
@@ -189,9 +194,14 @@ def _train_facts(c, row: dict[str, Any], point: Path, lengths: list[int], starte
     row.update(plan_gib=plan, train_max_length=cfg.train.max_length, rows_over_max_length=len(lengths) - len(kept))
     card = None if c.cpu else _card()
     row["mfu"] = _mfu(arch, kept, row.get("train_tok_s"), card)
-    first = next((t for step, t in _metric_times(point) if step >= c.warmup), None)
-    row["cold_start_s"] = round(first - started, 1) if first else None
-    row["name"] += f" (max_length {cfg.train.max_length}, plan {plan} GiB, MFU {row['mfu']})"
+    times = _metric_times(point)
+    first = next((t for step, t in times if step >= c.warmup), None)
+    row["cold_start_s"] = round(first - started, 1) if first else None  # to the end of step --warmup
+    row["first_step_s"] = round(times[0][1] - started, 1) if times else None  # to the end of the first step
+    row["name"] += (
+        f" (max_length {cfg.train.max_length}, peak {row.get('peak_gpu_gib')} GiB alloc / {row.get('smi_peak_gib')} "
+        f"nvidia-smi, plan {plan} GiB, MFU {row['mfu']}, cold start {row['cold_start_s']} s)"
+    )
 
 
 def _metric_times(point: Path) -> list[tuple[int, float]]:
