@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides, multirun = _parse_argv(argv)
         launch = pipeline.compose_launch(overrides, multirun=multirun)
+        _print_lengths(launch)
         if launch.cfg.dry_run:
             return _dry_run(launch)
         return _launch(launch)
@@ -78,6 +79,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         raise
+
+
+def _print_lengths(launch: pipeline.Launch) -> None:
+    """What the launch measured of the data and the train.max_length it chose, per point (one block when the
+    points share it)."""
+    shown: list[list[str]] = []
+    for point in launch.points:
+        if not point.length_lines or point.length_lines in shown:
+            continue
+        shown.append(point.length_lines)
+        label = f"point {point.index} ({' '.join(point.overrides)}): " if launch.sweep else ""
+        for line in point.length_lines:
+            print(f"{label}{line}")
 
 
 def _dry_run(launch: pipeline.Launch) -> int:

@@ -59,6 +59,11 @@ class PointPaths:
         return self.root / "metrics.jsonl"
 
     @property
+    def data_lengths(self) -> Path:
+        """What the launch measured of the point's rows and decided for train.max_length (config.lengths)."""
+        return self.root / "data_lengths.json"
+
+    @property
     def train_metrics(self) -> Path:
         return self.root / "train_metrics.json"
 

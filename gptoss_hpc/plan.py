@@ -4,6 +4,7 @@
     python -m gptoss_hpc.plan model=gpt_oss_120b cluster=coreweave_h100 train=fast
     python -m gptoss_hpc.plan cluster.gpu_memory_gib=24 model.experts_dtype=mxfp4 train.per_device_train_batch_size=1
     python -m gptoss_hpc.plan --fits                                  # README's "what fits where" table
+    python -m gptoss_hpc.plan --lengths 16384,32768,65536,131072      # one long row: what fits, per card
 
 The numbers come from gptoss_hpc.config.memory (weights by dtype, LoRA + optimizer, activations, logits, MXFP4
 dequant buffer, workspace; calibrated on H100/H200 measurements). `card` adds fragmentation and the CUDA
@@ -17,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from gptoss_hpc.config import derive
 from gptoss_hpc.config.memory import USABLE, Estimate, arch_for, estimate_stages, gpu_memory_gib, train_estimate
 
 CARDS = (24, 48, 80, 141)
@@ -64,8 +66,51 @@ def fits_table(base: list[str], lora: str = "experts") -> str:
             t = cfg.train
             dtype = "bf16" if cfg.model.experts_dtype == "bfloat16" else cfg.model.experts_dtype
             recompute = " recompute" if t.gradient_checkpointing else ""
-            cells.append(f"{dtype} {t.per_device_train_batch_size}x{t.max_length}{recompute} ({est.card:.0f})")
+            cells.append(f"{dtype} {t.per_device_train_batch_size}x{derive.max_length(t)}{recompute} ({est.card:.0f})")
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def lengths_table(base: list[str], lengths: list[int]) -> str:
+    """For each row length and card size: what train.fit_memory trains one such row with (max_length=auto, one row
+    per micro-batch) and its planned GiB; the step tokens per GPU follow from the reference rows
+    (gptoss_hpc.config.lengths.with_length)."""
+    from gptoss_hpc.config.fit import fastest_fit
+    from gptoss_hpc.config.lengths import with_length
+
+    base_cfg = _compose(base)
+    arch = arch_for(base_cfg)
+    if arch is None:
+        return f"no architecture known for model.name_or_path={base_cfg.model.name_or_path}"
+    lines = [
+        f"{base_cfg.model.name_or_path}, LoRA r={base_cfg.lora.r} on "
+        f"{base_cfg.lora.expert_params or base_cfg.lora.target_modules}: "
+        "the fastest setting that fits one row of each length (card GiB in brackets; host GiB of offloaded "
+        "checkpoints after a +)",
+        "",
+        "| row tokens | " + " | ".join(f"{c} GB" for c in CARDS) + " |",
+        "|---|" + "---|" * len(CARDS),
+    ]
+    for length in lengths:
+        cfg = with_length(base_cfg, length, ())
+        cells = []
+        for card in CARDS:
+            if length > arch.max_position_embeddings:
+                cells.append(f"over the context ({arch.max_position_embeddings:,})")
+                continue
+            found = fastest_fit(cfg, arch, card)
+            if found is None:
+                cells.append("does not fit")
+                continue
+            _, _, fitted, est = found
+            t = fitted.train
+            dtype = "bf16" if fitted.model.experts_dtype == "bfloat16" else fitted.model.experts_dtype
+            knobs = (" recompute" if t.gradient_checkpointing else "") + (
+                " offload" if t.gradient_checkpointing_offload else ""
+            )
+            host = f" +{est.note.split()[0]}" if est.note else ""
+            cells.append(f"{dtype} {t.per_device_train_batch_size}x{length}{knobs} ({est.card:.0f}{host})")
+        lines.append(f"| {length:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -99,7 +144,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fits", action="store_true", help="print the what-fits-where table (20b/120b x card sizes)")
     p.add_argument("--lora", default="experts", help="LoRA preset for --fits (default experts)")
     p.add_argument("--compare", nargs="+", metavar="JSON", help="bench train --json files: measured vs estimated")
+    p.add_argument(
+        "--lengths",
+        metavar="N,N,...",
+        help="row lengths in tokens (e.g. 16384,32768,65536,131072): the setting that fits each, per card size",
+    )
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.lengths:
+        try:
+            lengths = [int(x.replace("k", "000").replace("K", "000")) for x in args.lengths.split(",") if x]
+        except ValueError:
+            p.error(f"--lengths {args.lengths!r}: give token counts separated by commas, e.g. 16384,32768")
+        print(lengths_table(args.overrides, lengths))
+        return 0
     if args.compare:
         print(compare(args.compare))
         return 0
@@ -118,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     t = cfg.train
     print(
         f"{cfg.model.name_or_path} experts={cfg.model.experts_dtype} lora r={cfg.lora.r} micro-batch "
-        f"{t.per_device_train_batch_size}x{t.max_length} recompute={t.gradient_checkpointing} "
+        f"{t.per_device_train_batch_size}x{derive.max_length(t)} recompute={t.gradient_checkpointing} "
         f"compiled layers={cfg.model.compile_layers} gpu_memory_gib={capacity if capacity is not None else 'unknown'}"
     )
     print(format_table(estimates))

@@ -54,7 +54,8 @@ def test_defaults_are_the_fast_setting_and_reference_is_the_cookbook_recipe() ->
     t = cfg.train
     # train=default: packing, no recompute, 4 x 2048 x GA 2, compiled layers + fused experts (the 20b preset)
     assert (t.learning_rate, t.num_train_epochs, t.per_device_train_batch_size) == (2e-4, 10, 4)
-    assert (t.gradient_accumulation_steps, t.max_length, t.warmup_ratio) == (2, 2048, 0.03)
+    # max_length None = auto: the launch measures the data and decides (tests/test_length_auto.py)
+    assert (t.gradient_accumulation_steps, t.max_length, t.warmup_ratio) == (2, None, 0.03)
     assert (t.packing, t.gradient_checkpointing, t.no_grad_below_first_lora, t.loss_chunk_tokens) == (
         True,
         False,

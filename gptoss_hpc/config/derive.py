@@ -57,6 +57,15 @@ def world_size(cluster: ClusterConfig) -> int:
     return cluster.nodes * tasks_per_node(cluster)
 
 
+# what an unresolved train.max_length=auto plans with (the launch replaces it with the data's length)
+AUTO_PLANNING_LENGTH = 2048
+
+
+def max_length(train: TrainConfig) -> int:
+    """train.max_length, or AUTO_PLANNING_LENGTH while it still says auto (a config the launch has not resolved)."""
+    return train.max_length if train.max_length is not None else AUTO_PLANNING_LENGTH
+
+
 def trl_micro_batch(train: TrainConfig) -> tuple[int, int]:
     """(per_device_train_batch_size, max_length) as TRL gets them. With packing and train.packing_bin=micro_batch a
     micro-batch is one packed bin of per_device_train_batch_size x max_length tokens: TRL's padding-free collator
@@ -65,8 +74,8 @@ def trl_micro_batch(train: TrainConfig) -> tuple[int, int]:
     to fill). Rows are already <= max_length (data.max_length_policy), so TRL's truncation at the bin size
     cuts nothing."""
     if train.packing and train.packing_bin == "micro_batch":
-        return 1, train.per_device_train_batch_size * train.max_length
-    return train.per_device_train_batch_size, train.max_length
+        return 1, train.per_device_train_batch_size * max_length(train)
+    return train.per_device_train_batch_size, max_length(train)
 
 
 def eval_model(cfg: RunConfig) -> str:

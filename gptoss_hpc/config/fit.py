@@ -42,8 +42,12 @@ FIT_KEYS = (
     "train.per_device_train_batch_size",
     "train.gradient_accumulation_steps",
     "train.gradient_checkpointing",
+    "train.gradient_checkpointing_offload",
 )
 RECOMPUTE_SPEED = 0.61
+# recompute with the checkpointed layer inputs in pinned host memory, relative to recompute alone (not yet measured
+# through the train stage: docs/BENCHMARKS.md, long rows)
+OFFLOAD_SPEED = 0.85
 MXFP4_SPEED = 0.77
 # relative to 4 x max_length (the module docstring), by the model's expert count
 _MICRO_BATCH_SPEED = {128: {4: 1.0, 2: 0.65, 1: 0.41}, 32: {4: 1.0, 2: 0.89, 1: 0.40}}
@@ -64,10 +68,16 @@ def candidates(cfg: RunConfig, arch: Arch) -> list[tuple[float, str, RunConfig]]
         rows = t.per_device_train_batch_size
         while rows >= 1:
             accum = t.gradient_accumulation_steps * (t.per_device_train_batch_size // rows)
-            for recompute in sorted({t.gradient_checkpointing, True}):
+            settings = [
+                (r, o)
+                for r in sorted({t.gradient_checkpointing, True})
+                for o in sorted({t.gradient_checkpointing_offload and r, r})
+            ]
+            for recompute, offload in settings:
                 speed = _micro_speed(rows, t.per_device_train_batch_size, arch.experts)
                 speed *= MXFP4_SPEED if dtype != m.experts_dtype else 1.0
                 speed *= RECOMPUTE_SPEED if recompute and not t.gradient_checkpointing else 1.0
+                speed *= OFFLOAD_SPEED if offload and not t.gradient_checkpointing_offload else 1.0
                 changes = []
                 if dtype != m.experts_dtype:
                     changes.append(f"model.experts_dtype={dtype}")
@@ -78,6 +88,8 @@ def candidates(cfg: RunConfig, arch: Arch) -> list[tuple[float, str, RunConfig]]
                     ]
                 if recompute != t.gradient_checkpointing:
                     changes.append(f"train.gradient_checkpointing={str(recompute).lower()}")
+                if offload != t.gradient_checkpointing_offload:
+                    changes.append(f"train.gradient_checkpointing_offload={str(offload).lower()}")
                 new = replace(
                     cfg,
                     model=replace(m, experts_dtype=dtype),
@@ -86,6 +98,7 @@ def candidates(cfg: RunConfig, arch: Arch) -> list[tuple[float, str, RunConfig]]
                         per_device_train_batch_size=rows,
                         gradient_accumulation_steps=accum,
                         gradient_checkpointing=recompute,
+                        gradient_checkpointing_offload=offload,
                     ),
                 )
                 out.append((speed, " ".join(changes), new))

@@ -39,6 +39,8 @@ ACT_STOCK = 0.2556  # transformers' grouped_mm experts (model.fused_experts=fals
 ACT_ATTN_LORA = 0.0235  # + LoRA on q/k/v/o (inputs kept for the A gradients)
 ACT_ATTN_LORA_DROPOUT = 0.0530  # + the same with lora_dropout > 0 (a dropped copy + mask per projection)
 RECOMPUTE_FACTOR = 1.35  # with gradient checkpointing: one layer's activations while it is recomputed + backward
+BOUNDARY_COPIES = 2  # hidden-state-sized tensors kept per checkpointed layer (docs/BENCHMARKS.md, long rows)
+TRAIN_EXTRA_GIB = 0.6  # the train stage beyond the bench under recompute (TRL/DeepSpeed buffers): 20b@24 17.1 GiB
 WORKSPACE_GIB = 1.85  # intercept of the fits: chunked-loss transient (4k tokens), cuBLAS/flex workspaces
 LOGIT_BYTES = 8  # per [token, vocab] element without chunking: bf16 logits + fp32 upcast + its gradient
 CONTEXT_GIB = 0.6  # CUDA context, outside torch's allocator
@@ -176,7 +178,7 @@ def _world(cfg: RunConfig) -> int:
 
 def train_estimate(cfg: RunConfig, arch: Arch, capacity_gib: float | None = None) -> Estimate:
     t, m = cfg.train, cfg.model
-    tokens = t.per_device_train_batch_size * t.max_length
+    tokens = t.per_device_train_batch_size * derive.max_length(t)
     k = tokens / 1024
     non_expert, experts = weights_gib(cfg, arch)
     expert_layers, attn_layers = _lora_layers(cfg, arch)
@@ -191,9 +193,19 @@ def train_estimate(cfg: RunConfig, arch: Arch, capacity_gib: float | None = None
         base = ACT_FUSED
     attn_extra = ACT_ATTN_LORA_DROPOUT if cfg.lora.lora_dropout > 0 else ACT_ATTN_LORA
     per_layer = {i: base + (attn_extra if i in attn_layers else 0.0) for i in recorded}
+    workspace = WORKSPACE_GIB
+    dequant = arch.experts * arch.hidden * 2 * arch.intermediate * 2 / GIB if m.experts_dtype == "mxfp4" else 0.0
+    offloaded = 0.0
     if t.gradient_checkpointing:
-        boundary = len(recorded) * tokens * arch.hidden * _DTYPE_BYTES.get(m.dtype, 2) / GIB
-        activations = boundary + RECOMPUTE_FACTOR * max(per_layer.values(), default=0.0) * k
+        # What stays saved between forward and backward: BOUNDARY_COPIES hidden states per checkpointed layer (on
+        # the host with train.gradient_checkpointing_offload). The peak is then either one layer recomputed for its
+        # backward (long rows) or the loss/dequant workspace (short rows), not both: the long-row bench rows (H100,
+        # one 32k/64k/128k row) peak at weights + BOUNDARY_COPIES boundaries + one recomputed layer.
+        boundary = BOUNDARY_COPIES * len(recorded) * tokens * arch.hidden * _DTYPE_BYTES.get(m.dtype, 2) / GIB
+        if t.gradient_checkpointing_offload:
+            boundary, offloaded = 0.0, boundary
+        recomputed = RECOMPUTE_FACTOR * max(per_layer.values(), default=0.0) * k
+        activations = boundary + max(recomputed - workspace - dequant, 0.0) + TRAIN_EXTRA_GIB
     else:
         activations = sum(per_layer.values()) * k
     p = lora_params(cfg, arch)
@@ -206,11 +218,12 @@ def train_estimate(cfg: RunConfig, arch: Arch, capacity_gib: float | None = None
         "lora+optimizer": lora,
         "activations": activations,
         "logits": loss,
-        "workspace": WORKSPACE_GIB,
+        "workspace": workspace,
     }
-    if m.experts_dtype == "mxfp4":
-        parts["dequant buffer"] = arch.experts * arch.hidden * 2 * arch.intermediate * 2 / GIB
-    return Estimate("train", parts, capacity_gib)
+    if dequant:
+        parts["dequant buffer"] = dequant
+    note = f"{offloaded:.1f} GiB of checkpointed activations in pinned host memory per rank" if offloaded else ""
+    return Estimate("train", parts, capacity_gib, note=note)
 
 
 def _bf16_model_gib(cfg: RunConfig, arch: Arch) -> float:
@@ -241,12 +254,14 @@ def merge_estimate(cfg: RunConfig, arch: Arch, capacity_gib: float | None) -> Es
 
 
 def _generate_estimate(stage: str, cfg: RunConfig, arch: Arch, capacity_gib: float | None) -> Estimate:
-    tokens = cfg.train.max_length + cfg.eval.max_new_tokens
+    tokens = derive.max_length(cfg.train) + cfg.eval.max_new_tokens
     batch = max(1, cfg.train.per_device_eval_batch_size)
     kv = 2 * arch.layers * arch.kv_heads * arch.head_dim * 2 * tokens * batch / GIB
     logits = batch * arch.vocab * 4 * 2 / GIB
-    if stage == "eval":  # the held-out loss: bf16 logits of a row's predicted positions, fp32 loss in chunks
-        heldout = (cfg.train.max_length * arch.vocab * 2 + 2 * EVAL_LOSS_CHUNK * arch.vocab * 4) / GIB
+    if stage == "eval":  # the held-out loss: one row's forward without cache, then lm_head + fp32 loss in chunks
+        row = derive.max_length(cfg.train)
+        transient = row * (8 * arch.hidden + 2 * arch.top_k * 2 * arch.intermediate) * 2  # a layer's bf16 tensors
+        heldout = (transient + 2 * EVAL_LOSS_CHUNK * arch.vocab * 4) / GIB
         logits = max(logits, heldout)
     parts = {"weights": _bf16_model_gib(cfg, arch), "kv cache": kv, "logits": logits, "workspace": 0.5}
     note = "bf16 merged model (eval.model=merged)"

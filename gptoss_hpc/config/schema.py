@@ -147,8 +147,9 @@ class DataConfig:
     # held-out eval split: a fraction of the training rows or a file
     eval_fraction: float = 0.1
     eval_path: str | None = None
-    # rows longer than train.max_length: "drop" | "truncate"
-    max_length_policy: str = "drop"
+    # rows longer than train.max_length: "refuse" (the launch names them and stops: nothing is dropped unless
+    # asked) | "drop" | "truncate" (their last answer shortened); the launch prints how many rows and tokens
+    max_length_policy: str = "refuse"
     # multi-turn rows: "last" trains the last assistant turn (earlier turns are context), "split" makes one
     # row per assistant turn (README "Data")
     multi_turn: str = "last"
@@ -177,7 +178,9 @@ class TrainConfig:
     per_device_train_batch_size: int = 2
     per_device_eval_batch_size: int = 2
     gradient_accumulation_steps: int = 8
-    max_length: int = 2048
+    # Tokens of the longest row. null (or `auto` on the command line): the launch measures every row and takes the
+    # longest, bucketed, where the card fits it (gptoss_hpc.config.lengths); each point's config.yaml holds the number.
+    max_length: int | None = None
     warmup_ratio: float = 0.03
     lr_scheduler_type: str = "cosine_with_min_lr"
     min_lr_rate: float = 0.1
@@ -185,6 +188,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"
     gradient_checkpointing: bool = True
+    # With gradient_checkpointing: the checkpointed layer inputs (what grows with the row length) wait for the backward
+    # in pinned host memory instead of on the GPU (transformers' gradient_checkpointing_kwargs={"offload": True}).
+    gradient_checkpointing_offload: bool = False
     # Where the memory plan says the train stage does not fit cluster.gpu_memory_gib, train at the fastest setting
     # that fits (MXFP4 experts, recompute, smaller micro-batches; same tokens per step) and say so, unless the
     # command line sets one of those keys (gptoss_hpc.config.fit). train=default turns it on.

@@ -22,7 +22,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 ATTN = ("eager", "flex_attention", "sdpa", "kernels-community/vllm-flash-attn3")
 EXPERTS = (None, "eager", "grouped_mm", "batched_mm")
 DATA_SOURCES = ("hub", "local", "sample")
-LENGTH_POLICIES = ("drop", "truncate")
+LENGTH_POLICIES = ("refuse", "drop", "truncate")
 MULTI_TURN_POLICIES = ("last", "split")  # gptoss_hpc.data.turns (not imported: keep validate light)
 LORA_BIAS = ("none", "all", "lora_only")
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
@@ -276,7 +276,13 @@ def _train(cfg: RunConfig) -> list[str]:
     p += _at_least("train.per_device_train_batch_size", t.per_device_train_batch_size, 1, "e.g. 2")
     p += _at_least("train.per_device_eval_batch_size", t.per_device_eval_batch_size, 1, "e.g. 2")
     p += _at_least("train.gradient_accumulation_steps", t.gradient_accumulation_steps, 1, "e.g. 8")
-    p += _at_least("train.max_length", t.max_length, 1, "tokens per sequence, e.g. 2048")
+    if t.gradient_checkpointing_offload and not t.gradient_checkpointing:
+        p.append(
+            "train.gradient_checkpointing_offload=true needs train.gradient_checkpointing=true (it moves the "
+            "checkpointed layer inputs to host memory; without recompute there are none)"
+        )
+    if t.max_length is not None:
+        p += _at_least("train.max_length", t.max_length, 1, "tokens per row, e.g. 2048, or auto (follow the data)")
     if not 0.0 <= t.warmup_ratio < 1.0:
         p.append(f"train.warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
     p += _one_of("train.lr_scheduler_type", t.lr_scheduler_type, SCHEDULERS, "the train yaml")

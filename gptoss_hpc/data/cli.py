@@ -136,25 +136,33 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     from gptoss_hpc.config.io import compose, to_run_config
+    from gptoss_hpc.config.lengths import bucket
+    from gptoss_hpc.data.length import row_length, training_chat_template
     from gptoss_hpc.data.load import load_data
-    from gptoss_hpc.data.stats import length_stats, row_lengths, write_histogram
+    from gptoss_hpc.data.stats import length_stats, write_histogram
     from gptoss_hpc.modeling.tokenizer import load_tokenizer
 
     cfg = to_run_config(compose(args.overrides))
     tokenizer = load_tokenizer(cfg.model)
     loaded = load_data(cfg)  # no tokenizer: measure every row before the max_length policy
-    rows = list(loaded.train) + (list(loaded.eval) if loaded.eval is not None else [])
-    lengths = row_lengths(rows, tokenizer)
-    s = length_stats(lengths, cfg.train.max_length)
+    rows = loaded.train_rows + loaded.eval_rows
+    template = training_chat_template(tokenizer, cfg.train.assistant_only_loss)  # as the train stage renders rows
+    lengths = [row_length(tokenizer, row["messages"], template) for row in rows]
+    auto = cfg.train.max_length is None
+    max_length = bucket(max(lengths)) if auto else cfg.train.max_length
+    s = length_stats(lengths, max_length)
     print(
         f"data: {loaded.stats['where']} ({len(rows)} rows: {len(loaded.train)} train, {loaded.stats['eval_rows']} eval)"
     )
     print(f"tokenizer: model.tokenizer={cfg.model.tokenizer} (vocab {len(tokenizer)})")
     print(f"tokens per row: p50={s['p50']} p90={s['p90']} p99={s['p99']} max={s['max']} mean={s['mean']}")
-    print(
-        f"over train.max_length={s['max_length']}: {s['over_max_length']} rows "
-        f"({100 * s['share_over_max_length']:.1f}%), policy data.max_length_policy={cfg.data.max_length_policy}"
-    )
-    path = write_histogram(lengths, cfg.train.max_length, args.out, title=str(loaded.stats["where"]))
+    if auto:
+        print(f"train.max_length=auto: {max_length} (the longest row, bucketed; the launch also checks the card)")
+    else:
+        print(
+            f"over train.max_length={s['max_length']}: {s['over_max_length']} rows "
+            f"({100 * s['share_over_max_length']:.1f}%), policy data.max_length_policy={cfg.data.max_length_policy}"
+        )
+    path = write_histogram(lengths, max_length, args.out, title=str(loaded.stats["where"]))
     print(f"histogram: {path.resolve()}")
     return 0

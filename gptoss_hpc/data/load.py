@@ -6,8 +6,11 @@ Order: read → validate every row (bad rows raise DataError listing ``file:row:
 with ``data.skip_bad_rows=true``; extra system/developer turns are merged into the leading one, noted per
 row, see gptoss_hpc.data.turns) → ``data.max_rows`` cap → held-out split (``data.eval_path`` file, else
 a seeded ``data.eval_fraction``, by conversation) → ``data.multi_turn=split`` (one row per assistant
-turn) → ``train.max_length`` policy when a tokenizer is given. Nothing is written: local files are read
-directly (no datasets cache), and failures raise before any output.
+turn) → ``train.max_length`` policy when a tokenizer is given (gptoss_hpc.data.length; ``train.max_length=auto``
+is resolved by the launch, or here from the longest row when a job runs a config that still says auto).
+Nothing is written: local files are read directly (no datasets cache), and failures raise before any output.
+While loading, each row carries its ``<file>:<row>`` label (``length.SOURCE_KEY``), which errors name; it is
+not a column of the returned datasets (``LoadedData.train_rows`` keeps it).
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ class LoadedData:
     stats: dict[str, Any] = field(default_factory=dict)
     # ``<file>:<row>: <change>`` for every kept row that was changed (merged system/developer turns ...)
     notes: list[str] = field(default_factory=list)
+    # the rows behind ``train`` / ``eval``, each with its ``<file>:<row>`` under length.SOURCE_KEY
+    train_rows: list[dict[str, Any]] = field(default_factory=list)
+    eval_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 def load_datasets(cfg: RunConfig, tokenizer: Any = None) -> tuple[Dataset, Dataset | None]:
@@ -52,9 +58,12 @@ def load_datasets(cfg: RunConfig, tokenizer: Any = None) -> tuple[Dataset, Datas
     return loaded.train, loaded.eval
 
 
-def load_data(cfg: RunConfig, tokenizer: Any = None) -> LoadedData:
-    """Like load_datasets, plus the counts (also logged at INFO)."""
+def load_data(cfg: RunConfig, tokenizer: Any = None, *, lengths: dict[str, int] | None = None) -> LoadedData:
+    """Like load_datasets, plus the counts (also logged at INFO). ``lengths``: row lengths already measured,
+    by ``<file>:<row>`` label (the launch's), so they are not measured again."""
     from datasets import Dataset
+
+    from gptoss_hpc.data.length import SOURCE_KEY
 
     d = cfg.data
     where, raw = source_rows(d)
@@ -89,7 +98,7 @@ def load_data(cfg: RunConfig, tokenizer: Any = None) -> LoadedData:
         "bad_rows_skipped": len(problems),
         "rows_changed": len(notes),
     }
-    rows = main.rows
+    rows = _labelled(main)
     if not rows:
         raise DataError(f"{where}: no usable rows ({main.rows_read} read, {len(main.problems)} bad)")
     if d.max_rows is not None and len(rows) > d.max_rows:
@@ -97,7 +106,7 @@ def load_data(cfg: RunConfig, tokenizer: Any = None) -> LoadedData:
         rows = rows[: d.max_rows]
 
     if held is not None:
-        train_rows, eval_rows = rows, held.rows
+        train_rows, eval_rows = rows, _labelled(held)
         stats["eval_from"] = d.eval_path
     else:
         train_rows, eval_rows = split_rows(rows, d.eval_fraction, d.seed)
@@ -110,30 +119,78 @@ def load_data(cfg: RunConfig, tokenizer: Any = None) -> LoadedData:
         stats["rows_added_by_split"] = len(train_rows) + len(eval_rows or []) - n_before
 
     if tokenizer is not None:
-        from gptoss_hpc.data.length import apply_max_length
-
-        max_length, policy = cfg.train.max_length, d.max_length_policy
-        train_rows, counts = apply_max_length(train_rows, tokenizer, max_length, policy)
-        if eval_rows:
-            eval_rows, eval_counts = apply_max_length(eval_rows, tokenizer, max_length, policy)
-            counts = {k: v + eval_counts[k] for k, v in counts.items()}
-        stats.update(counts, max_length=max_length, max_length_policy=policy)
-        if not train_rows:
-            raise DataError(
-                f"{where}: every training row is longer than train.max_length={max_length} tokens; "
-                "raise train.max_length or use data.max_length_policy=truncate"
-            )
+        train_rows, eval_rows = _apply_length_policy(cfg, tokenizer, train_rows, eval_rows, stats, lengths, where)
 
     stats["train_rows"] = len(train_rows)
     stats["eval_rows"] = len(eval_rows) if eval_rows else 0
     log.info("data: %s", ", ".join(f"{k}={v}" for k, v in stats.items()))
-    train = Dataset.from_list(train_rows)
-    held_out = Dataset.from_list(eval_rows) if eval_rows else None
-    return LoadedData(train, held_out, stats, notes)
+
+    def columns(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in r.items() if k != SOURCE_KEY} for r in rs]
+
+    train = Dataset.from_list(columns(train_rows))
+    held_out = Dataset.from_list(columns(eval_rows)) if eval_rows else None
+    return LoadedData(train, held_out, stats, notes, train_rows, eval_rows or [])
+
+
+def _labelled(n: Normalised) -> list[dict[str, Any]]:
+    from gptoss_hpc.data.length import SOURCE_KEY
+
+    return [{**row, SOURCE_KEY: label} for row, label in zip(n.rows, n.labels, strict=True)]
+
+
+def _apply_length_policy(
+    cfg: RunConfig,
+    tokenizer: Any,
+    train_rows: list[dict[str, Any]],
+    eval_rows: list[dict[str, Any]] | None,
+    stats: dict[str, Any],
+    known: dict[str, int] | None,
+    where: str,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """data.max_length_policy over both splits (train.max_length=auto: the bucket of the longest row)."""
+    from gptoss_hpc.config.lengths import bucket
+    from gptoss_hpc.data.length import SOURCE_KEY, apply_max_length, row_length, training_chat_template
+
+    template = training_chat_template(tokenizer, cfg.train.assistant_only_loss)
+
+    def measure(rs: list[dict[str, Any]]) -> list[int]:
+        return [(known or {}).get(r[SOURCE_KEY]) or row_length(tokenizer, r["messages"], template) for r in rs]
+
+    train_lengths, eval_lengths = measure(train_rows), measure(eval_rows or [])
+    max_length, policy = cfg.train.max_length, cfg.data.max_length_policy
+    if max_length is None:
+        max_length = bucket(max(train_lengths + eval_lengths))
+        log.warning("train.max_length=auto: %d (the longest row, bucketed); the launch resolves it", max_length)
+    train_rows, counts = apply_max_length(
+        train_rows, tokenizer, max_length, policy, chat_template=template, lengths=train_lengths
+    )
+    if eval_rows:
+        eval_rows, eval_counts = apply_max_length(
+            eval_rows, tokenizer, max_length, policy, chat_template=template, lengths=eval_lengths
+        )
+        counts = {k: v + eval_counts[k] for k, v in counts.items()}
+    stats.update(counts, max_length=max_length, max_length_policy=policy)
+    if not train_rows:
+        raise DataError(
+            f"{where}: every training row is longer than train.max_length={max_length} tokens; "
+            "raise train.max_length or use data.max_length_policy=truncate"
+        )
+    return train_rows, eval_rows
 
 
 def split_rows_per_assistant_turn(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{**row, "messages": turns} for row in rows for turns in split_assistant_turns(row["messages"])]
+    """One row per assistant turn; each keeps its source label with the turn's number (``file:row#k``)."""
+    from gptoss_hpc.data.length import SOURCE_KEY
+
+    out = []
+    for row in rows:
+        for k, turns in enumerate(split_assistant_turns(row["messages"]), 1):
+            new = {**row, "messages": turns}
+            if SOURCE_KEY in row:
+                new[SOURCE_KEY] = f"{row[SOURCE_KEY]}#{k}"
+            out.append(new)
+    return out
 
 
 def _special_strings(tokenizer: Any) -> list[str]:

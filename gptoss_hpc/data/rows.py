@@ -42,6 +42,8 @@ class Normalised:
     # ``<file>:<row>: <what was changed>`` for rows kept with a change (merged instruction turns ...)
     notes: list[str] = field(default_factory=list)
     rows_read: int = 0
+    # ``<file>:<row>`` of each kept row, in the order of ``rows``
+    labels: list[str] = field(default_factory=list)
 
 
 def normalise_row(
@@ -129,6 +131,7 @@ def normalise_rows(
             out.problems.append(f"{raw.label}: {reason}")
         else:
             out.rows.append({"messages": messages})
+            out.labels.append(raw.label)
             out.notes.extend(f"{raw.label}: {n}" for n in notes)
     return out
 

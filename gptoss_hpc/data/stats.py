@@ -19,8 +19,8 @@ from gptoss_hpc.data.length import token_length
 log = logging.getLogger(__name__)
 
 
-def row_lengths(rows: Any, tokenizer: Any) -> list[int]:
-    return [token_length(tokenizer, row["messages"]) for row in rows]
+def row_lengths(rows: Any, tokenizer: Any, chat_template: str | None = None) -> list[int]:
+    return [token_length(tokenizer, row["messages"], chat_template) for row in rows]
 
 
 def percentile(sorted_values: Sequence[int], q: float) -> int:

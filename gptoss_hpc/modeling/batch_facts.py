@@ -36,7 +36,7 @@ def expected_facts(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "packing": bool(t.packing or t.padding_free),
         "packing_bin": t.packing_bin if t.packing else None,
         "tokens_per_micro_batch": rows * row_tokens,
-        "max_length": t.max_length,
+        "max_length": derive.max_length(t),
     }
 
 
@@ -53,7 +53,7 @@ def observed_facts(cfg: RunConfig, args: Any, ds_json: Path | None) -> tuple[dic
         "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
     }
     got["effective_batch"] = got["per_device_train_batch_size"] * got["gradient_accumulation_steps"] * world
-    got["max_tokens_per_step"] = got["effective_batch"] * int(args.max_length or cfg.train.max_length)
+    got["max_tokens_per_step"] = got["effective_batch"] * int(args.max_length or derive.max_length(cfg.train))
     problems = [
         f"{key} is {got[key]} on this rank but the config says {want[key]}"
         for key in ("per_device_train_batch_size", "gradient_accumulation_steps")

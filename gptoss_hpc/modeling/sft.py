@@ -39,7 +39,7 @@ OWNED_FIELDS: dict[str, str] = {
     "warmup_steps": "train.warmup_ratio",
     "warmup_ratio": "train.warmup_ratio",
     "lr_scheduler_kwargs": "train.min_lr_rate (with lr_scheduler_type=cosine_with_min_lr)",
-    "gradient_checkpointing_kwargs": "train.gradient_checkpointing",
+    "gradient_checkpointing_kwargs": "train.gradient_checkpointing, train.gradient_checkpointing_offload",
     "use_cpu": "cluster.accelerator",
     "accelerator_config": "nothing: batches are copied to the GPU without blocking (cluster.accelerator)",
     "completion_only_loss": "train.assistant_only_loss",
@@ -99,8 +99,15 @@ def pad_to_multiple_of(cfg: RunConfig) -> int | None:
     if not compiles_static_shapes(cfg):
         return None
     if t.packing or t.padding_free:
-        return t.per_device_train_batch_size * t.max_length
-    return min(t.max_length, 1024)
+        return t.per_device_train_batch_size * derive.max_length(t)
+    return min(derive.max_length(t), 1024)
+
+
+def _checkpointing_kwargs(t: Any) -> dict[str, Any] | None:
+    """transformers' checkpointing options: non-reentrant (PEFT + compiled regions need it). The offload of the
+    checkpointed inputs (train.gradient_checkpointing_offload) is applied by the speed knobs
+    (gptoss_hpc.modeling.fast.offload), not by transformers' own switch."""
+    return {"use_reentrant": False} if t.gradient_checkpointing else None
 
 
 def sft_dataset(dataset: Any) -> Any:
@@ -135,7 +142,7 @@ def build_sft_config_kwargs(cfg: RunConfig, paths: PointPaths, env: Mapping[str,
         "max_grad_norm": t.max_grad_norm,
         "optim": t.optim,
         "gradient_checkpointing": t.gradient_checkpointing,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False} if t.gradient_checkpointing else None,
+        "gradient_checkpointing_kwargs": _checkpointing_kwargs(t),
         "bf16": use_bf16(cfg),
         # On CPU, use_cpu=True is what makes DeepSpeed + gloo work; ACCELERATE_USE_CPU would drop DeepSpeed.
         "use_cpu": on_cpu,

@@ -23,6 +23,7 @@ def speed_knobs_callback(cfg: RunConfig):
         or t.padding_free
         # MXFP4-resident experts take their LoRA factored (gptoss_hpc.modeling.fast.mxfp4_experts)
         or getattr(m, "experts_dtype", "bfloat16") == "mxfp4"
+        or t.gradient_checkpointing_offload
     ):
         return None
     from transformers import TrainerCallback

@@ -217,7 +217,8 @@ def train(cfg: RunConfig, paths: PointPaths) -> dict[str, Any]:
 def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
-    from gptoss_hpc.data import load_datasets
+    from gptoss_hpc.config.lengths import with_length
+    from gptoss_hpc.data import load_data
     from gptoss_hpc.modeling.batch_facts import check_batch_facts
     from gptoss_hpc.modeling.deepspeed import render_deepspeed_config
     from gptoss_hpc.modeling.lora import build_lora_config
@@ -233,7 +234,10 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
         return json.loads(paths.train_metrics.read_text())
     paths.train.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.model)
-    train_ds = sft_dataset(load_datasets(cfg, tokenizer)[0])  # loss on each row's last assistant turn
+    loaded = load_data(cfg, tokenizer)
+    if cfg.train.max_length is None:  # a config no launch resolved (run by hand): the length the data asked for
+        cfg = with_length(cfg, loaded.stats["max_length"], ())
+    train_ds = sft_dataset(loaded.train)  # loss on each row's last assistant turn
     _drop_none_turn_keys(tokenizer)
 
     kwargs = build_sft_config_kwargs(cfg, paths)

@@ -43,6 +43,10 @@ class Point:
     index: int
     overrides: list[str]  # the swept key=value pairs that make this point (empty for a single run)
     cfg: RunConfig
+    # what the launch measured of the point's data and decided for train.max_length (printed, and written to
+    # pNNN/data_lengths.json)
+    length_lines: list[str] = field(default_factory=list)
+    length_record: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -87,22 +91,28 @@ def expand_overrides(overrides: Sequence[str], multirun: bool) -> tuple[list[lis
 
 def compose_launch(overrides: Sequence[str], multirun: bool = False) -> Launch:
     """Compose and validate every point before anything is submitted; one ConfigError names them all."""
-    batches, swept = expand_overrides(overrides, multirun)
+    from gptoss_hpc.submission.lengths import auto_overrides, decide
+
+    batches, swept = expand_overrides(auto_overrides(list(overrides)), multirun)
     composed = compose_sweep(batches, swept)
     points: list[Point] = []
     problems: list[str] = []
+    measured: dict[str, Any] = {}  # one measurement per distinct data + tokenizer
     for index, (batch, dcfg) in enumerate(zip(batches, composed, strict=True)):
         point_overrides = [o for o in batch if o.split("=", 1)[0] in swept]
         label = f"point {index} ({' '.join(point_overrides)}): " if swept else ""
         try:
-            cfg, fitted = fit_to_card(to_run_config(dcfg), batch)
+            lengths = decide(to_run_config(dcfg), batch, measured)
+            if lengths.problems:
+                raise ConfigError(lengths.problems)
+            cfg, fitted = fit_to_card(lengths.cfg, batch)
             if fitted:
                 log.warning("%s%s", label, fitted)
             cfg = validate(cfg)
         except ConfigError as exc:
             problems += [label + p for p in exc.problems]
             continue
-        points.append(Point(index, point_overrides, cfg))
+        points.append(Point(index, point_overrides, cfg, lengths.lines, lengths.record))
     problems += secrets.problems()  # malformed WANDB_API_KEY: refused here, not in every job
     if problems:
         header = f"{len(batches)}-point sweep rejected, nothing submitted" if swept else "invalid configuration"
@@ -127,9 +137,18 @@ def make_run_dir(cfg: RunConfig, now: dt.datetime | None = None) -> Path:
 
 
 def write_configs(launch: Launch) -> list[Path]:
+    import json
+
+    from gptoss_hpc.fileio import write_atomic
+
     paths = RunPaths(launch.run_dir)
     save_run_config(launch.cfg, paths.config)
-    return [save_run_config(p.cfg, paths.point(p.index).config) for p in launch.points]
+    written = []
+    for p in launch.points:
+        written.append(save_run_config(p.cfg, paths.point(p.index).config))
+        if p.length_record:
+            write_atomic(paths.point(p.index).data_lengths, json.dumps(p.length_record, indent=2) + "\n")
+    return written
 
 
 def _targets(launch: Launch, stage: str) -> list[str]:

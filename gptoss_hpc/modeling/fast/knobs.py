@@ -41,6 +41,7 @@ class SpeedKnobs:
     experts_before: str | None = None
     experts_after: str | None = None
     loss_chunk_tokens: int = 0
+    offloaded_checkpoints: list[Any] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -49,9 +50,14 @@ class SpeedKnobs:
             "experts_implementation": self.experts_after,
             "factored_expert_lora": len(self.factored_lora),
             "loss_chunk_tokens": self.loss_chunk_tokens,
+            "offloaded_checkpoints": len(self.offloaded_checkpoints),
         }
 
     def remove(self) -> None:
+        from gptoss_hpc.modeling.fast.offload import restore_checkpoints
+
+        restore_checkpoints(self.offloaded_checkpoints)
+        self.offloaded_checkpoints = []
         for layer in self.frozen_prefix:
             restore_class(layer, NO_GRAD_BASE)
         self.frozen_prefix = []
@@ -135,6 +141,10 @@ def apply_speed_knobs(model: nn.Module, cfg: RunConfig) -> SpeedKnobs:
         release_placeholders(model)
     if getattr(t, "no_grad_below_first_lora", False):
         knobs.frozen_prefix = freeze_below_first_trainable_layer(model)
+    if t.gradient_checkpointing and t.gradient_checkpointing_offload:
+        from gptoss_hpc.modeling.fast.offload import offload_checkpoints
+
+        knobs.offloaded_checkpoints = offload_checkpoints(model)
     backend = compile_backend(next(model.parameters()).device.type)
     if compiles_layers(cfg) and backend is not None:
         knobs.compiled_layers = compile_decoder_layers(model, backend=backend)

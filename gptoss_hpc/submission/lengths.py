@@ -1,0 +1,134 @@
+"""The launch measures every row before anything is submitted, then decides ``train.max_length`` per point.
+
+    measured = measure(cfg)                       # every training and held-out row, as the train stage renders it
+    resolution = config.lengths.resolve(cfg, measured, fits=..., context=...)
+
+Lengths are cached under ``$GPTOSS_HPC_CACHE/lengths/`` (default ~/.cache/gptoss_hpc), one file per tokenizer +
+chat template, keyed by a hash of each row's turns: a second launch over the same data, or a sweep whose points
+share it, tokenizes nothing again, and an edited row is measured anew. Large sets show a progress bar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from gptoss_hpc.config.lengths import Measured
+from gptoss_hpc.fileio import write_atomic
+
+if TYPE_CHECKING:
+    from gptoss_hpc.config.schema import RunConfig
+
+log = logging.getLogger(__name__)
+
+PROGRESS_FROM = 500  # rows: a progress bar from here up
+
+
+def _fingerprint(tokenizer: Any, template: str | None) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    h = hashlib.sha256(vocab.encode())
+    h.update((template or tokenizer.chat_template or "").encode())
+    return h.hexdigest()[:24]
+
+
+def _row_key(messages: list[dict[str, Any]]) -> str:
+    return hashlib.sha1(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def measure(cfg: RunConfig) -> Measured:
+    """Length of every row of ``cfg.data`` (training rows first, then held-out), with its ``<file>:<row>``."""
+    from gptoss_hpc.data.length import SOURCE_KEY, row_length, training_chat_template
+    from gptoss_hpc.data.load import load_data
+    from gptoss_hpc.modeling.tokenizer import load_tokenizer
+    from gptoss_hpc.modeling.vocab import cache_root
+
+    loaded = load_data(cfg)  # validates every row (a bad row stops the launch here, named file:row)
+    rows = loaded.train_rows + loaded.eval_rows
+    tokenizer = load_tokenizer(cfg.model)
+    template = training_chat_template(tokenizer, cfg.train.assistant_only_loss)
+    cache_file = cache_root() / "lengths" / f"{_fingerprint(tokenizer, template)}.json"
+    try:
+        cache: dict[str, int] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    except (OSError, ValueError):
+        cache = {}  # a damaged cache is only a cache: measure again
+    keys = [_row_key(r["messages"]) for r in rows]
+    todo = [i for i, k in enumerate(keys) if k not in cache]
+    if todo:
+        for i in _progress(todo, f"measuring {len(todo)} rows of {loaded.stats['where']}"):
+            cache[keys[i]] = row_length(tokenizer, rows[i]["messages"], template)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(cache_file, json.dumps(cache))
+    log.info("measured %d rows (%d from the cache %s)", len(rows), len(rows) - len(todo), cache_file)
+    return Measured(
+        lengths=[cache[k] for k in keys],
+        labels=[r[SOURCE_KEY] for r in rows],
+        train_rows=len(loaded.train_rows),
+        where=str(loaded.stats["where"]),
+    )
+
+
+def _progress(items: list[int], what: str):
+    if len(items) < PROGRESS_FROM:
+        return items
+    from rich.progress import track
+
+    return track(items, description=what, transient=True)
+
+
+def decide(cfg: RunConfig, overrides: list[str], measured_by_data: dict[str, Measured]):
+    """``config.lengths.resolve`` for one point: measures its data (once per distinct data + tokenizer in a launch)
+    and asks the memory plan which lengths fit the card. A config without a train stage is returned as is."""
+    from dataclasses import asdict
+
+    from gptoss_hpc.config.fit import fastest_fit, user_set
+    from gptoss_hpc.config.lengths import Resolution, resolve
+    from gptoss_hpc.config.memory import arch_for, gpu_memory_gib, train_estimate
+    from gptoss_hpc.errors import ResourceNotReachableError
+
+    if "train" not in cfg.stages:
+        return Resolution(cfg)
+    key = json.dumps([asdict(cfg.data), asdict(cfg.model), cfg.train.assistant_only_loss], sort_keys=True, default=str)
+    if key not in measured_by_data:
+        try:
+            measured_by_data[key] = measure(cfg)
+        except ResourceNotReachableError as exc:
+            if not cfg.dry_run:
+                raise
+            note = f"train.max_length={cfg.train.max_length or 'auto'}: not measured in this dry run ({exc})"
+            return Resolution(cfg, lines=[note.splitlines()[0]])
+    capacity, arch = gpu_memory_gib(cfg), arch_for(cfg)
+    keys = [*user_set(overrides), *_user_length_keys(overrides)]
+
+    def fits(candidate: RunConfig) -> bool:
+        if capacity is None or arch is None or cfg.cluster.accelerator != "gpu":
+            return True
+        if candidate.train.fit_memory and not user_set(overrides):
+            return fastest_fit(candidate, arch, capacity) is not None
+        return bool(train_estimate(candidate, arch, capacity).fits)
+
+    return resolve(
+        cfg,
+        measured_by_data[key],
+        fits=fits,
+        context=arch.max_position_embeddings if arch is not None else None,
+        user_keys=keys,
+    )
+
+
+def _user_length_keys(overrides: list[str]) -> list[str]:
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    return [k for k in ("train.per_device_train_batch_size", "train.gradient_accumulation_steps") if k in keys]
+
+
+def auto_overrides(overrides: list[str]) -> list[str]:
+    """``train.max_length=auto`` (also inside a sweep's value list) as the schema's null."""
+    out = []
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        if eq and key.lstrip("+~") == "train.max_length":
+            value = ",".join("null" if v.strip() == "auto" else v for v in value.split(","))
+        out.append(f"{key}{eq}{value}")
+    return out
