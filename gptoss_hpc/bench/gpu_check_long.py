@@ -16,11 +16,9 @@ command's start to the end of the first steady step, with empty inductor/Triton 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,22 +48,15 @@ def _mfu(arch, doc_lengths: list[int], tok_s: float | None, card: str | None) ->
     return round(mfu(arch, doc_lengths, sum(doc_lengths) / tok_s, card), 3)
 
 
-@contextlib.contextmanager
-def cold_caches(c, tag: str) -> Iterator[None]:
+def cold_caches(c, tag: str):
     """Runs started inside see empty inductor and Triton caches of their own: the cold start is measured cold even
     on a machine kept warm from an earlier command (which keeps /tmp and with it the default caches)."""
-    keys = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
-    before = {k: os.environ.get(k) for k in keys}
-    for k in keys:
-        os.environ[k] = str(c.work / "caches" / tag / k.split("_")[0].lower())
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    from unittest import mock
+
+    root = c.work / "caches" / tag
+    return mock.patch.dict(
+        os.environ, {"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"), "TRITON_CACHE_DIR": str(root / "triton")}
+    )
 
 
 def part_attn(c, python: str) -> None:
