@@ -125,10 +125,14 @@ def _launch(launch: pipeline.Launch) -> int:
     problems = disk_problems(p.cfg for p in launch.points)
     if problems:
         raise ConfigError(problems, header="not enough disk under run_root, nothing submitted")
+    folders: dict[str, str] = {}
     if launch.cfg.cluster.hf_home:
         from gptoss_hpc.modeling.hub import prefetch
 
-        prefetch(launch.cfg)  # before anything is written or submitted: an unreachable repo stops here
+        folders = prefetch(launch.cfg)  # before anything is written or submitted: an unreachable repo stops here
+    if any(p.unmeasured for p in launch.points):  # rows behind the Hub: measured now, before any GPU time
+        pipeline.measure_pending(launch, folders)
+        _print_lengths(launch)
     launch.provenance = provenance.collect()
     launch.run_dir = pipeline.make_run_dir(launch.cfg)
     pipeline.write_configs(launch)

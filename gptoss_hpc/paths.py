@@ -9,7 +9,8 @@
         train/                            TRL output_dir: checkpoint-*/, runs/ (TensorBoard)
         adapter/                          final LoRA adapter + tokenizer + deepspeed.json
         metrics.jsonl                     per-step training metrics (JSON lines)
-        train_metrics.json                final training metrics
+        train_metrics.json                final training metrics (+ what the run cost: tok/s, MFU, peak GiB)
+        data.json                         what the data kept: rows read / dropped / truncated (monitor/records.py)
         merged/                           merged bf16 model (sharded safetensors) + model card
         eval/eval.json, eval/generations.jsonl
         status/<stage>.json               written by each stage when it ends (ok / error + message)
@@ -66,6 +67,10 @@ class PointPaths:
     @property
     def train_metrics(self) -> Path:
         return self.root / "train_metrics.json"
+
+    @property
+    def data_record(self) -> Path:
+        return self.root / "data.json"
 
     @property
     def merged(self) -> Path:

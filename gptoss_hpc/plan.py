@@ -46,6 +46,20 @@ def format_table(estimates: list[Estimate]) -> str:
     return "\n".join(lines)
 
 
+def _fit_cell(found) -> str:
+    """``fastest_fit``'s choice as a table cell: experts dtype, micro-batch, recompute/offload, card GiB (+ host)."""
+    if found is None:
+        return "does not fit"
+    _, _, cfg, est = found
+    t = cfg.train
+    dtype = "bf16" if cfg.model.experts_dtype == "bfloat16" else cfg.model.experts_dtype
+    knobs = (" recompute" if t.gradient_checkpointing else "") + (
+        " offload" if t.gradient_checkpointing_offload else ""
+    )
+    host = f" +{est.note.split()[0]}" if est.note else ""
+    return f"{dtype} {t.per_device_train_batch_size}x{derive.max_length(t)}{knobs} ({est.card:.0f}{host})"
+
+
 def fits_table(base: list[str], lora: str = "experts") -> str:
     """For gpt-oss-20b and -120b and each card size: the setting train.fit_memory would train with (the fastest
     candidate of gptoss_hpc.config.fit whose train stage fits)."""
@@ -56,17 +70,7 @@ def fits_table(base: list[str], lora: str = "experts") -> str:
     for model in ("gpt_oss_20b", "gpt_oss_120b"):
         base_cfg = _compose([f"model={model}", f"lora={lora}", "train=default", *base])
         arch = arch_for(base_cfg)
-        cells = []
-        for card in CARDS:
-            found = fastest_fit(base_cfg, arch, card)
-            if found is None:
-                cells.append("does not fit")
-                continue
-            _, _, cfg, est = found
-            t = cfg.train
-            dtype = "bf16" if cfg.model.experts_dtype == "bfloat16" else cfg.model.experts_dtype
-            recompute = " recompute" if t.gradient_checkpointing else ""
-            cells.append(f"{dtype} {t.per_device_train_batch_size}x{derive.max_length(t)}{recompute} ({est.card:.0f})")
+        cells = [_fit_cell(fastest_fit(base_cfg, arch, card)) for card in CARDS]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -93,23 +97,10 @@ def lengths_table(base: list[str], lengths: list[int]) -> str:
     ]
     for length in lengths:
         cfg = with_length(base_cfg, length, ())
-        cells = []
-        for card in CARDS:
-            if length > arch.max_position_embeddings:
-                cells.append(f"over the context ({arch.max_position_embeddings:,})")
-                continue
-            found = fastest_fit(cfg, arch, card)
-            if found is None:
-                cells.append("does not fit")
-                continue
-            _, _, fitted, est = found
-            t = fitted.train
-            dtype = "bf16" if fitted.model.experts_dtype == "bfloat16" else fitted.model.experts_dtype
-            knobs = (" recompute" if t.gradient_checkpointing else "") + (
-                " offload" if t.gradient_checkpointing_offload else ""
-            )
-            host = f" +{est.note.split()[0]}" if est.note else ""
-            cells.append(f"{dtype} {t.per_device_train_batch_size}x{length}{knobs} ({est.card:.0f}{host})")
+        if length > arch.max_position_embeddings:
+            cells = [f"over the context ({arch.max_position_embeddings:,})"] * len(CARDS)
+        else:
+            cells = [_fit_cell(fastest_fit(cfg, arch, card)) for card in CARDS]
         lines.append(f"| {length:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -139,9 +139,9 @@ def test_the_graph_sees_imports() -> None:
     assert "gptoss_hpc.submission.slurm" in graph["gptoss_hpc.monitor.state"]
     planted = {k: set(v) for k, v in graph.items()}
     planted["gptoss_hpc.submission.slurm"].add("gptoss_hpc.stages.report")
-    assert ["gptoss_hpc.monitor.state", "gptoss_hpc.stages.report", "gptoss_hpc.submission.slurm"] in find_cycles(
-        planted
-    )
+    # the planted edge closes a cycle through these three (and whatever else lies on the paths between them)
+    planted_cycle = {"gptoss_hpc.monitor.state", "gptoss_hpc.stages.report", "gptoss_hpc.submission.slurm"}
+    assert any(planted_cycle <= set(c) for c in find_cycles(planted))
 
 
 def test_no_file_is_oversized() -> None:

@@ -103,8 +103,7 @@ def _normalise(text: str, run_dir: Path) -> str:
 
 @pytest.mark.parametrize("sweep", [False, True], ids=["single", "sweep"])
 def test_golden_sbatch_coreweave_h200(sweep: bool, tmp_path: Path) -> None:
-    # dry_run: the default data is on the Hub, which this machine cannot reach (a real launch measures its rows)
-    overrides = ["cluster=coreweave_h200", "name=golden", "dry_run=true"]
+    overrides = ["cluster=coreweave_h200", "name=golden"]
     launch_ = pipeline.compose_launch([*overrides, "lora.r=8,16"] if sweep else overrides, multirun=sweep)
     run_dir = tmp_path / "logs" / "golden" / "20261125-000000"
     scripts = pipeline.render_scripts(launch_, run_dir)
@@ -133,7 +132,7 @@ def test_fast_sweep_composition_equals_hydra_composing_each_point() -> None:
 
 
 def test_dependencies_follow_the_stage_graph(tmp_path: Path) -> None:
-    overrides = ["cluster=coreweave_h200", "stages=[train,merge,eval,serve,report]", "lora.r=8,16", "dry_run=true"]
+    overrides = ["cluster=coreweave_h200", "stages=[train,merge,eval,serve,report]", "lora.r=8,16"]
     scripts = dict(pipeline.render_scripts(pipeline.compose_launch(overrides, multirun=True), tmp_path))
     dep = {s: re.search(r"--dependency='?([^'\n]*)", t) for s, t in scripts.items()}
     assert dep["train"] is None
@@ -143,8 +142,6 @@ def test_dependencies_follow_the_stage_graph(tmp_path: Path) -> None:
         "serve": "aftercorr:<merge-job-id>",
         "report": "afterany:<eval-job-id>",
     }
-    single = dict(
-        pipeline.render_scripts(pipeline.compose_launch(["cluster=coreweave_h200", "dry_run=true"]), tmp_path)
-    )
+    single = dict(pipeline.render_scripts(pipeline.compose_launch(["cluster=coreweave_h200"]), tmp_path))
     assert "--dependency=afterok:<train-job-id>" in single["merge"].replace("'", "")
     assert "--array" not in single["train"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +155,9 @@ def test_lengths_are_cached_and_an_edited_row_is_measured_again(tmp_path, length
     assert lengths_of(data).lengths == first.lengths
     assert "measured 3 rows (3 from the cache" in caplog.text
     rows = data.read_text().splitlines()
-    rows[1] = json.dumps(_row(300, 99))
+    edited = _row(300, 99)
+    edited["messages"][0]["content"] = f"A question no earlier run asked: {uuid.uuid4()}"  # the cache outlives tests
+    rows[1] = json.dumps(edited)
     data.write_text("\n".join(rows) + "\n")
     caplog.clear()
     again = lengths_of(data)
@@ -198,3 +201,25 @@ def test_mixed_lengths_train_through_the_real_stage_in_token_budget_micro_batche
     )
     steps = [json.loads(line) for line in (point / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps if "loss" in s][:3] == [1, 2, 3]
+
+
+def test_a_launch_whose_rows_cannot_be_read_submits_nothing(tmp_path, capsys) -> None:
+    """A Hub dataset that cannot be reached (this machine has no Hub; the name does not exist either): a dry run
+    still prints its scripts with a note, a launch is refused before anything is written."""
+    from gptoss_hpc import launch
+
+    args = [
+        "experiment=demo",
+        "data=multilingual_thinking",
+        "data.name=gptoss-hpc-tests/no-such-set",
+        f"run_root={tmp_path}",
+    ]
+    assert launch.main([*args, "dry_run=true"]) == 0
+    assert (
+        "the rows are measured at launch (the dataset gptoss-hpc-tests/no-such-set is on the Hub)"
+        in capsys.readouterr().out
+    )
+    assert launch.main(args) == 1
+    err = capsys.readouterr().err
+    assert "measures every training row before submitting anything" in err and "gptoss-hpc-tests/no-such-set" in err
+    assert not any(tmp_path.iterdir())

@@ -110,3 +110,5 @@ def test_real_token_count_without_a_host_sync_per_micro_batch_equals_the_data(tm
     assert len(batches) == 6 and trainer.state.global_step == 3
     assert trainer.state.num_input_tokens_seen == real
     assert len(logged) >= 3 and logged[0] > 0 and logged == sorted(logged) and logged[-1] == real
+    # the documents the collator counted on the CPU for MFU (gptoss_hpc.modeling.useful_work): the same tokens
+    assert trainer.useful_work.tokens == real and trainer.useful_work.docs >= len(batches)

@@ -91,8 +91,12 @@ def _dependency(job_id: str) -> str:
 
 def test_four_point_sweep_is_one_array_per_stage_and_completes_without_leaking_secrets(tmp_path: Path) -> None:
     env = {**CANARIES, "WANDB_MODE": "offline", "PUSH_TO_HUB": "false"}
+    # a sweep over lengths: at 192 tokens the sample's longer rows are dropped, as asked
+    fast = [a for a in FAST if not a.startswith("train.max_length=")]
     run_dir, manifest, stdout = _launch(
-        ["-m", *FAST, "name=sweep4", "lora.r=4,8", "train.learning_rate=1e-3,2e-3"], tmp_path, env
+        ["-m", *fast, "name=sweep4", "lora.r=4,8", "train.max_length=192,256", "data.max_length_policy=drop"],
+        tmp_path,
+        env,
     )
     jobs = {j.stage: j for j in manifest.jobs}
     assert list(jobs) == ["train", "merge", "eval", "report"]
@@ -124,6 +128,7 @@ def test_four_point_sweep_is_one_array_per_stage_and_completes_without_leaking_s
     assert all(p["state"] == "ok" for p in report["points"])
     assert all((paths.report / png).is_file() for png in ("loss_curves.png", "eval_vs_lora_r.png"))
     _merged_equals_base_plus_adapter(paths.point(3))
+    _each_point_says_what_it_kept_and_cost(run_dir, manifest, report)
 
     leaks = []
     for root in (run_dir, tmp_path / "logs"):
@@ -132,6 +137,40 @@ def test_four_point_sweep_is_one_array_per_stage_and_completes_without_leaking_s
                 data = path.read_bytes()
                 leaks += [f"{path}: {name}" for name, v in CANARIES.items() if v.encode() in data]
     assert not leaks, leaks
+
+
+def _each_point_says_what_it_kept_and_cost(run_dir: Path, manifest: Manifest, report: dict) -> None:
+    """data.json, train_metrics.json and metrics.jsonl as the train stage wrote them, and the same facts in the
+    report and in the status table."""
+    from gptoss_hpc.config import load_run_config
+    from gptoss_hpc.config.flops import active_matmul_params
+    from gptoss_hpc.config.memory import arch_for
+
+    paths = RunPaths(run_dir)
+    facts = {p["dir"]: p["facts"] for p in report["points"]}
+    table = subprocess.run(
+        [sys.executable, "-m", "gptoss_hpc.cli", "status", str(run_dir)], capture_output=True, text=True, check=True
+    ).stdout
+    rows = {line.split()[0]: line.split() for line in table.splitlines() if line.startswith("p00")}
+    for point in manifest.points:
+        p = paths.point(point.index)
+        data = json.loads(p.data_record.read_text())
+        trained = json.loads(p.train_metrics.read_text())
+        logged = [json.loads(line) for line in p.metrics.read_text().splitlines()]
+        # the collator's CPU count of the documents trained equals TRL's count of non-padding tokens
+        assert logged[-1]["doc_tokens"] == logged[-1]["num_input_tokens_seen"] == trained["tokens"] > 0
+        arch = arch_for(load_run_config(p.config))
+        assert trained["useful_flops"] > 4 * active_matmul_params(arch) * trained["tokens"]  # + attention
+        short = "train.max_length=192" in point.overrides
+        assert (data["dropped_too_long"] > 0) is short and data["max_length"] == (192 if short else 256)
+        f = facts[point.dir]
+        assert f["rows_trained"] == data["train_rows"] == trained["train_rows"]
+        assert f["rows_dropped"] == data["dropped_too_long"] and f["tokens_trained"] == trained["tokens"]
+        assert f["tok_s"] > 0 and f["steady_steps"] == "2-3"  # 3 steps: the second half
+        assert f["gpu_hours"] == 0 and f["mfu"] is None and f["peak_gib"] is None  # the ranks ran on the CPU
+        assert data["tokens_dropped"] > 0 if short else data["tokens_dropped"] == 0
+        length = f"{data['max_length']:,}"
+        assert rows[point.dir][1:7] == [*point.overrides, length, f"{f['rows_trained']:,}", str(f["rows_dropped"]), "0"]
 
 
 def _merged_equals_base_plus_adapter(point) -> None:

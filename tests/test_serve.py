@@ -87,11 +87,13 @@ def running(app) -> Iterator[str]:
 def test_health(client, model_dir):
     r = client.get("/health")
     assert r.status_code == 200
-    assert r.json() == {
+    body = r.json()
+    assert body.pop("mode").startswith("continuous batching")
+    assert body == {
         "status": "ok",
         "model": model_dir.name,
         "max_new_tokens_cap": CAP,
-        "queue": {"waiting": 0, "max_waiting": 8},
+        "queue": {"running": 0, "waiting": 0, "max_waiting": 32},
     }
 
 
@@ -121,7 +123,7 @@ def test_harmony_output_is_split_into_channels(model_dir, monkeypatch):
         "<|start|>assistant<|channel|>final<|message|>Canberra.<|return|>"
     )
     monkeypatch.setattr("gptoss_hpc.modeling.harmony.generate_completion", lambda *a, **k: completion)
-    with TestClient(serve.create_app(model_dir, max_new_tokens_cap=CAP)) as c:
+    with TestClient(serve.create_app(model_dir, max_new_tokens_cap=CAP, batching=False)) as c:
         body = _check_answer(c.post("/score", json={"prompt": "Hauptstadt?", "max_new_tokens": 4}))
     assert body["valid"] and body["output"] == "Canberra." and body["analysis"] == "Die Hauptstadt ist Canberra."
 
@@ -324,7 +326,7 @@ def test_a_full_queue_answers_429_and_the_queued_requests_finish(model_dir: Path
             for t in threads[1:]:
                 t.start()
             deadline = time.monotonic() + 60
-            while httpx.get(f"{url}/health").json()["queue"] != {"waiting": 2, "max_waiting": 2}:
+            while httpx.get(f"{url}/health").json()["queue"] != {"running": 1, "waiting": 2, "max_waiting": 2}:
                 assert time.monotonic() < deadline, "the two requests never reached the queue"
                 time.sleep(0.05)
             # ... two wait: the queue is full, the next request is refused at once

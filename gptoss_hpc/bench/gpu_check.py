@@ -7,6 +7,8 @@
     bash launchers/gpu_check.sh 2gpu                  # train=default on 2 GPUs: one rank per GPU, as on Slurm
     bash launchers/gpu_check.sh --work W pipeline120b # 120b on one GPU, resumable (gptoss_hpc.bench.gpu_check_120b)
     bash launchers/gpu_check.sh knobs:0-7             # GPU knob list, entries 0..7 (GPU_KNOBS below)
+    bash launchers/gpu_check.sh serve                 # 20b: batched greedy == generate, load bench 1/8/32/64
+    bash launchers/gpu_check.sh --work W serve:W/<point>/adapter   # the same on 120b's adapter (MXFP4 base)
     bash launchers/gpu_check.sh fit:20b@24 fit:120b@80 # shipped defaults on a smaller card: train.fit_memory's
                                                       # choice, the allocator capped at that many GiB
     bash launchers/gpu_check.sh long:attn long:bench:16384,32768   # long rows (gptoss_hpc.bench.gpu_check_long)
@@ -51,9 +53,10 @@ from gptoss_hpc.bench.gpu_check_parts import (
     write_chat_rows,
     write_results,
 )
+from gptoss_hpc.bench.gpu_check_serve import phase_serve
 
 TRAIN_CONFIGS = {"train=default": ["train=default"], "train=reference": ["train=reference"]}
-PHASES = ("pipeline", "configs", "bench", "2gpu", "knobs", "pipeline120b", "fit", "long")
+PHASES = ("pipeline", "configs", "bench", "2gpu", "knobs", "pipeline120b", "fit", "serve", "long")
 DEFAULT_PHASES = ("pipeline", "configs", "bench", "knobs")
 
 
@@ -425,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
                 phase_fit(c, span)
             elif name == "long":
                 phase_long(c, _python(), launch, base_overrides, checkpoint, span)
+            elif name == "serve":
+                phase_serve(c, span, checkpoint)
             elif name == "pipeline120b":
                 phase_pipeline120b(c, launch, base_overrides, span)
             elif name == "knobs":

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gptoss_hpc.monitor.records import metric_rows, steady_rate
+
 _WORDS = tuple(
     " ".join(
         [
@@ -167,27 +169,29 @@ def run_sampled(
 
 def steady_train_facts(point: Path, warmup_steps: int) -> dict[str, Any]:
     """The trainer's own throughput from metrics.jsonl (rank 0 logs every step: wall time and
-    num_input_tokens_seen, real non-padding tokens over all ranks), without the first ``warmup_steps`` steps
-    (compilation), and the real tokens per optimizer step."""
-    rows = []
+    num_input_tokens_seen, real non-padding tokens over all ranks): the steady rate as status and the report define it
+    (gptoss_hpc.monitor.records.steady_rate, after ``warmup_steps``), the mean over the same steps, and the real tokens
+    per optimizer step."""
     metrics = point / "metrics.jsonl"
-    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
-        rec = json.loads(line)
-        if "num_input_tokens_seen" in rec and "time" in rec and "loss" in rec:
-            rows.append((int(rec["step"]), float(rec["time"]), int(rec["num_input_tokens_seen"])))
+    logged = metric_rows(metrics.read_text().splitlines() if metrics.is_file() else [])
+    rows = [
+        (int(r["step"]), float(r["time"]), int(r["num_input_tokens_seen"]))
+        for r in logged
+        if "num_input_tokens_seen" in r and "loss" in r
+    ]
     facts: dict[str, Any] = {"logged_steps": len(rows)}
     if len(rows) >= 2:
         per_step = sorted(b[2] - a[2] for a, b in itertools.pairwise(rows))
         facts["real_tokens_per_step"] = per_step[len(per_step) // 2]
-    steady = [r for r in rows if r[0] >= warmup_steps]
-    if len(steady) >= 2 and steady[-1][1] > steady[0][1]:
-        # median of the per-step rates is the steady state (as bench train reports it); the mean over the same
-        # steps also carries any stall (a recompile, a checkpoint), so both are kept and shown
-        rates = sorted((b[2] - a[2]) / (b[1] - a[1]) for a, b in itertools.pairwise(steady) if b[1] > a[1])
-        facts["train_tok_s"] = round(rates[len(rates) // 2])
+    tok_s, steps = steady_rate([r for r in logged if "loss" in r], "num_input_tokens_seen", warmup_steps)
+    if tok_s is not None and steps is not None:
+        # the mean over the same steps also carries any stall (a recompile, a checkpoint), so both are kept and shown
+        first, last = (int(s) for s in steps.split("-"))
+        steady = [r for r in rows if first <= r[0] <= last]
+        facts["train_tok_s"] = round(tok_s)
         facts["train_tok_s_mean"] = round((steady[-1][2] - steady[0][2]) / (steady[-1][1] - steady[0][1]))
         facts["step_s"] = [round(b[1] - a[1], 3) for a, b in itertools.pairwise(rows)]
-        facts["steady_steps"] = f"{steady[0][0]}-{steady[-1][0]}"
+        facts["steady_steps"] = steps
     train_metrics = point / "train_metrics.json"
     if train_metrics.is_file():
         m = json.loads(train_metrics.read_text())
@@ -196,6 +200,7 @@ def steady_train_facts(point: Path, warmup_steps: int) -> dict[str, Any]:
         facts["world_size"] = m.get("world_size")
         facts["speed_knobs"] = m.get("speed_knobs")
         facts["global_step"] = m.get("global_step")
+        facts["steady_mfu"] = m.get("steady_mfu")  # the train stage's own, attention counted (stages/run_facts.py)
     return facts
 
 

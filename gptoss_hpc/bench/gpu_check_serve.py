@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +91,54 @@ def serve_once(
     if row["result"] != "pass":
         row["log_tail"] = log.read_text(errors="replace")[-3000:]
     return row
+
+
+def _run_json(cmd: list[str], env: dict[str, str], log: Path, timeout_s: float) -> tuple[int, str]:
+    with log.open("w", encoding="utf-8") as out:
+        try:
+            rc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    return rc, log.read_text(errors="replace")
+
+
+def serve_load(model: Path, env: dict[str, str], work: Path, budget_s: float, name: str) -> list[dict[str, Any]]:
+    """``model`` (a merged folder or a checkpoint, or an adapter folder on an MXFP4 base): greedy equality under
+    continuous batching (gptoss_hpc.serving.batch_check), then ``python -m gptoss_hpc.bench serve`` at 1, 8, 32
+    and 64 clients. Two rows, each with its command."""
+    work.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    t0 = started = time.time()
+    check = [sys.executable, "-m", "gptoss_hpc.serving.batch_check", str(model), "--prompts", "8"]
+    rc, text = _run_json(check, env, work / f"{name}.batch_check.log", budget_s / 3)
+    row: dict[str, Any] = {"name": f"serve {name}: batched greedy == generate", "stage": "serve"}
+    row.update(command=" ".join(check[1:]), wall_s=round(time.time() - started, 1))
+    start = text.find('{"batched"')
+    row["result"] = "pass" if rc == 0 else f"FAIL (rc {rc})"
+    if start >= 0:
+        row["batch_check"] = json.JSONDecoder().raw_decode(text[start:])[0]  # log lines may follow it
+    elif rc != 0:
+        row["log_tail"] = text[-3000:]
+    rows.append(row)
+    out = work / f"{name}.bench.json"
+    bench = [sys.executable, "-m", "gptoss_hpc.bench", "serve", "--model", str(model), "--out", str(out)]
+    bench += ["--clients", "1,8,32,64", "--max-tokens", "256", "--compare", "0"]
+    started = time.time()
+    rc, text = _run_json(bench, env, work / f"{name}.bench.log", max(60.0, budget_s - (started - t0)))
+    row = {"name": f"serve {name}: load bench", "stage": "serve", "command": " ".join(bench[1:])}
+    row.update(result="pass" if rc == 0 else f"FAIL (rc {rc})", wall_s=round(time.time() - started, 1))
+    if out.is_file():
+        row["levels"] = json.loads(out.read_text())["levels"]
+    if rc != 0:
+        row["log_tail"] = text[-3000:]
+    rows.append(row)
+    return rows
+
+
+def phase_serve(c: Any, span: str, checkpoint: Callable[[Any], Path]) -> None:
+    """Continuous-batching serve: batched greedy == generate, then the load bench (1/8/32/64 clients). No span:
+    the synthetic 20b checkpoint as the merged model; ``serve:DIR``: DIR (e.g. pipeline120b's point/adapter, the
+    adapter on the MXFP4 base)."""
+    model, name = (Path(span), Path(span).name) if span else (checkpoint(c), "20b")
+    for row in serve_load(model, c.env(), c.work / "logs" / f"serve_{name}", c.hard_left(), name):
+        c.rows.append({"phase": "serve", **row})

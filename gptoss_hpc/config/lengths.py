@@ -85,6 +85,7 @@ class Resolution:
     lines: list[str] = field(default_factory=list)  # what the launch prints
     problems: list[str] = field(default_factory=list)  # refusals (ConfigError lines)
     record: dict[str, object] = field(default_factory=dict)  # what the run records (pNNN/data_lengths.json)
+    unmeasured: str | None = None  # why the rows could not be measured (a launch refuses to submit then)
 
 
 def with_length(cfg: RunConfig, length: int, user_keys: Sequence[str]) -> RunConfig:

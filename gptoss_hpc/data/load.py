@@ -58,15 +58,18 @@ def load_datasets(cfg: RunConfig, tokenizer: Any = None) -> tuple[Dataset, Datas
     return loaded.train, loaded.eval
 
 
-def load_data(cfg: RunConfig, tokenizer: Any = None, *, lengths: dict[str, int] | None = None) -> LoadedData:
+def load_data(
+    cfg: RunConfig, tokenizer: Any = None, *, lengths: dict[str, int] | None = None, hub_folder: str | None = None
+) -> LoadedData:
     """Like load_datasets, plus the counts (also logged at INFO). ``lengths``: row lengths already measured,
-    by ``<file>:<row>`` label (the launch's), so they are not measured again."""
+    by ``<file>:<row>`` label (the launch's), so they are not measured again. ``hub_folder``: a local snapshot of
+    the data.source=hub dataset (the launch's pre-fetch) to read instead of the Hub."""
     from datasets import Dataset
 
     from gptoss_hpc.data.length import SOURCE_KEY
 
     d = cfg.data
-    where, raw = source_rows(d)
+    where, raw = source_rows(d, hub_folder)
     if d.multi_turn not in MULTI_TURN_POLICIES:
         raise DataError(f"data.multi_turn={d.multi_turn!r}: use {' or '.join(MULTI_TURN_POLICIES)}")
     opts = {
@@ -224,8 +227,8 @@ def split_rows(
     return train, held
 
 
-def source_rows(d: DataConfig) -> tuple[str, Iterator[RawRow]]:
-    """(a name for messages, the raw rows) of data.source."""
+def source_rows(d: DataConfig, hub_folder: str | None = None) -> tuple[str, Iterator[RawRow]]:
+    """(a name for messages, the raw rows) of data.source (``hub_folder``: a local snapshot of the Hub dataset)."""
     if d.source == "local":
         if not d.path:
             raise DataError("data.path is required for data.source=local; data.path=/path/to/train.jsonl")
@@ -237,7 +240,7 @@ def source_rows(d: DataConfig) -> tuple[str, Iterator[RawRow]]:
         if not d.name:
             raise DataError("data.name is required for data.source=hub; e.g. HuggingFaceH4/Multilingual-Thinking")
         where = f"{d.name}[{d.split}]"
-        ds = load_hub_dataset(d.name, d.split, d.revision)
+        ds = load_hub_dataset(d.name, d.split, d.revision, folder=hub_folder)
         return where, (RawRow(f"{where}:{i}", row) for i, row in enumerate(ds))
     raise DataError(f"data.source={d.source!r}: use hub, local or sample")
 
@@ -266,12 +269,13 @@ def _offline_snapshot(name: str, revision: str | None) -> str | None:
         return None  # not prefetched: datasets raises its own offline error, turned into the fix below
 
 
-def load_hub_dataset(name: str, split: str, revision: str | None) -> Any:
+def load_hub_dataset(name: str, split: str, revision: str | None, folder: str | None = None) -> Any:
     """datasets.load_dataset, with offline / gated / not-found turned into ResourceNotReachableError."""
     import datasets
 
     try:
-        return datasets.load_dataset(_offline_snapshot(name, revision) or name, split=split, revision=revision)
+        source = folder or _offline_snapshot(name, revision) or name
+        return datasets.load_dataset(source, split=split, revision=None if folder else revision)
     except Exception as e:  # DatasetNotFoundError, GatedRepoError, ConnectionError, OfflineModeIsEnabled ...
         raise ResourceNotReachableError(
             f"dataset {name!r} (split={split!r}, revision={revision or 'default'}) could not be loaded: "

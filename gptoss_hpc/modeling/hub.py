@@ -112,13 +112,13 @@ def hub_resources(cfg: RunConfig) -> list[tuple[str, str, str, str | None, dict[
     return out
 
 
-def prefetch(cfg: RunConfig) -> list[str]:
+def prefetch(cfg: RunConfig) -> dict[str, str]:
     """Download every Hub repo of this launch into cluster.hf_home, on the submitting host, before sbatch.
 
     Jobs then read them with HF_HUB_OFFLINE=1 (gptoss_hpc.submission.sbatch.job_env): compute nodes need no
     internet and ranks do not download concurrently after the queue wait. A gated, missing or unreachable
     repo raises ResourceNotReachableError naming it and the fix, so nothing is submitted. Returns the
-    local snapshot folders.
+    local snapshot folder of each (model, tokenizer, dataset).
     """
     from huggingface_hub import snapshot_download
 
@@ -127,7 +127,7 @@ def prefetch(cfg: RunConfig) -> list[str]:
     hf_home = Path(str(cfg.cluster.hf_home)).expanduser()
     cache = hf_home / "hub"
     token = hf_token()  # HF_TOKEN, or the token file (HF_TOKEN_PATH / huggingface_hub's saved login)
-    folders = []
+    folders: dict[str, str] = {}
     for what, repo_type, repo_id, revision, filters in hub_resources(cfg):
         log.info("prefetching %s %s%s into %s", what, repo_id, f"@{revision}" if revision else "", cache)
         try:
@@ -142,7 +142,7 @@ def prefetch(cfg: RunConfig) -> list[str]:
                 f"{local_key} at the local copy"
             )
             raise unreachable(f"{what} (prefetch into cluster.hf_home)", repo_id, revision, exc, fix) from exc
-        folders.append(folder)
+        folders[what] = folder
     return folders
 
 

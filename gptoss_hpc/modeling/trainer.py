@@ -151,6 +151,28 @@ def trainer_class(base: type, cfg: RunConfig, world_size: int, deepspeed: bool) 
 
         _pending_tokens: Any = None
 
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            from gptoss_hpc.config.memory import arch_for
+            from gptoss_hpc.modeling.useful_work import DocumentLengthsCollator, UsefulWork
+
+            # each micro-batch's document lengths, counted on the CPU by the collator (modeling/useful_work.py)
+            self.useful_work = UsefulWork(arch_for(cfg))
+            self.data_collator = DocumentLengthsCollator(self.data_collator)
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            self.useful_work.take(inputs)
+            return super().training_step(model, inputs, *args, **kwargs)
+
+        def prediction_step(self, model, inputs, *args, **kwargs):
+            self.useful_work.take(inputs, count=False)
+            return super().prediction_step(model, inputs, *args, **kwargs)
+
+        def log(self, logs, *args, **kwargs):
+            if self.model.training:
+                logs.update(self.useful_work.logs())
+            return super().log(logs, *args, **kwargs)
+
         def _track_num_input_tokens(self, inputs):
             pad = getattr(self.processing_class, "pad_token_id", None)
             ids = inputs.get("input_ids")

@@ -124,6 +124,7 @@ class LaunchStatus:
     source: str  # "sacct" | "squeue" | "status files"
     rows: list[JobRow]
     note: str = ""  # e.g. why sacct was not used
+    points: list[dict[str, Any]] = field(default_factory=list)  # what each point kept and cost (monitor/records.py)
 
     @property
     def all_terminal(self) -> bool:
@@ -139,6 +140,7 @@ class LaunchStatus:
             "all_terminal": self.all_terminal,
             "counts": self.counts(),
             "jobs": [asdict(r) for r in self.rows],
+            "points": self.points,
         }
 
     def counts(self) -> dict[str, int]:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gptoss_hpc.monitor.cli_errors import run_cli
+from gptoss_hpc.monitor.records import FACT_HEADERS, fact_cells, launch_facts
 from gptoss_hpc.monitor.state import (
     DEFAULT_RUN_ROOT,
     JobRow,
@@ -81,6 +82,31 @@ def _cells(r: JobRow) -> list[str]:
     ]
 
 
+_FACT_COLUMNS = (("point", False, 6), ("overrides", False, 40), *((h, True, 20) for h in FACT_HEADERS))
+
+
+def _table(columns, rows: list[list[str]], styles: list[dict[int, str]]):  # -> rich.text.Text
+    """A fixed-width text table: a bold header, a rule, one line per row (cell i styled by styles[row][i])."""
+    from rich.text import Text
+
+    widths = [min(cap, max([len(name), *(len(row[i]) for row in rows)])) for i, (name, _, cap) in enumerate(columns)]
+    lines = [
+        Text("  ".join(_fit(n, w, right) for (n, right, _), w in zip(columns, widths, strict=True)), style="bold"),
+        Text("  ".join("─" * w for w in widths), style="dim"),
+    ]
+    for cells, style in zip(rows, styles, strict=True):
+        line = Text(no_wrap=True, overflow="ellipsis")
+        for i, ((_, right, _), w, cell) in enumerate(zip(columns, widths, cells, strict=True)):
+            if i:
+                line.append("  ")
+            line.append(_fit(cell, w, right), style=style.get(i, ""))
+        line.rstrip()
+        lines.append(line)
+    table = Text("\n", no_wrap=True, overflow="ellipsis").join(lines)
+    table.no_wrap, table.overflow = True, "ellipsis"
+    return table
+
+
 def _fit(value: str, width: int, right: bool) -> str:
     if len(value) > width:
         value = value[: width - 1] + "…"
@@ -99,24 +125,13 @@ def render(status: LaunchStatus, *, max_failures: int = 5):  # -> rich.console.G
         f"  {status.run_dir}\n",
         f"backend {status.backend} · states from {src} · {len(status.rows)} jobs: {counts}",
     )
-    rows = [_cells(r) for r in status.rows]
-    widths = [min(cap, max([len(name), *(len(row[i]) for row in rows)])) for i, (name, _, cap) in enumerate(_COLUMNS)]
     state_col = 4
-    lines = [
-        Text("  ".join(_fit(n, w, right) for (n, right, _), w in zip(_COLUMNS, widths, strict=True)), style="bold"),
-        Text("  ".join("─" * w for w in widths), style="dim"),
-    ]
-    for r, cells in zip(status.rows, rows, strict=True):
-        line = Text(no_wrap=True, overflow="ellipsis")
-        for i, ((_, right, _), w, cell) in enumerate(zip(_COLUMNS, widths, cells, strict=True)):
-            if i:
-                line.append("  ")
-            line.append(_fit(cell, w, right), style=_STYLE.get(r.state, "") if i == state_col else "")
-        line.rstrip()
-        lines.append(line)
-    table = Text("\n", no_wrap=True, overflow="ellipsis").join(lines)
-    table.no_wrap, table.overflow = True, "ellipsis"
-    parts = [header, table]
+    styles = [{state_col: _STYLE.get(r.state, "")} for r in status.rows]
+    parts = [header, _table(_COLUMNS, [_cells(r) for r in status.rows], styles)]
+    if any(any(c != "-" for c in fact_cells(p)) for p in status.points):
+        parts.append(Text("\nwhat each point kept and cost (- where its records do not say):", style="bold"))
+        cells = [[f"p{p['point']:03d}", " ".join(p["overrides"]), *fact_cells(p)] for p in status.points]
+        parts.append(_table(_FACT_COLUMNS, cells, [{} for _ in cells]))
     for r in status.rows:
         if r.endpoint and r.state == "RUNNING":
             points = ",".join(f"p{p:03d}" for p in r.points)
@@ -169,14 +184,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         run_dir = resolve_run_dir(args.target, args.run_root)
         if args.json and args.watch is None:
-            print(json.dumps(collect(run_dir, use_sacct=not args.no_sacct).to_dict(), indent=2))
+            print(json.dumps(_collect(run_dir, not args.no_sacct).to_dict(), indent=2))
             return 0
         if args.watch is None:
-            _console().print(render(collect(run_dir, use_sacct=not args.no_sacct)))
+            _console().print(render(_collect(run_dir, not args.no_sacct)))
             return 0
         return _watch(run_dir, args.watch, as_json=args.json, use_sacct=not args.no_sacct)
 
     return run_cli(body)
+
+
+def _collect(run_dir: Path, use_sacct: bool) -> LaunchStatus:
+    """The jobs' states, and what each point kept and cost so far."""
+    status = collect(run_dir, use_sacct=use_sacct)
+    status.points = launch_facts(status)
+    return status
 
 
 def _console():  # -> rich.console.Console
@@ -190,7 +212,7 @@ def _watch(run_dir: Path, every: float, *, as_json: bool, use_sacct: bool) -> in
     every = max(every, 0.5)
     if as_json:  # one JSON document per line, per refresh
         while True:
-            st = collect(run_dir, use_sacct=use_sacct)
+            st = _collect(run_dir, use_sacct)
             print(json.dumps(st.to_dict()), flush=True)
             if st.all_terminal:
                 return 0
@@ -198,11 +220,11 @@ def _watch(run_dir: Path, every: float, *, as_json: bool, use_sacct: bool) -> in
     from rich.live import Live
 
     console = _console()
-    st = collect(run_dir, use_sacct=use_sacct)
+    st = _collect(run_dir, use_sacct)
     with Live(render(st), console=console, auto_refresh=False) as live:
         while not st.all_terminal:
             time.sleep(every)
-            st = collect(run_dir, use_sacct=use_sacct)
+            st = _collect(run_dir, use_sacct)
             live.update(render(st), refresh=True)
     return 0
 

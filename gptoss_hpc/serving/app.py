@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_MAX_NEW_TOKENS_CAP = 2048
 DEFAULT_PORT = 8000
-DEFAULT_MAX_QUEUE = 8  # requests waiting behind the one being generated; one more gets 429
+DEFAULT_MAX_QUEUE = 32  # requests waiting behind the running ones; one more gets 429
+DEFAULT_MAX_RUNNING = 32  # requests decoded together (continuous batching)
+DEFAULT_MAX_MODEL_LEN = 8192  # prompt + new tokens of one request: what the KV cache is sized for
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # 1 MiB of JSON: far more text than gpt-oss's context holds
 
 __all__ = ["ServeError", "create_app", "load_model", "serve"]
@@ -137,11 +139,15 @@ def create_app(
     served_model_name: str | None = None,
     generate_for_tests: Callable[..., str] | None = None,
     cfg: Any = None,
+    max_running: int = DEFAULT_MAX_RUNNING,
+    max_model_len: int = DEFAULT_MAX_MODEL_LEN,
+    batching: bool = True,
 ) -> Any:
     """The FastAPI app serving ``model_dir`` (loaded now, so a bad folder fails before serving).
 
     ``api_key``: when set, every path but /health needs it. ``generate_for_tests`` replaces
-    harmony.generate_completion (same signature): tests only, e.g. a slow generation that fills the queue.
+    harmony.generate_completion (same signature): tests only, e.g. a slow generation that fills the queue; it
+    turns continuous batching off, as ``batching=False`` does (one request at a time, today's worker).
     """
     from contextlib import asynccontextmanager
 
@@ -150,6 +156,9 @@ def create_app(
     from fastapi.responses import JSONResponse
 
     from gptoss_hpc.modeling.harmony import generate_completion
+    from gptoss_hpc.serving.batching import ContextTooLongError, EngineDownError
+    from gptoss_hpc.serving.generation import Service
+    from gptoss_hpc.serving.metrics import CountResponses
     from gptoss_hpc.serving.openai_api import add_openai_routes
     from gptoss_hpc.serving.worker import GenerationFailedError, Generator, OverCapError, QueueFullError
 
@@ -160,6 +169,10 @@ def create_app(
         problems.append(f"--max-request-bytes must be >= 1024 (got {max_request_bytes})")
     if max_new_tokens_cap < 1:
         problems.append(f"--max-new-tokens-cap must be >= 1 (got {max_new_tokens_cap})")
+    if max_running < 1:
+        problems.append(f"--max-running must be >= 1 (got {max_running})")
+    if max_model_len <= max_new_tokens_cap:
+        problems.append(f"--max-model-len ({max_model_len}) must be over --max-new-tokens-cap ({max_new_tokens_cap})")
     if problems:
         raise ServeError("; ".join(problems))
     model, tokenizer = load_model(model_dir, cfg)
@@ -173,13 +186,20 @@ def create_app(
         max_waiting=max_queue,
         do_sample=do_sample,
     )
+    why_not = "generate_for_tests replaces generation" if generate_for_tests else None
+    why_not = why_not or (None if batching else "--no-batching")
+    plan = None if why_not else kv_plan(model, cfg, max_running, max_model_len)
+    service = Service(generator, max_running=max_running, plan=plan, why_not_batched=why_not)
+    log.info("serving %s: %s", name, service.mode)
 
     @asynccontextmanager
     async def lifespan(_: Any) -> Any:
         yield
-        generator.close()
+        service.close()
 
     app = FastAPI(title="gptoss_hpc serve", description=f"serving {name}", lifespan=lifespan)
+    app.state.service = service  # tests reach the model and the engine through it
+    app.add_middleware(CountResponses, metrics=service.metrics)
     app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_request_bytes)
 
     def problem(request: Request, status: int, problems: list[str], kind: str, **headers: str) -> JSONResponse:
@@ -206,6 +226,14 @@ def create_app(
     async def _busy(request: Request, exc: QueueFullError) -> JSONResponse:
         return problem(request, 429, [str(exc)], "rate_limit_error", **{"retry-after": "5"})
 
+    @app.exception_handler(ContextTooLongError)
+    async def _too_long(request: Request, exc: ContextTooLongError) -> JSONResponse:
+        return problem(request, 400, [str(exc)], "invalid_request_error")
+
+    @app.exception_handler(EngineDownError)
+    async def _down(request: Request, exc: EngineDownError) -> JSONResponse:
+        return problem(request, 503, [str(exc)], "server_error")
+
     @app.exception_handler(GenerationFailedError)
     async def _failed(request: Request, exc: GenerationFailedError) -> JSONResponse:
         return problem(request, 400, [str(exc)], "invalid_request_error")
@@ -216,13 +244,25 @@ def create_app(
             "status": "ok",
             "model": name,
             "max_new_tokens_cap": max_new_tokens_cap,
-            "queue": {"waiting": generator.queue.waiting, "max_waiting": max_queue},
+            "mode": service.mode,
+            "queue": {"running": service.running, "waiting": service.waiting, "max_waiting": max_queue},
         }
+
+    @app.get("/ready")
+    def ready() -> JSONResponse:
+        ok = service.ready()
+        return JSONResponse(status_code=200 if ok else 503, content={"ready": ok, "model": name, "mode": service.mode})
+
+    @app.get("/metrics")
+    def metrics() -> Any:
+        from fastapi.responses import PlainTextResponse
+
+        return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.post("/score", response_model=ScoreResponse, responses={400: {}, 401: {}, 413: {}, 422: {}, 429: {}})
     async def score(request: ScoreRequest) -> Any:
         n = generator.check_tokens(request.max_new_tokens, "max_new_tokens")
-        answer = await generator.answer(request.chat(), n)
+        answer = await service.answer(request.chat(), n)
         return ScoreResponse(
             output=answer.content,
             analysis=answer.reasoning,
@@ -231,8 +271,26 @@ def create_app(
             completion=answer.completion,
         )
 
-    add_openai_routes(app, generator, name)
+    add_openai_routes(app, service, name)
     return app
+
+
+def kv_plan(model: Any, cfg: Any, max_running: int, max_model_len: int) -> Any:
+    """The paged KV cache's size from the card (cluster.gpu_memory_gib when serving a point), or None when the
+    model cannot be batched (the Service then says why)."""
+    from gptoss_hpc.serving.batching import batching_problem, plan_kv_cache
+
+    if batching_problem(model) is not None:
+        return None
+    capacity = None
+    if cfg is not None:
+        from gptoss_hpc.config.memory import gpu_memory_gib
+
+        capacity = gpu_memory_gib(cfg)
+    device = next(model.parameters()).device
+    return plan_kv_cache(
+        model, max_running=max_running, max_context=max_model_len, capacity_gib=capacity, device=device
+    )
 
 
 def default_model_name(model_dir: str | os.PathLike[str]) -> str:

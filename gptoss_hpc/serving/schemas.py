@@ -5,6 +5,7 @@ A request with no user content is refused (422): an empty prompt would make the 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -56,6 +57,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)  # the newer name of max_tokens
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
+    stop: StrictStr | list[StrictStr] | None = Field(default=None, description="up to 4 stop strings")
     stream: StrictBool = False
     n: StrictInt = Field(default=1, ge=1, le=1, description="one choice per request")
 
@@ -63,10 +65,15 @@ class ChatCompletionRequest(BaseModel):
     def _user_content(self) -> ChatCompletionRequest:
         if not has_user_content(self.chat()):
             raise ValueError(NO_USER_CONTENT)
+        if isinstance(self.stop, list) and len(self.stop) > 4:
+            raise ValueError(f"stop: at most 4 strings (got {len(self.stop)})")
         return self
 
     def chat(self) -> list[dict[str, Any]]:
         return [m.to_chat() for m in self.messages]
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -95,18 +102,23 @@ def chat_completion(
     }
 
 
-def chat_chunks(model: str, content: str, reasoning: str, finish_reason: str, *, id_: str) -> list[dict[str, Any]]:
-    """The same answer as ``chat.completion.chunk`` events: role, reasoning, content, then the finish."""
-    created = int(time.time())
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    total = prompt_tokens + completion_tokens
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
 
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-        return {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
 
-    chunks = [chunk({"role": "assistant", "content": ""})]
-    if reasoning:
-        chunks.append(chunk({"reasoning_content": reasoning}))
-    if content:
-        chunks.append(chunk({"content": content}))
-    chunks.append(chunk({}, finish_reason))
-    return chunks
+def chat_chunk(
+    model: str,
+    delta: dict[str, Any],
+    finish: str | None = None,
+    *,
+    id_: str,
+    created: int,
+    usage: dict[str, int] | None = None,
+) -> str:
+    """One ``chat.completion.chunk`` as a server-sent event (the last one carries ``usage``, as vLLM's does)."""
+    choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+    body = {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+    if usage is not None:
+        body["usage"] = usage
+    return f"data: {json.dumps(body)}\n\n"

@@ -4,7 +4,6 @@ waiting behind an unbounded backlog."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import threading
@@ -29,6 +28,7 @@ class GenerationQueue:
         if max_waiting < 1:
             raise ValueError(f"max_waiting must be >= 1 (got {max_waiting})")
         self.max_waiting = max_waiting
+        self._busy = False
         self._queue: queue.Queue[tuple[Callable[[], Any], Future[Any]] | None] = queue.Queue(maxsize=max_waiting)
         self._thread = threading.Thread(target=self._run, name="generation-worker", daemon=True)
         self._thread.start()
@@ -36,6 +36,14 @@ class GenerationQueue:
     @property
     def waiting(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def busy(self) -> bool:
+        """A call is running on the worker thread."""
+        return self._busy
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def submit(self, fn: Callable[[], Any]) -> Future[Any]:
         future: Future[Any] = Future()
@@ -64,10 +72,13 @@ class GenerationQueue:
             fn, future = item
             if not future.set_running_or_notify_cancel():
                 continue
+            self._busy = True
             try:
                 future.set_result(fn())
             except BaseException as exc:  # handed to the waiting request, which answers with it
                 future.set_exception(exc)
+            finally:
+                self._busy = False
 
 
 class OverCapError(GptossHpcError):
@@ -92,7 +103,8 @@ class Answer:
 
 
 class Generator:
-    """The model behind the bounded queue. ``generate`` is harmony.generate_completion, or a test's stand-in."""
+    """The model behind the bounded queue (the path when continuous batching is off). ``generate`` is
+    harmony.generate_completion, or a test's stand-in."""
 
     def __init__(
         self,
@@ -117,22 +129,16 @@ class Generator:
             raise OverCapError(f"{field}: {n} is over this server's cap of {self.max_new_tokens_cap}")
         return n
 
-    async def answer(
+    def submit(
         self,
         messages: list[dict[str, Any]],
         max_new_tokens: int,
         *,
         temperature: float | None = None,
         top_p: float | None = None,
-    ) -> Answer:
-        """Queue the generation (QueueFullError at once when full) and wait for it without blocking the loop."""
-        future = self.queue.submit(lambda: self._run(messages, max_new_tokens, temperature, top_p))
-        try:
-            text = await asyncio.wrap_future(future)
-        except Exception as exc:
-            log.warning("generation failed: %s", exc)
-            raise GenerationFailedError(f"cannot generate for this input: {exc}") from exc
-        return self._split(text)
+    ) -> Future[str]:
+        """Queue the generation (QueueFullError at once when full): a future of the completion's text."""
+        return self.queue.submit(lambda: self._run(messages, max_new_tokens, temperature, top_p))
 
     def _run(self, messages: list[dict[str, Any]], n: int, temperature: float | None, top_p: float | None) -> str:
         do_sample = self.do_sample if temperature is None else temperature > 0
@@ -151,18 +157,23 @@ class Generator:
             if config is not None and saved is not None:
                 config.temperature, config.top_p = saved
 
-    def _split(self, text: str) -> Answer:
-        from gptoss_hpc.modeling.harmony import STOP_TOKENS, parse_completion
+    def ends_on_stop(self, text: str) -> bool:
+        from gptoss_hpc.modeling.harmony import STOP_TOKENS
+
+        eos = self.tokenizer.eos_token
+        return text.endswith((*STOP_TOKENS, *([eos] if eos else [])))
+
+    def split(self, text: str, finish_reason: str) -> Answer:
+        """``text`` (a completion, special tokens kept) as final and analysis channels."""
+        from gptoss_hpc.modeling.harmony import parse_completion
 
         parsed = parse_completion(text)
-        stops = [*STOP_TOKENS, *([self.tokenizer.eos_token] if self.tokenizer.eos_token else [])]
-        finish = "stop" if text.endswith(tuple(stops)) else "length"
         if parsed.valid:
             content = parsed.final or ""
         else:
             ids = self.tokenizer.encode(text, add_special_tokens=False)
             content = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return Answer(text, content, parsed.analysis, parsed.valid, parsed.error, finish)
+        return Answer(text, content, parsed.analysis, parsed.valid, parsed.error, finish_reason)
 
     def close(self) -> None:
         self.queue.close()

@@ -184,13 +184,18 @@ def heldout_loss(model: Any, tokenizer: Any, rows: Sequence[Sequence[dict[str, A
 def generation_records(
     model: Any, tokenizer: Any, prompts: Sequence[Prompt], *, tag: str, max_new_tokens: int, do_sample: bool
 ) -> list[dict[str, Any]]:
-    records = []
-    for prompt in prompts:
-        text = generate_completion(
-            model, tokenizer, prompt.messages, max_new_tokens=max_new_tokens, do_sample=do_sample
-        )
-        records.append(score_completion(prompt, parse_completion(text), tag))
-    return records
+    """Every prompt's completion, decoded together with continuous batching (greedy output equals generate's,
+    tests/test_serve_batching.py); one at a time where the model cannot be batched (a warning says why)."""
+    from gptoss_hpc.serving.batching import generate_completions
+
+    conversations = [p.messages for p in prompts]
+    texts = generate_completions(model, tokenizer, conversations, max_new_tokens=max_new_tokens, do_sample=do_sample)
+    if texts is None:
+        texts = [
+            generate_completion(model, tokenizer, c, max_new_tokens=max_new_tokens, do_sample=do_sample)
+            for c in conversations
+        ]
+    return [score_completion(prompt, parse_completion(text), tag) for prompt, text in zip(prompts, texts, strict=True)]
 
 
 def score_completion(prompt: Prompt, parsed: ParsedCompletion, tag: str) -> dict[str, Any]:

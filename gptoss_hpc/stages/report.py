@@ -24,6 +24,7 @@ from typing import Any
 
 from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.fileio import write_atomic
+from gptoss_hpc.monitor.records import FACT_HEADERS, fact_cells, point_facts
 from gptoss_hpc.monitor.state import log_tail, point_log_files, read_json, read_metrics
 from gptoss_hpc.paths import PointPaths, RunPaths
 from gptoss_hpc.submission.manifest import Manifest
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 POINT_STAGES = ("train", "merge", "eval")
 LOG_TAIL_LINES = 15
-PLOTS = ("loss_curves.png", "eval_vs_lora_r.png", "eval_vs_learning_rate.png")
+PLOTS = ("loss_curves.png", "eval_vs_lora_r.png", "eval_vs_learning_rate.png", "cost_per_point.png")
 
 
 class ReportError(GptossHpcError):
@@ -54,6 +55,7 @@ class PointSummary:
     losses: list[float] = field(default_factory=list)
     final_train_loss: float | None = None
     eval: dict[str, Any] | None = None
+    facts: dict[str, Any] = field(default_factory=dict)  # what the point kept and cost (monitor/records.py)
 
     @property
     def has_results(self) -> bool:
@@ -98,6 +100,7 @@ def summarize_point(run: RunPaths, manifest: Manifest, record: Any) -> PointSumm
     summary.steps, summary.losses = read_metrics(paths.metrics)
     summary.final_train_loss = summary.losses[-1] if summary.losses else None
     summary.eval = read_json(paths.eval / "eval.json")
+    summary.facts = point_facts(paths, full_metrics=True)
     for stage in stages:
         status = read_json(paths.stage_status(stage))
         state = str(status.get("state", "UNKNOWN")) if status else "MISSING"
@@ -188,7 +191,28 @@ def plot_all(points: Sequence[PointSummary], out: Path) -> list[Path]:
         fig.savefig(out / name, dpi=100)
         plt.close(fig)
         written.append(out / name)
+    written.append(_plot_cost(points, out / PLOTS[3]))
     return written
+
+
+def _plot_cost(points: Sequence[PointSummary], path: Path) -> Path:
+    """Steady tok/s and peak GPU GiB per point, side by side: a sweep's cost at a glance."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, ylabel in ((axes[0], "tok_s", "steady tok/s"), (axes[1], "peak_gib", "peak GPU GiB allocated")):
+        shown = [(p.dir, p.facts[key]) for p in points if p.facts.get(key) is not None]
+        if shown:
+            ax.bar([d for d, _ in shown], [v for _, v in shown])
+            ax.tick_params(axis="x", labelrotation=45, labelsize="small")
+        else:
+            ax.text(0.5, 0.5, f"no {ylabel} recorded", ha="center", va="center", transform=ax.transAxes)
+        ax.set(ylabel=ylabel)
+    fig.suptitle("What each point cost")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def render_markdown(manifest: Manifest, points: Sequence[PointSummary], best: PointSummary | None) -> str:
@@ -218,6 +242,20 @@ def render_markdown(manifest: Manifest, points: Sequence[PointSummary], best: Po
             f"{_fmt(p.metric('loss', 'base'))} | {_fmt(p.metric('loss'))} | {_fmt(p.metric('perplexity'))} | "
             f"{_fmt(p.metric('format_validity'))} | {_fmt(p.metric('language_adherence'))} |"
         )
+    lines += [
+        "",
+        "## What each point kept and cost",
+        "",
+        "Rows trained / dropped / truncated by the data pass (data.json), tokens trained (non-padding, all ranks), "
+        "steady tok/s and MFU (median over the logged steps shown, after the warm-up; MFU on rank 0's GPU), peak GPU "
+        "GiB allocated (reserved), GPU-hours of the train stage.",
+        "",
+        f"| point | overrides | {' | '.join(FACT_HEADERS)} | steady steps |",
+        "|---" * (len(FACT_HEADERS) + 3) + "|",
+    ]
+    for p in points:
+        cells = " | ".join(fact_cells(p.facts))
+        lines.append(f"| {p.dir} | {' '.join(p.overrides) or '-'} | {cells} | {p.facts.get('steady_steps') or '-'} |")
     failed = [p for p in points if p.state != "ok"]
     if failed:
         lines += ["", "## Failed points", ""]
@@ -233,6 +271,12 @@ def render_markdown(manifest: Manifest, points: Sequence[PointSummary], best: Po
     return "\n".join(lines)
 
 
+def best_point(points: Sequence[PointSummary]) -> PointSummary | None:
+    """The point with the lowest held-out loss (the fine-tuned model's eval loss), None when none has one."""
+    scored = [p for p in points if p.metric("loss") is not None]
+    return min(scored, key=lambda p: p.metric("loss") or 0.0) if scored else None
+
+
 def build_report(run_dir: str | os.PathLike[str]) -> Path:
     run = RunPaths(Path(run_dir).resolve())
     try:
@@ -240,8 +284,7 @@ def build_report(run_dir: str | os.PathLike[str]) -> Path:
     except GptossHpcError as exc:
         raise ReportError(str(exc)) from exc
     points = [summarize_point(run, manifest, record) for record in sorted(manifest.points, key=lambda r: r.index)]
-    scored = [p for p in points if p.metric("loss") is not None]
-    best = min(scored, key=lambda p: p.metric("loss") or 0.0) if scored else None
+    best = best_point(points)
 
     run.report.mkdir(parents=True, exist_ok=True)
     plot_all(points, run.report)

@@ -4,6 +4,7 @@ Azure-style ``/score``, Harmony output split into analysis/final, an API key off
     python -m gptoss_hpc.serve logs/demo/20261125-081500/p000/merged --port 8000        # 127.0.0.1, no key
     SERVE_API_KEY=$(openssl rand -hex 24) python -m gptoss_hpc.serve logs/demo/…/p000/merged --host 0.0.0.0
     python -m gptoss_hpc.serve logs/demo/20261125-081500/p000/config.yaml   # as the Slurm stage: node address, key
+    python -m gptoss_hpc.serve logs/demo/20261125-081500 --best   # the point with the lowest held-out loss
 
     curl -s localhost:8000/health
     curl -s localhost:8000/v1/models -H "Authorization: Bearer $SERVE_API_KEY"
@@ -29,13 +30,16 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from gptoss_hpc.errors import GptossHpcError
 from gptoss_hpc.serving.app import (
+    DEFAULT_MAX_MODEL_LEN,
     DEFAULT_MAX_NEW_TOKENS_CAP,
     DEFAULT_MAX_QUEUE,
     DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_RUNNING,
     DEFAULT_PORT,
     serve,
 )
@@ -50,10 +54,46 @@ def main(config_path: str | os.PathLike[str], **options: Any) -> None:
     serve_job(config_path, **options)
 
 
+def best_point_config(run_dir: str | os.PathLike[str]) -> Path:
+    """The config.yaml of the launch's point with the lowest held-out loss, as the report picks it; prints which
+    and why."""
+    from gptoss_hpc.paths import RunPaths
+    from gptoss_hpc.stages.report import ReportError, best_point, summarize_point
+    from gptoss_hpc.submission.manifest import Manifest
+
+    run = RunPaths(Path(run_dir).resolve())
+    try:
+        manifest = Manifest.load(run.root)
+    except GptossHpcError as exc:
+        raise ReportError(f"--best needs a launch directory (logs/<name>/<ts>): {exc}") from exc
+    points = [summarize_point(run, manifest, record) for record in sorted(manifest.points, key=lambda r: r.index)]
+    best = best_point(points)
+    if best is None:
+        raise ReportError(
+            f"no point of {run.root} has a held-out loss (eval/eval.json): nothing to choose; serve a point's "
+            "config.yaml or merged/ folder instead"
+        )
+    scored = sorted((p for p in points if p.metric("loss") is not None), key=lambda p: p.metric("loss") or 0.0)
+    others = ", ".join(f"{p.dir} {p.metric('loss'):.4f}" for p in scored[1:4])
+    print(
+        f"serving {best.dir} ({' '.join(best.overrides) or 'no overrides'}): lowest held-out loss "
+        f"{best.metric('loss'):.4f} of {len(scored)} scored point(s)" + (f"; next: {others}" if others else ""),
+        flush=True,
+    )
+    return run.root / best.dir / "config.yaml"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gptoss_hpc.serve", description="Serve a merged gpt-oss model.")
     p.add_argument(
-        "model", help="a merged or adapter folder, or a point's config.yaml (serves what its eval.model names)"
+        "model",
+        help="a merged or adapter folder, a point's config.yaml (serves what its eval.model names), or with --best "
+        "a launch directory logs/<name>/<ts>",
+    )
+    p.add_argument(
+        "--best",
+        action="store_true",
+        help="MODEL is a launch directory: serve its point with the lowest held-out loss (the report's choice)",
     )
     p.add_argument("--host", help="address to bind (default 127.0.0.1; for a config.yaml: this node's address)")
     p.add_argument("--port", type=int, help=f"default {DEFAULT_PORT} (for a config.yaml: the first free one from it)")
@@ -69,6 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="requests that may wait for the model; more get 429"
     )
+    p.add_argument(
+        "--max-running", type=int, default=DEFAULT_MAX_RUNNING, help="requests decoded together (continuous batching)"
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=DEFAULT_MAX_MODEL_LEN,
+        help="prompt + new tokens of one request (sizes the KV cache); longer requests get 400",
+    )
+    p.add_argument("--no-batching", action="store_true", help="one request at a time (no continuous batching)")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, help="larger bodies get 413")
     p.add_argument(
         "--served-model-name", help="the model id of /v1/models (default: <experiment>/pNNN or the folder name)"
@@ -83,8 +133,13 @@ def cli(argv: Sequence[str] | None = None) -> int:
         "max_queue": args.max_queue,
         "max_request_bytes": args.max_request_bytes,
         "served_model_name": args.served_model_name,
+        "max_running": args.max_running,
+        "max_model_len": args.max_model_len,
+        "batching": not args.no_batching,
     }
     try:
+        if args.best:
+            args.model = str(best_point_config(args.model))
         if args.model.endswith((".yaml", ".yml")):
             main(
                 args.model,

@@ -56,6 +56,7 @@ from gptoss_hpc.modeling.hub import push_folder
 from gptoss_hpc.modeling.profiling import profile_callback
 from gptoss_hpc.modeling.tracking import finish_wandb, start_wandb
 from gptoss_hpc.modeling.trainer import recompile_watch_callback, speed_knobs_callback, trainer_class
+from gptoss_hpc.monitor.records import write_data_record
 from gptoss_hpc.paths import PointPaths
 from gptoss_hpc.stages.common import run_stage, stage_cli, stage_warning, write_status
 from gptoss_hpc.stages.requeue import (
@@ -66,6 +67,7 @@ from gptoss_hpc.stages.requeue import (
     requeue_target,
     restart_count,
 )
+from gptoss_hpc.stages.run_facts import train_run_facts
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +237,8 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
     paths.train.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.model)
     loaded = load_data(cfg, tokenizer)
+    if rank0:
+        write_data_record(paths, loaded.stats)  # rows kept, dropped, truncated: status and the report show them
     if cfg.train.max_length is None:  # a config no launch resolved (run by hand): the length the data asked for
         cfg = with_length(cfg, loaded.stats["max_length"], ())
     train_ds = sft_dataset(loaded.train)  # loss on each row's last assistant turn
@@ -320,6 +324,7 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
             "total_params": total,
             "train_rows": len(train_ds),
             **engine,
+            **train_run_facts(trainer, paths, dist_info["world_size"]),
             "speed_knobs": knobs_cb.summary if knobs_cb is not None else None,
             "batch": batch,
             "hub_repo": None,

@@ -38,16 +38,62 @@ def _row_key(messages: list[dict[str, Any]]) -> str:
     return hashlib.sha1(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def measure(cfg: RunConfig) -> Measured:
-    """Length of every row of ``cfg.data`` (training rows first, then held-out), with its ``<file>:<row>``."""
+class Pending(Exception):
+    """The rows cannot be read without the network yet (a Hub dataset or tokenizer not in the local cache): the
+    launch measures them after its pre-fetch, before anything is submitted."""
+
+
+def _cached_snapshot(repo_id: str, repo_type: str, revision: str | None, **filters: Any) -> str | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, repo_type=repo_type, revision=revision, local_files_only=True, **filters)
+    except Exception:  # not in the local cache
+        return None
+
+
+def _sources(cfg: RunConfig, offline: bool, folders: dict[str, str]) -> tuple[RunConfig, str | None]:
+    """(cfg whose tokenizer is local where it can be, the Hub dataset's local folder or None). Offline, a Hub
+    tokenizer or dataset that is not cached raises Pending; online, the Hub is read as the jobs would read it."""
+    from dataclasses import replace
+
+    from gptoss_hpc.modeling.hub import _TOKENIZER_FILES, is_local
+
+    m, d = cfg.model, cfg.data
+    kind = m.tokenizer
+    name = m.name_or_path if kind == "auto" else kind
+    if not (m.tiny or kind in ("offline", "tiny-bpe") or is_local(name)):
+        folder = folders.get("tokenizer") or (folders.get("model") if kind == "auto" else None)
+        if folder is None and offline:
+            folder = _cached_snapshot(
+                name, "model", m.revision if kind == "auto" else None, allow_patterns=_TOKENIZER_FILES
+            )
+            if folder is None:
+                raise Pending(f"the tokenizer {name} is on the Hub")
+        if folder is not None:
+            cfg = replace(cfg, model=replace(m, tokenizer=folder))
+    hub_folder = None
+    if d.source == "hub" and d.name:
+        hub_folder = folders.get("dataset") or (_cached_snapshot(d.name, "dataset", d.revision) if offline else None)
+        if hub_folder is None and offline:
+            raise Pending(f"the dataset {d.name} is on the Hub")
+    return cfg, hub_folder
+
+
+def measure(cfg: RunConfig, *, offline: bool = False, folders: dict[str, str] | None = None) -> Measured:
+    """Length of every row of ``cfg.data`` (training rows first, then held-out), with its ``<file>:<row>``.
+    ``offline``: raise Pending rather than reach the Hub; ``folders``: the launch's pre-fetched snapshots by kind
+    (model, tokenizer, dataset)."""
     from gptoss_hpc.data.length import SOURCE_KEY, row_length, training_chat_template
     from gptoss_hpc.data.load import load_data
     from gptoss_hpc.modeling.tokenizer import load_tokenizer
     from gptoss_hpc.modeling.vocab import cache_root
 
-    loaded = load_data(cfg)  # validates every row (a bad row stops the launch here, named file:row)
+    cfg, hub_folder = _sources(cfg, offline, folders or {})
+    loaded = load_data(cfg, hub_folder=hub_folder)  # validates every row (a bad row stops the launch: file:row)
     rows = loaded.train_rows + loaded.eval_rows
     tokenizer = load_tokenizer(cfg.model)
+    tokenizer.model_max_length = 1 << 40  # measuring, not encoding for a model: no "longer than the model" warning
     template = training_chat_template(tokenizer, cfg.train.assistant_only_loss)
     cache_file = cache_root() / "lengths" / f"{_fingerprint(tokenizer, template)}.json"
     try:
@@ -78,9 +124,17 @@ def _progress(items: list[int], what: str):
     return track(items, description=what, transient=True)
 
 
-def decide(cfg: RunConfig, overrides: list[str], measured_by_data: dict[str, Measured]):
+def decide(
+    cfg: RunConfig,
+    overrides: list[str],
+    measured_by_data: dict[str, Measured],
+    *,
+    offline: bool = True,
+    folders: dict[str, str] | None = None,
+):
     """``config.lengths.resolve`` for one point: measures its data (once per distinct data + tokenizer in a launch)
-    and asks the memory plan which lengths fit the card. A config without a train stage is returned as is."""
+    and asks the memory plan which lengths fit the card. A config without a train stage is returned as is.
+    ``offline`` (composition): rows behind the Hub are left for after the pre-fetch (``unmeasured``)."""
     from dataclasses import asdict
 
     from gptoss_hpc.config.fit import fastest_fit, user_set
@@ -93,12 +147,14 @@ def decide(cfg: RunConfig, overrides: list[str], measured_by_data: dict[str, Mea
     key = json.dumps([asdict(cfg.data), asdict(cfg.model), cfg.train.assistant_only_loss], sort_keys=True, default=str)
     if key not in measured_by_data:
         try:
-            measured_by_data[key] = measure(cfg)
+            measured_by_data[key] = measure(cfg, offline=offline, folders=folders)
+        except Pending as exc:
+            note = f"train.max_length={cfg.train.max_length or 'auto'}: the rows are measured at launch ({exc})"
+            return Resolution(cfg, lines=[note], unmeasured=str(exc))
         except ResourceNotReachableError as exc:
-            if not cfg.dry_run:
-                raise
-            note = f"train.max_length={cfg.train.max_length or 'auto'}: not measured in this dry run ({exc})"
-            return Resolution(cfg, lines=[note.splitlines()[0]])
+            # a dry run (or a script that only renders) goes on; launch.py refuses to submit an unmeasured point
+            note = f"train.max_length={cfg.train.max_length or 'auto'}: the rows were not measured ({exc})"
+            return Resolution(cfg, lines=[note.splitlines()[0]], unmeasured=str(exc))
     capacity, arch = gpu_memory_gib(cfg), arch_for(cfg)
     keys = [*user_set(overrides), *_user_length_keys(overrides)]
 

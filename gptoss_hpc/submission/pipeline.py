@@ -26,7 +26,7 @@ from gptoss_hpc.config import RunConfig, save_run_config, validate
 from gptoss_hpc.config.fit import fit_to_card
 from gptoss_hpc.config.io import compose_sweep, to_run_config
 from gptoss_hpc.config.schema import STAGES
-from gptoss_hpc.errors import ConfigError, GptossHpcError, SubmissionError
+from gptoss_hpc.errors import ConfigError, GptossHpcError, ResourceNotReachableError, SubmissionError
 from gptoss_hpc.paths import RunPaths, point_dirname
 from gptoss_hpc.submission import sbatch, secrets, slurm
 from gptoss_hpc.submission.executor import RenderOnlyExecutor, TaggedSlurmExecutor, job_tag
@@ -47,6 +47,9 @@ class Point:
     # pNNN/data_lengths.json)
     length_lines: list[str] = field(default_factory=list)
     length_record: dict[str, Any] = field(default_factory=dict)
+    unmeasured: str | None = None  # why its rows are not measured yet: launch.py measures them or refuses
+    composed: RunConfig | None = None  # as composed, before the length and the fit (measured again at launch)
+    batch: list[str] = field(default_factory=list)  # every override of this point
 
 
 @dataclass
@@ -91,7 +94,7 @@ def expand_overrides(overrides: Sequence[str], multirun: bool) -> tuple[list[lis
 
 def compose_launch(overrides: Sequence[str], multirun: bool = False) -> Launch:
     """Compose and validate every point before anything is submitted; one ConfigError names them all."""
-    from gptoss_hpc.submission.lengths import auto_overrides, decide
+    from gptoss_hpc.submission.lengths import auto_overrides
 
     batches, swept = expand_overrides(auto_overrides(list(overrides)), multirun)
     composed = compose_sweep(batches, swept)
@@ -99,26 +102,56 @@ def compose_launch(overrides: Sequence[str], multirun: bool = False) -> Launch:
     problems: list[str] = []
     measured: dict[str, Any] = {}  # one measurement per distinct data + tokenizer
     for index, (batch, dcfg) in enumerate(zip(batches, composed, strict=True)):
-        point_overrides = [o for o in batch if o.split("=", 1)[0] in swept]
-        label = f"point {index} ({' '.join(point_overrides)}): " if swept else ""
-        try:
-            lengths = decide(to_run_config(dcfg), batch, measured)
-            if lengths.problems:
-                raise ConfigError(lengths.problems)
-            cfg, fitted = fit_to_card(lengths.cfg, batch)
-            if fitted:
-                log.warning("%s%s", label, fitted)
-            cfg = validate(cfg)
-        except ConfigError as exc:
-            problems += [label + p for p in exc.problems]
-            continue
-        points.append(Point(index, point_overrides, cfg, lengths.lines, lengths.record))
+        point = Point(index, [o for o in batch if o.split("=", 1)[0] in swept], to_run_config(dcfg), batch=batch)
+        point.composed = point.cfg
+        problems += _settle(point, measured, swept=bool(swept))
+        points.append(point)
     problems += secrets.problems()  # malformed WANDB_API_KEY: refused here, not in every job
     if problems:
         header = f"{len(batches)}-point sweep rejected, nothing submitted" if swept else "invalid configuration"
         raise ConfigError(problems, header=header)
     # A one-value sweep is a single run (submitit submits a one-job batch as a plain job anyway).
     return Launch(points=points, sweep=len(points) > 1)
+
+
+def _settle(point: Point, measured: dict[str, Any], *, swept: bool, folders: dict[str, str] | None = None) -> list[str]:
+    """The point's length (its rows measured: offline while composing, with the Hub's snapshots at launch), the
+    train.fit_memory setting and validation; returns its problems, each naming the point in a sweep."""
+    from gptoss_hpc.submission.lengths import decide
+
+    label = f"point {point.index} ({' '.join(point.overrides)}): " if swept else ""
+    assert point.composed is not None
+    try:
+        lengths = decide(point.composed, point.batch, measured, offline=folders is None, folders=folders)
+        if lengths.problems:
+            raise ConfigError(lengths.problems)
+        cfg, fitted = fit_to_card(lengths.cfg, point.batch)
+        if fitted:
+            log.warning("%s%s", label, fitted)
+        point.cfg = validate(cfg)
+    except ConfigError as exc:
+        return [label + p for p in exc.problems]
+    point.length_lines, point.length_record, point.unmeasured = lengths.lines, lengths.record, lengths.unmeasured
+    return []
+
+
+def measure_pending(launch: Launch, folders: dict[str, str]) -> None:
+    """At launch, after the Hub pre-fetch: measure the points whose rows composition could not read offline (with
+    the pre-fetched snapshots, else from the Hub as the jobs would), then fit and validate them again."""
+    pending = [p for p in launch.points if p.unmeasured]
+    if not pending:
+        return
+    measured: dict[str, Any] = {}
+    problems: list[str] = []
+    for point in pending:
+        problems += _settle(point, measured, swept=launch.sweep, folders=folders)
+        if point.unmeasured:
+            raise ResourceNotReachableError(
+                "the launch measures every training row before submitting anything (train.max_length, "
+                f"data.max_length_policy), and could not read the data:\n{point.unmeasured}"
+            )
+    if problems:
+        raise ConfigError(problems, header="rows measured at launch, nothing submitted")
 
 
 def make_run_dir(cfg: RunConfig, now: dt.datetime | None = None) -> Path:
