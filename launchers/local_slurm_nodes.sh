@@ -6,6 +6,7 @@
 #   bash launchers/local_slurm.sh status --nodes 2   # exit 0 only if munged, slurmctld, slurmdbd, every node answer
 #   bash launchers/local_slurm.sh stop --nodes 2     # cancels jobs, kills what is left in the node namespaces,
 #                                                    # stops the daemons, removes namespaces, veths and bridge
+#   bash launchers/local_slurm.sh restart-ctld [DOWN_S] --nodes 2  # slurmctld down DOWN_S s, then back from its state
 #   eval "$(bash launchers/local_slurm.sh start --nodes 2)"   # LAST stdout line: export SLURM_CONF=...
 #
 # Every node is a slurmd (`slurmd -N nodeK`; Debian's slurm-wlm is built with MULTIPLE_SLURMD) in its own
@@ -335,6 +336,11 @@ ctld_ok() { scontrol ping 2>/dev/null | grep -q 'is UP'; }
 
 start_slurmctld() {
     rm -rf "$DIR/state" && mkdir -p "$DIR/state" # a fresh controller: no jobs from an earlier run
+    run_slurmctld
+}
+
+# run_slurmctld: slurmctld from the saved state in $DIR/state (start_slurmctld empties it first; restart-ctld not)
+run_slurmctld() {
     log "starting slurmctld on $HOST_IP:$CTLD_PORT"
     # own mount namespace with the nodes' /etc/hosts, so that slurmctld resolves nodeK
     unshare --mount --propagation private -- /bin/sh -c \
@@ -435,6 +441,20 @@ cmd_kill_node() {
     return 0
 }
 
+# restart_ctld [DOWN_S]: stop slurmctld (SIGTERM: it saves its state), leave it down DOWN_S seconds (default 0),
+# start it again from that state, as an admin's `systemctl restart slurmctld` does; jobs keep running on the
+# nodes and their slurmds report back to it
+cmd_restart_ctld() {
+    local down=${1:-0}
+    [[ $down =~ ^[0-9]+$ ]] || die "restart-ctld takes the seconds to stay down (got '$down')"
+    [[ -f $SLURM_CONF ]] && alive "$DIR/run/slurmctld.pid" slurmctld || die "slurmctld is not running: run start"
+    stop_pidfile "$DIR/run/slurmctld.pid" slurmctld
+    sleep "$down"
+    run_slurmctld
+    wait_for 60 nodes_ready || die "nodes not ready after the restart: $(sinfo -h -N -o '%N=%T' | tr '\n' ' ')"
+    log "slurmctld restarted: $(sinfo -h -N -o '%N=%T' | tr '\n' ' ')"
+}
+
 # revive_node K: restart node K's slurmd after kill-node and wait until it is usable again
 cmd_revive_node() {
     local k=${1:-} node
@@ -494,8 +514,9 @@ case "${1:-}" in
     status) cmd_status ;;
     kill-node) cmd_kill_node "${2:-}" ;;
     revive-node) cmd_revive_node "${2:-}" ;;
+    restart-ctld) cmd_restart_ctld "${2:-0}" ;;
     *)
-        echo "usage: $0 {start|stop|status|kill-node K|revive-node K}   (env GPTOSS_SLURM_NODES=$NODES)" >&2
+        echo "usage: $0 {start|stop|status|kill-node K|revive-node K|restart-ctld [DOWN_S]}   (env GPTOSS_SLURM_NODES=$NODES)" >&2
         exit 2
         ;;
 esac

@@ -179,13 +179,16 @@ def test_cli_convert_prints_counts(tmp_path: Path) -> None:
 
 
 def test_cli_validate(tmp_path: Path) -> None:
-    good = write_jsonl(tmp_path / "good.jsonl", [{"messages": [{"role": "assistant", "content": "hi"}]}])
+    turns = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
+    good = write_jsonl(tmp_path / "good.jsonl", [{"messages": turns}])
     res = run_cli("validate", str(good))
     assert res.returncode == 0 and "1 rows OK" in res.stdout
     bad = write_jsonl(
         tmp_path / "bad.jsonl",
-        [{"messages": [{"role": "assistant", "content": "hi"}]}, {"messages": [{"role": "bot", "content": "x"}]}],
+        [{"messages": turns}, {"messages": [{"role": "bot", "content": "x"}]}, {"messages": turns[1:]}],
     )
     res = run_cli("validate", str(bad))
     assert res.returncode == 1
-    assert f"{bad}:2: turn 0: role 'bot'" in res.stderr and "1 bad row(s) of 2" in res.stderr
+    assert f"{bad}:2: turn 0: role 'bot'" in res.stderr and "2 bad row(s) of 3" in res.stderr
+    # an assistant turn alone passed here and crashed TRL's chat-template step in the train stage
+    assert f"{bad}:3: the trained (last) assistant turn has no turn before it" in res.stderr

@@ -230,6 +230,14 @@ class TrainConfig:
     # set on the process group on every path): ends a job whose rank hangs alive. A rank that dies or raises
     # ends the job at once through srun --kill-on-bad-exit instead.
     ddp_timeout: int = 1800
+    # Divergence (gptoss_hpc.stages.divergence): the train stage ends FAILED ("loss became NaN at step S", the
+    # learning rate, the last good checkpoint) when the loss or the gradient norm is NaN/inf, checked at every
+    # optimizer step, so a broken adapter is never saved, merged or evaluated. false: train on regardless.
+    stop_on_divergence: bool = True
+    # > 1: also stop when the logged loss stays above this many times the median of its recent logged values for
+    # divergence_spike_steps logs in a row (a blow-up that has not reached inf yet). 0: off.
+    divergence_spike_factor: float = 0.0
+    divergence_spike_steps: int = 3
     # Hub push of the adapter/merged model when HF_TOKEN is set; PUSH_TO_HUB=false in the env also disables.
     # A failed push is a warning (status shows "push failed: <reason>"): the stage still succeeds.
     push_to_hub: bool = True

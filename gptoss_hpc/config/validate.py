@@ -323,6 +323,12 @@ def _train(cfg: RunConfig) -> list[str]:
     if t.loss_chunk_tokens < 0:
         p.append(f"train.loss_chunk_tokens must be >= 0 (got {t.loss_chunk_tokens}); 0 = TRL's full-logits loss")
     p += _at_least("train.ddp_timeout", t.ddp_timeout, 1, "seconds a collective waits for a peer, e.g. 1800")
+    if t.divergence_spike_factor != 0 and not t.divergence_spike_factor > 1:
+        p.append(
+            f"train.divergence_spike_factor must be 0 (off) or > 1 (got {t.divergence_spike_factor}); e.g. 10 stops a "
+            "run whose loss stays above 10x its recent median"
+        )
+    p += _at_least("train.divergence_spike_steps", t.divergence_spike_steps, 1, "logged steps in a row, e.g. 3")
     if t.hub_model_id is not None and "/" not in t.hub_model_id:
         p.append(f"train.hub_model_id {t.hub_model_id!r} must be <user-or-org>/<name>")
     return p

@@ -63,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check every row of a JSONL/Parquet/JSON file or folder")
     val.add_argument("path", type=Path)
     val.add_argument("--messages-field", default="messages", help="column holding the turns (default: messages)")
+    val.add_argument(
+        "--reasoning-language-field",
+        default="reasoning_language",
+        help="column whose value becomes the system line 'reasoning language: <x>' (data.reasoning_language_field; "
+        "default: reasoning_language; '' for none)",
+    )
+    val.add_argument(
+        "--multi-turn", default="last", choices=["last", "split"], help="data.multi_turn of the run (default: last)"
+    )
 
     st = sub.add_parser(
         "stats",
@@ -119,10 +128,16 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from gptoss_hpc.data.readers import read_rows
-    from gptoss_hpc.data.rows import bad_rows_error, normalise_rows
+    from gptoss_hpc.config.schema import DataConfig
+    from gptoss_hpc.data.load import check_file
+    from gptoss_hpc.data.rows import bad_rows_error
 
-    result = normalise_rows(read_rows(args.path), messages_field=args.messages_field)
+    d = DataConfig(
+        messages_field=args.messages_field,
+        reasoning_language_field=args.reasoning_language_field or None,
+        multi_turn=args.multi_turn,
+    )
+    result = check_file(args.path, d)
     if result.problems:
         print(bad_rows_error(result.problems, result.rows_read, where=str(args.path)), file=sys.stderr)
         return 1

@@ -72,11 +72,7 @@ def load_data(
     where, raw = source_rows(d, hub_folder)
     if d.multi_turn not in MULTI_TURN_POLICIES:
         raise DataError(f"data.multi_turn={d.multi_turn!r}: use {' or '.join(MULTI_TURN_POLICIES)}")
-    opts = {
-        "messages_field": d.messages_field,
-        "reasoning_language_field": d.reasoning_language_field,
-        "control_tokens": control_token_pattern(_special_strings(tokenizer)),
-    }
+    opts = row_check_options(d, tokenizer)
     main = normalise_rows(raw, **opts)
     held: Normalised | None = None
     if d.eval_path:
@@ -180,6 +176,21 @@ def _apply_length_policy(
             "raise train.max_length or use data.max_length_policy=truncate"
         )
     return train_rows, eval_rows
+
+
+def row_check_options(d: DataConfig, tokenizer: Any = None) -> dict[str, Any]:
+    """normalise_rows' options for data config ``d``: the same row check in ``data validate`` and the train stage."""
+    return {
+        "messages_field": d.messages_field,
+        "reasoning_language_field": d.reasoning_language_field,
+        "control_tokens": control_token_pattern(_special_strings(tokenizer)),
+        "multi_turn": d.multi_turn,
+    }
+
+
+def check_file(path: str | Path, d: DataConfig) -> Normalised:
+    """``python -m gptoss_hpc.data validate``: every row of a file through the train stage's row check."""
+    return normalise_rows(read_rows(path), **row_check_options(d))
 
 
 def split_rows_per_assistant_turn(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -15,7 +15,9 @@ from typing import Any
 
 from gptoss_hpc.data.turns import (
     CONTROL_TOKEN_RE,
+    MULTI_TURN_POLICIES,
     control_token_problem,
+    last_assistant,
     merge_instructions,
     trim_after_last_assistant,
 )
@@ -52,10 +54,12 @@ def normalise_row(
     messages_field: str = "messages",
     reasoning_language_field: str | None = None,
     control_tokens: re.Pattern[str] = CONTROL_TOKEN_RE,
+    multi_turn: str = "last",
     notes: list[str] | None = None,
 ) -> tuple[list[dict[str, Any]] | None, str | None]:
     """(messages, None) for a good row, (None, reason) for a bad one; what was changed in a good row is
-    appended to ``notes`` (gptoss_hpc.data.turns: merged instruction turns, cut trailing turns)."""
+    appended to ``notes`` (gptoss_hpc.data.turns: merged instruction turns, cut trailing turns). The one row-shape
+    check: ``data validate``, the launch and the train stage (gptoss_hpc.data.load) all call it."""
     if not isinstance(raw, Mapping):
         return None, f"row is a {type(raw).__name__}, expected an object with a {messages_field!r} field"
     if messages_field not in raw:
@@ -99,9 +103,21 @@ def normalise_row(
                 return None, f"{reasoning_language_field} holds a control-token string; remove it"
     turns, merged = merge_instructions(turns)
     turns, trimmed = trim_after_last_assistant(turns)
+    if turns[0]["role"] == "assistant" and (multi_turn == "split" or last_assistant(turns) == 0):
+        return None, _nothing_before(multi_turn if multi_turn in MULTI_TURN_POLICIES else "last")
     if notes is not None:
         notes.extend(n for n in (merged, trimmed) if n)
     return turns, None
+
+
+def _nothing_before(multi_turn: str) -> str:
+    """An assistant turn trained with nothing before it: TRL renders its prompt (an empty conversation) and fails."""
+    which = "the first assistant turn" if multi_turn == "split" else "the trained (last) assistant turn"
+    split = " (data.multi_turn=split trains every assistant turn)" if multi_turn == "split" else ""
+    return (
+        f"{which} has no turn before it{split}: gpt-oss is trained to answer a prompt, and empty system/developer "
+        "turns are dropped; add the user turn it answers (or a system turn) before it"
+    )
 
 
 def normalise_rows(
@@ -110,6 +126,7 @@ def normalise_rows(
     messages_field: str = "messages",
     reasoning_language_field: str | None = None,
     control_tokens: re.Pattern[str] = CONTROL_TOKEN_RE,
+    multi_turn: str = "last",
 ) -> Normalised:
     """Validate every row; collect all problems as ``<file>:<row>: <reason>`` and changes to kept rows as
     ``<file>:<row>: <note>`` (nothing is raised here)."""
@@ -125,6 +142,7 @@ def normalise_rows(
             messages_field=messages_field,
             reasoning_language_field=reasoning_language_field,
             control_tokens=control_tokens,
+            multi_turn=multi_turn,
             notes=notes,
         )
         if reason is not None:

@@ -18,7 +18,10 @@ run: W&B falls back to offline files under ``wandb/`` (``wandb sync`` them later
 
 On an error a rank tears down without any collective and exits non-zero; srun's --kill-on-bad-exit then ends
 the other ranks (see modeling/distributed.py). Test-only fault hook: ``GPTOSS_HPC_TEST_RAISE_AT=<rank>:<step>``
-makes that rank raise InjectedFault at the end of that optimizer step (the fault tests use it).
+(``<rank>:<step>:<point>``: that point only) makes that rank raise InjectedFault at the end of that optimizer
+step (the fault tests use it); ``GPTOSS_HPC_TEST_NAN_AT=<rank>:<step>[:<point>]`` makes that rank's loss NaN
+in that step (stages/divergence.py).
+Checkpoints are written aside and renamed into place, and a resume skips damaged ones (stages/checkpoints.py).
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import sys
@@ -58,7 +60,9 @@ from gptoss_hpc.modeling.tracking import finish_wandb, start_wandb
 from gptoss_hpc.modeling.trainer import recompile_watch_callback, speed_knobs_callback, trainer_class
 from gptoss_hpc.monitor.records import write_data_record
 from gptoss_hpc.paths import PointPaths
+from gptoss_hpc.stages.checkpoints import atomic_checkpoint_class, checkpoint_step, clear_staging, latest_checkpoint
 from gptoss_hpc.stages.common import run_stage, stage_cli, stage_warning, write_status
+from gptoss_hpc.stages.divergence import DivergenceGuard, guarded_trainer_class, rank_step
 from gptoss_hpc.stages.requeue import (
     RequeueLimitError,
     RequeuePolicy,
@@ -72,7 +76,6 @@ from gptoss_hpc.stages.run_facts import train_run_facts
 log = logging.getLogger(__name__)
 
 STAGE = "train"
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Test-only: "<rank>:<step>" makes that rank raise InjectedFault after that step (tests/test_faults_slurm.py).
 FAULT_ENV = "GPTOSS_HPC_TEST_RAISE_AT"
 # Set by the preempt-signal handler (or TrainJob.checkpoint); read by the trainer callback at each step end.
@@ -89,35 +92,6 @@ class Preempted(GptossHpcError):
     def __init__(self, checkpoint: str | None, step: int) -> None:
         self.checkpoint, self.step = checkpoint, step
         super().__init__(f"preempted at step {step}; checkpoint {checkpoint} saved; re-run the same command to resume")
-
-
-# ---------------------------------------------------------------------------------------- checkpoints
-def latest_checkpoint(train_dir: Path) -> Path | None:
-    """The newest complete checkpoint-N: trainer_state.json (written last by the HF Trainer) parses and says
-    global_step N, weights are there, and DeepSpeed's `latest` tag (if any) points at an existing folder."""
-    found: list[tuple[int, Path]] = []
-    for d in train_dir.glob("checkpoint-*") if train_dir.is_dir() else []:
-        m = _CHECKPOINT_RE.match(d.name)
-        if m and d.is_dir():
-            found.append((int(m.group(1)), d))
-    for step, d in sorted(found, reverse=True):
-        if _complete(d, step):
-            return d
-        log.warning("skipping incomplete checkpoint %s", d)
-    return None
-
-
-def _complete(d: Path, step: int) -> bool:
-    try:
-        state = json.loads((d / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if state.get("global_step") != step or not any(d.glob("*.safetensors")):
-        return False
-    latest = d / "latest"
-    if latest.is_file():
-        return (d / latest.read_text().strip()).is_dir()
-    return (d / "optimizer.pt").is_file()
 
 
 # ----------------------------------------------------------------------------------------- callbacks
@@ -159,17 +133,15 @@ def _callbacks(paths: PointPaths, world_size: int) -> tuple[Any, Any]:
     return MetricsCallback(), PreemptionCallback()
 
 
-def _fault_callback() -> Any:
-    """The test-only fault hook (None unless GPTOSS_HPC_TEST_RAISE_AT is set)."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
+def _fault_callback(point: str) -> Any:
+    """The test-only fault hook (None unless GPTOSS_HPC_TEST_RAISE_AT is set for this point)."""
+    at = rank_step(FAULT_ENV, point)
+    if at is None:
         return None
     from transformers import TrainerCallback
 
-    try:
-        rank, step = (int(x) for x in spec.split(":"))
-    except ValueError as exc:
-        raise GptossHpcError(f"{FAULT_ENV}={spec!r} is not <rank>:<step>, e.g. 0:2; unset it") from exc
+    rank, step = at
+    spec = f"{rank}:{step}"
 
     class FaultCallback(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -269,10 +241,12 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
     callbacks.append(recompile_watch_callback(stage_warning))
     if profile_cb is not None:
         callbacks.append(profile_cb)
-    fault_cb = _fault_callback()
+    fault_cb = _fault_callback(paths.root.name)
     if fault_cb is not None:
         callbacks.append(fault_cb)
     trainer_cls = trainer_class(SFTTrainer, cfg, dist_info["world_size"], "deepspeed" in kwargs)
+    guard = DivergenceGuard(cfg, lambda: latest_checkpoint(paths.train)) if cfg.train.stop_on_divergence else None
+    trainer_cls = atomic_checkpoint_class(guarded_trainer_class(trainer_cls, guard, paths.root.name))
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -290,9 +264,17 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
     trainable, total = trainer.model.get_nb_trainable_parameters()
     log.info("LoRA: %d trainable of %d parameters (%.4f%%)", trainable, total, 100 * trainable / total)
 
-    resume = latest_checkpoint(paths.train)
+    resume = latest_checkpoint(paths.train, warn=stage_warning if rank0 else log.warning)
+    if rank0:
+        clear_staging(paths.train)  # before train(): no rank saves before the first optimizer step
     if resume is not None:
+        # the chaos soak and `status` read where the run resumed: the first step it trains is resumed_step + 1
         log.info("resuming from %s", resume)
+        record = {"event": "resumed", "checkpoint": str(resume), "resumed_step": checkpoint_step(resume)}
+        write_status(paths, STAGE, "RUNNING", **record)
+        if rank0:  # kept after the status file moves on; readers of metrics.jsonl skip rows without a loss
+            with paths.metrics.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({**record, "time": time.time()}) + "\n")
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     engine = _engine_facts(trainer)
@@ -318,6 +300,7 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
             "runtime_s": time.time() - started,
             "train_runtime_s": result.metrics.get("train_runtime"),
             "resumed_from": str(resume) if resume else None,
+            "resumed_step": checkpoint_step(resume) if resume else None,
             "world_size": dist_info["world_size"],
             "rank_source": dist_info["source"],
             "trainable_params": trainable,

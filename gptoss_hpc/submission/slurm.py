@@ -279,6 +279,20 @@ def sacct(job_ids: Iterable[str]) -> dict[str, JobState]:
     return parse_sacct(proc.stdout)
 
 
+def attempts(job_ids: Iterable[str] = (), *, since: str | None = None) -> list[JobState]:
+    """Every run of these jobs, or of every job of the cluster submitted since `since` (sacct's -S, e.g.
+    2026-12-07T20:10:00), oldest first: with `--duplicates` a requeued task has one line per attempt
+    (REQUEUED, NODE_FAIL ..., then its newest). What shows a job was run or submitted twice."""
+    ids = sorted(set(job_ids))
+    cmd = ["sacct", "--parsable2", "--noheader", "--duplicates", "-X", f"--format={','.join(SACCT_FIELDS)}"]
+    cmd += ["-j", ",".join(ids)] if ids else ["--allusers", "-S", since or "now-1days"]
+    try:
+        proc = _run(cmd)
+    except subprocess.CalledProcessError as exc:
+        raise SlurmError(f"sacct failed (exit {exc.returncode}): {_first_line(exc.stderr)}") from exc
+    return [state for line in proc.stdout.splitlines() for state in parse_sacct(line).values()]
+
+
 def squeue(job_ids: Iterable[str]) -> dict[str, JobState]:
     """Live states and reasons from the controller (`-r`: one line per array task; finished jobs stay
     listed for MinJobAge seconds). One call for any number of ids; ids Slurm forgot are simply absent."""
