@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bash launchers/gpu_check.sh [--cpu] [--budget-s S] [PHASE ...]      PHASE: pipeline configs bench 2gpu knobs[:A-B]
+# bash launchers/gpu_check.sh [--cpu] [--budget-s S] [PHASE ...]      PHASE: pipeline configs bench 2gpu knobs[:A-B] long[:PART]
 #                                                                          pipeline120b[:LAYERS] fit:SIZE@GIB
 #
 # The GPU check (issue 13): on a bare GPU box (no internet; torch, transformers, accelerate installed; every other
@@ -34,6 +34,12 @@
 #     (nvidia-h200-x2, GPU 1 beside another run on GPU 0; 120b end to end, repeat with the same --work to go on)
 #   bash launchers/gpu_check.sh fit:20b@24        (20b's shipped defaults on a 24 GiB card: what train.fit_memory picks,
 #                                                 the allocator capped at 24 GiB; fit:120b@80 on nvidia-h200-x2: disk)
+#   Long rows (issue 27; gptoss_hpc.bench.gpu_check_long), one command each, in this order on one warm machine:
+#   bash launchers/gpu_check.sh long:attn                (~5 min: 32k attention vs the exact reference, mask builder)
+#   bash launchers/gpu_check.sh long:bench:16384,32768   (~6 min)   bash launchers/gpu_check.sh long:bench:65536
+#   bash launchers/gpu_check.sh long:bench:131072        (~6 min each: bench train rows, plan GiB, MFU, cold start)
+#   bash launchers/gpu_check.sh long:train:mix           (~9 min: synthetic 20b + the train stage, shipped defaults)
+#   bash launchers/gpu_check.sh --steps 6 --warmup 2 long:train:128k         (~9 min; add --cap-gib 80 on an H200)
 #   bash launchers/gpu_check.sh --cpu pipeline configs 2gpu knobs:0-1        (CPU, CI-sized: tests/test_gpu_check.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -48,7 +48,7 @@ def test_cpu_form_runs_every_phase_pipeline_configs_bench_two_ranks_and_a_knob_e
     # Every CPU phase in one run, as the launcher's header shows the CPU form: the phases share the run's one tiny
     # checkpoint (written once per process), so this costs one checkpoint and one start-up, not one per phase group.
     # --set: one override more on every run and its bench (a learning rate: it changes no row's shape)
-    phases = ("pipeline", "configs", "bench", "2gpu", "knobs:1", "fit:20b@24")
+    phases = ("pipeline", "configs", "bench", "2gpu", "knobs:1", "fit:20b@24", "long")
     proc, result = _run(tmp_path, "--set", "train.learning_rate=1e-4", *phases)
     assert proc.returncode == 0, proc.stdout[-4000:]
     rows = _by_name(result)
@@ -87,6 +87,21 @@ def test_cpu_form_runs_every_phase_pipeline_configs_bench_two_ranks_and_a_knob_e
     launched = [r for r in result["rows"] if r.get("command", "").startswith("-m gptoss_hpc.launch")]
     assert len(launched) >= 8 and all("train.learning_rate=1e-4" in r["command"] for r in launched)
     assert "train.learning_rate=1e-4" in rows["train=default"]["bench_command"]
+
+    # phase long (issue 27): attention vs the exact reference, a bench row at one length, the train stage on a
+    # long-row mix with no train.max_length, each with the plan's GiB, MFU counting attention and the cold start
+    long = [r for r in result["rows"] if r["phase"] == "long"]
+    assert [r["name"].split(" (")[0] for r in long] == [
+        "attention vs exact reference",
+        "bench train: one 256-token row per micro-batch",
+        "train stage, shipped defaults, long rows: mix",
+    ]
+    attn, bench, train_long = long
+    assert attn["long_check"]["loss_rel_err"] <= 1e-5 and attn["long_check"]["grad_rel_err"] <= 1e-4
+    assert bench["bench_tok_s"] > 0 and bench["plan_gib"] > 0 and bench["mfu"] is not None
+    assert bench["cold_start_s"] > 0
+    assert train_long["train_tok_s"] > 0 and train_long["plan_gib"] > 0 and train_long["cold_start_s"] > 0
+    assert train_long["train_max_length"] == 512  # the CPU stand-in's; on the GPU no train.max_length is given
 
 
 def test_table_joins_phases_and_fails_on_a_failed_row(tmp_path, capsys):

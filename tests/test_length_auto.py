@@ -223,3 +223,16 @@ def test_a_launch_whose_rows_cannot_be_read_submits_nothing(tmp_path, capsys) ->
     err = capsys.readouterr().err
     assert "measures every training row before submitting anything" in err and "gptoss-hpc-tests/no-such-set" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_length_eager_attention_cannot_hold_is_refused_at_launch(tmp_path, lengths_of) -> None:
+    """The tiny model on CPU trains with eager attention ([heads, L, L] scores per layer): a row past its limit is
+    refused with the key and the fix (gptoss_hpc.config.attention), not trained into an out-of-memory."""
+    from gptoss_hpc.config import compose, to_run_config
+    from gptoss_hpc.config.attention import eager_max_length
+    from gptoss_hpc.config.memory import arch_for
+
+    limit = eager_max_length(arch_for(to_run_config(compose(["experiment=demo"]))))
+    data = _write(tmp_path / "rows.jsonl", [40, 50])
+    with pytest.raises(ConfigError, match=r"model\.attn_implementation=eager holds"):
+        _compose(f"data.path={data}", "data.eval_fraction=0", f"train.max_length={bucket(limit + 1)}")

@@ -11,6 +11,7 @@
     bash launchers/gpu_check.sh --work W serve:W/<point>/adapter   # the same on 120b's adapter (MXFP4 base)
     bash launchers/gpu_check.sh fit:20b@24 fit:120b@80 # shipped defaults on a smaller card: train.fit_memory's
                                                       # choice, the allocator capped at that many GiB
+    bash launchers/gpu_check.sh long:attn long:bench:16384,32768   # long rows (gptoss_hpc.bench.gpu_check_long)
     bash launchers/gpu_check.sh --cpu pipeline        # CI-sized: tiny checkpoint, CPU ranks (tests/test_gpu_check.py)
     python -m gptoss_hpc.bench.gpu_check table A.json B.json   # one table from several phases' JSON
 
@@ -39,6 +40,7 @@ from typing import Any
 
 from gptoss_hpc.bench.gpu_check_120b import phase_pipeline120b
 from gptoss_hpc.bench.gpu_check_knobs import GPU_KNOBS, Knobs, knob_matrix  # noqa: F401  (re-exported)
+from gptoss_hpc.bench.gpu_check_long import phase_long
 from gptoss_hpc.bench.gpu_check_parts import (
     environment,
     result_of,
@@ -53,7 +55,7 @@ from gptoss_hpc.bench.gpu_check_serve import phase_serve
 from gptoss_hpc.bench.gpu_check_setup import Check, base_overrides, checkpoint
 
 TRAIN_CONFIGS = {"train=default": ["train=default"], "train=reference": ["train=reference"]}
-PHASES = ("pipeline", "configs", "bench", "2gpu", "knobs", "pipeline120b", "fit", "serve")
+PHASES = ("pipeline", "configs", "bench", "2gpu", "knobs", "pipeline120b", "fit", "serve", "long")
 DEFAULT_PHASES = ("pipeline", "configs", "bench", "knobs")
 
 
@@ -81,6 +83,7 @@ def launch(c: Check, phase: str, name: str, overrides: list[str], *, stages: str
             "result": _stage_result(rec, r.rc),
             "wall_s": wall,
             "peak_gpu_gib": rec.get("peak_gpu_gib") if rec.get("peak_gpu_gib") is not None else r.peak_gib.get(stage),
+            "smi_peak_gib": r.peak_gib.get(stage),  # nvidia-smi's: the allocator's reserved + the CUDA context
             "command": " ".join(cmd[1:]),
             "error": rec.get("error"),
             "point": str(point),
@@ -275,6 +278,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         help="a Hydra override added to every run (and its bench), after the phase's own; repeatable",
     )
     p.add_argument("--warmup", type=int, default=None, help="steps left out of the trainer's tok/s (GPU 4, CPU 1)")
+    p.add_argument("--cap-gib", type=float, default=None, help="phase long: cap the GPU at this many GiB (H200 as 80)")
     return p.parse_args(argv)
 
 
@@ -299,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         started=time.time(),
         rows=[],
         extra=list(args.set),
+        cap_gib=args.cap_gib,
     )
     env = environment(args.cpu)
     command = "bash launchers/gpu_check.sh " + " ".join(argv)
@@ -317,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                 phase_2gpu(c)
             elif name == "fit":
                 phase_fit(c, span)
+            elif name == "long":
+                phase_long(c, sys.executable, launch, base_overrides, checkpoint, span)
             elif name == "serve":
                 phase_serve(c, span, checkpoint)
             elif name == "pipeline120b":

@@ -106,6 +106,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default="cuda")
     p.add_argument("--vocab", type=int, default=None, help="override the vocab size (CPU smoke runs)")
     p.add_argument("--no-peak", action="store_true", help="skip measuring the matmul peak")
+    p.add_argument("--cap-gib", type=float, default=None, help="cap the CUDA allocator here (an 80 GB card on an H200)")
     return p.parse_args(argv)
 
 
@@ -191,7 +192,9 @@ def run_stack(
                 opt.zero_grad(set_to_none=True)
                 sync_device(device)
             elapsed = time.perf_counter() - start
-            if step >= args.warmup:
+            if step < args.warmup:  # compilation: the cold start of a new length
+                row["warmup_s"] = round(row.get("warmup_s", 0.0) + elapsed, 1)
+            else:
                 times.append(elapsed)
                 tokens.append(sum(mb["real_tokens"] for mb in chunk))
                 padded.append(sum(mb["padded_tokens"] for mb in chunk))
@@ -307,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     env = environment()
     print(json.dumps(env), flush=True)
+    if args.cap_gib and is_cuda(device):
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib / total), device)
     peak = None if args.no_peak or not is_cuda(device) else measure_peak_tflops(device)
     env["bf16_matmul_tflops"] = round(peak, 1) if peak else None
     rows: list[dict[str, Any]] = []

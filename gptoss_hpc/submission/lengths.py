@@ -137,6 +137,7 @@ def decide(
     ``offline`` (composition): rows behind the Hub are left for after the pre-fetch (``unmeasured``)."""
     from dataclasses import asdict
 
+    from gptoss_hpc.config.attention import attention_length_problems
     from gptoss_hpc.config.fit import fastest_fit, user_set
     from gptoss_hpc.config.lengths import Resolution, resolve
     from gptoss_hpc.config.memory import arch_for, gpu_memory_gib, train_estimate
@@ -165,13 +166,17 @@ def decide(
             return fastest_fit(candidate, arch, capacity) is not None
         return bool(train_estimate(candidate, arch, capacity).fits)
 
-    return resolve(
+    res = resolve(
         cfg,
         measured_by_data[key],
         fits=fits,
         context=arch.max_position_embeddings if arch is not None else None,
         user_keys=keys,
     )
+    if arch is not None and res.cfg.train.max_length is not None and not res.problems:
+        # a length the attention path cannot train exactly is refused, not trained wrongly
+        res.problems += attention_length_problems(res.cfg, arch, res.cfg.train.max_length)
+    return res
 
 
 def _user_length_keys(overrides: list[str]) -> list[str]:

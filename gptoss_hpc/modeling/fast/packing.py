@@ -128,18 +128,33 @@ def _document_mask_mod(docs, window: int | None):
     return mask_mod
 
 
-def flex_document_masks(config, docs) -> dict[str, Any]:
-    """flex_attention BlockMasks for a packed row with document ids ``docs`` [batch, T]."""
-    from torch.nn.attention.flex_attention import create_block_mask
+_MASK_BUILDER: list[Any] = []
 
+
+def _block_mask_builder():
+    """create_block_mask compiled once with dynamic shapes. Uncompiled it evaluates the mask over the full S x S
+    grid (pytorch#134756: out of memory at 96k tokens); compiled with static shapes (its ``_compile=True``) it
+    compiles again for the second length it sees. Compiled dynamic from the first call it makes one graph per
+    mask kind (full, sliding) and then takes any length and document layout without compiling again (the same
+    BlockMask as the uncompiled builder: tests/test_long_attention.py)."""
+    if not _MASK_BUILDER:
+        import torch
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        _MASK_BUILDER.append(torch.compile(create_block_mask, dynamic=True, fullgraph=True))
+    return _MASK_BUILDER[0]
+
+
+def flex_document_masks(config, docs) -> dict[str, Any]:
+    """flex_attention BlockMasks for a packed row with document ids ``docs`` [batch, T], any T (a multiple of
+    flex's 128-token block or not) without recompiling (see _block_mask_builder)."""
     batch, length = docs.shape
+    build = _block_mask_builder()
     masks = {}
     for kind, window in (("full_attention", None), ("sliding_attention", getattr(config, "sliding_window", None))):
         if kind == "sliding_attention" and kind not in getattr(config, "layer_types", []):
             continue
-        masks[kind] = create_block_mask(
-            _document_mask_mod(docs, window), batch, None, length, length, device=docs.device, _compile=True
-        )
+        masks[kind] = build(_document_mask_mod(docs, window), batch, None, length, length, device=docs.device)
     return masks
 
 
