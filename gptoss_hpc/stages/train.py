@@ -46,7 +46,6 @@ from gptoss_hpc.fileio import write_atomic
 from gptoss_hpc.modeling.distributed import (
     DIST_ENV,
     abort_distributed,
-    any_rank,
     collective_timeout_s,
     global_rank,
     rank_hostnames,
@@ -62,7 +61,7 @@ from gptoss_hpc.monitor.records import write_data_record
 from gptoss_hpc.paths import PointPaths
 from gptoss_hpc.stages.checkpoints import atomic_checkpoint_class, checkpoint_step, clear_staging, latest_checkpoint
 from gptoss_hpc.stages.common import run_stage, stage_cli, stage_warning, write_status
-from gptoss_hpc.stages.divergence import DivergenceGuard, guarded_trainer_class, rank_step
+from gptoss_hpc.stages.divergence import DivergenceGuard, guarded_trainer_class
 from gptoss_hpc.stages.requeue import (
     RequeueLimitError,
     RequeuePolicy,
@@ -72,89 +71,19 @@ from gptoss_hpc.stages.requeue import (
     restart_count,
 )
 from gptoss_hpc.stages.run_facts import train_run_facts
+from gptoss_hpc.stages.train_callbacks import (  # noqa: F401  (FAULT_ENV, InjectedFault: the tests' hook)
+    FAULT_ENV,
+    PREEMPT,
+    InjectedFault,
+    Preempted,
+    fault_callback,
+    metrics_and_preemption,
+    on_preempt,
+)
 
 log = logging.getLogger(__name__)
 
 STAGE = "train"
-# Test-only: "<rank>:<step>" makes that rank raise InjectedFault after that step (tests/test_faults_slurm.py).
-FAULT_ENV = "GPTOSS_HPC_TEST_RAISE_AT"
-# Set by the preempt-signal handler (or TrainJob.checkpoint); read by the trainer callback at each step end.
-PREEMPT = threading.Event()
-
-
-class InjectedFault(GptossHpcError):
-    """Raised only when GPTOSS_HPC_TEST_RAISE_AT asks for it: a real user never sets that variable."""
-
-
-class Preempted(GptossHpcError):
-    """Training stopped on the preempt signal after saving a checkpoint; re-running the job resumes from it."""
-
-    def __init__(self, checkpoint: str | None, step: int) -> None:
-        self.checkpoint, self.step = checkpoint, step
-        super().__init__(f"preempted at step {step}; checkpoint {checkpoint} saved; re-run the same command to resume")
-
-
-# ----------------------------------------------------------------------------------------- callbacks
-def _callbacks(paths: PointPaths, world_size: int) -> tuple[Any, Any]:
-    from transformers import TrainerCallback
-
-    class MetricsCallback(TrainerCallback):
-        """One JSON line per logging step in metrics.jsonl (rank 0)."""
-
-        def __init__(self) -> None:
-            self.losses: list[float] = []
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs:
-                return
-            if "loss" in logs:
-                self.losses.append(float(logs["loss"]))
-            record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
-            with paths.metrics.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-    class PreemptionCallback(TrainerCallback):
-        """On the preempt signal (any rank): all ranks agree at a step end, save a checkpoint and stop."""
-
-        def __init__(self) -> None:
-            self.triggered = False
-
-        def on_step_end(self, args, state, control, **kwargs):
-            flag = PREEMPT.is_set()
-            if world_size > 1:
-                flag = any_rank(flag)
-            if flag:
-                log.warning("preemption signal: saving checkpoint-%d and stopping", state.global_step)
-                self.triggered = True
-                control.should_save = True
-                control.should_training_stop = True
-            return control
-
-    return MetricsCallback(), PreemptionCallback()
-
-
-def _fault_callback(point: str) -> Any:
-    """The test-only fault hook (None unless GPTOSS_HPC_TEST_RAISE_AT is set for this point)."""
-    at = rank_step(FAULT_ENV, point)
-    if at is None:
-        return None
-    from transformers import TrainerCallback
-
-    rank, step = at
-    spec = f"{rank}:{step}"
-
-    class FaultCallback(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if global_rank() == rank and state.global_step == step:
-                raise InjectedFault(f"test fault injected by {FAULT_ENV}={spec} on rank {rank} at step {step}")
-
-    log.warning("%s=%s is set: rank %d will raise at step %d (test-only fault hook)", FAULT_ENV, spec, rank, step)
-    return FaultCallback()
-
-
-def _on_preempt(signum, frame) -> None:
-    log.warning("caught %s: will checkpoint at the end of this step", signal.Signals(signum).name)
-    PREEMPT.set()
 
 
 # -------------------------------------------------------------------------------------------- the stage
@@ -168,7 +97,7 @@ def train(cfg: RunConfig, paths: PointPaths) -> dict[str, Any]:
     saved_env = {k: os.environ.get(k) for k in DIST_ENV}
     dist_info = setup_distributed(cfg)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(preempt_signum(cfg.cluster), _on_preempt)
+        signal.signal(preempt_signum(cfg.cluster), on_preempt)
     try:
         check_reachable(cfg)  # model/tokenizer: one message before any rank loads anything heavy
         result = _train(cfg, paths, dist_info)
@@ -233,7 +162,7 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
 
     profile_cb = profile_callback(paths.train)  # a bad GPTOSS_HPC_PROFILE_STEPS fails here, before the model loads
     model = load_base_model(cfg, paths, for_training=True)
-    metrics_cb, preempt_cb = _callbacks(paths, dist_info["world_size"])
+    metrics_cb, preempt_cb = metrics_and_preemption(paths, dist_info["world_size"])
     callbacks = [metrics_cb, preempt_cb]
     knobs_cb = speed_knobs_callback(cfg)
     if knobs_cb is not None:
@@ -241,7 +170,7 @@ def _train(cfg: RunConfig, paths: PointPaths, dist_info: dict[str, Any]) -> dict
     callbacks.append(recompile_watch_callback(stage_warning))
     if profile_cb is not None:
         callbacks.append(profile_cb)
-    fault_cb = _fault_callback(paths.root.name)
+    fault_cb = fault_callback(paths.root.name)
     if fault_cb is not None:
         callbacks.append(fault_cb)
     trainer_cls = trainer_class(SFTTrainer, cfg, dist_info["world_size"], "deepspeed" in kwargs)
