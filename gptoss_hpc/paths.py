@@ -21,10 +21,16 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 POINT_PREFIX = "p"
+
+
+def cache_root() -> Path:
+    """$GPTOSS_HPC_CACHE, else ~/.cache/gptoss_hpc: tokenizers built offline, the o200k vocabulary, row lengths."""
+    return Path(os.environ.get("GPTOSS_HPC_CACHE", Path.home() / ".cache" / "gptoss_hpc")).expanduser()
 
 
 def point_dirname(index: int) -> str:

@@ -15,7 +15,7 @@ import pytest
 
 from gptoss_hpc.config.io import compose, to_run_config
 from gptoss_hpc.data import load_data, sample_path, template_messages
-from gptoss_hpc.data.length import token_length
+from gptoss_hpc.data.length import row_length
 from gptoss_hpc.errors import DataError
 
 SPECIALS = ["<|start|>", "<|message|>", "<|end|>", "<|return|>", "<|channel|>", "<|call|>", "<|endoftext|>"]
@@ -87,8 +87,8 @@ def test_loaded_rows_render_with_the_gptoss_template(tokenizer: Any) -> None:
 
 def test_drop_removes_rows_over_max_length(tmp_path: Path, tokenizer: Any) -> None:
     short, long = row("Short.", "Brief."), row("Long answer. " * 60, "Long thought. " * 60)
-    limit = token_length(tokenizer, short["messages"]) + 5
-    assert token_length(tokenizer, long["messages"]) > limit
+    limit = row_length(tokenizer, short["messages"]) + 5
+    assert row_length(tokenizer, long["messages"]) > limit
     path = write(tmp_path / "train.jsonl", [short, long, short])
     loaded = load_data(cfg_for(path, limit, "drop"), tokenizer)
     assert len(loaded.train) == 2
@@ -100,7 +100,7 @@ def test_truncate_shortens_the_last_assistant_turn_to_fit(tmp_path: Path, tokeni
     thinking, answer = "Ich denke Schritt für Schritt. " * 30, "日本語の答えです。" * 30
     long = row(answer, thinking)
     prompt_only = row("", None)
-    limit = token_length(tokenizer, prompt_only["messages"]) + 60
+    limit = row_length(tokenizer, prompt_only["messages"]) + 60
     too_long_prompt = row("x", "y", user="A very long question indeed. " * 40)
     path = write(tmp_path / "train.jsonl", [row("ok", "fine"), long, too_long_prompt])
     loaded = load_data(cfg_for(path, limit, "truncate"), tokenizer)
@@ -108,7 +108,7 @@ def test_truncate_shortens_the_last_assistant_turn_to_fit(tmp_path: Path, tokeni
     assert (s["over_max_length"], s["truncated"], s["dropped_prompt_too_long"]) == (2, 1, 1)
     assert len(loaded.train) == 2
     cut = loaded.train[1]["messages"]
-    assert token_length(tokenizer, cut) <= limit
+    assert row_length(tokenizer, cut) <= limit
     # cut from the right: the thinking is kept from its start, content (rendered after it) goes first
     assert cut[-1]["role"] == "assistant"
     assert thinking.startswith(cut[-1]["thinking"]) and len(cut[-1]["thinking"]) > 20

@@ -151,7 +151,7 @@ def test_a_row_no_card_setting_fits_is_refused_before_anything_runs() -> None:
 def test_lengths_are_cached_and_an_edited_row_is_measured_again(tmp_path, lengths_of, caplog) -> None:
     data = _write(tmp_path / "cached.jsonl", [50, 70, 90])
     first = lengths_of(data)
-    caplog.set_level("INFO", logger="gptoss_hpc.submission.lengths")
+    caplog.set_level("INFO", logger="gptoss_hpc.data.length")
     assert lengths_of(data).lengths == first.lengths
     assert "measured 3 rows (3 from the cache" in caplog.text
     rows = data.read_text().splitlines()

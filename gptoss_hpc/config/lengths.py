@@ -50,6 +50,8 @@ def ladder(up_to: int) -> list[int]:
 
 def percentile(sorted_values: Sequence[int], q: float) -> int:
     """Nearest-rank percentile (q in 0..100) of already sorted values."""
+    if not sorted_values:
+        raise ValueError("no values")
     rank = max(1, math.ceil(q / 100 * len(sorted_values)))
     return sorted_values[min(rank, len(sorted_values)) - 1]
 

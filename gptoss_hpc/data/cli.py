@@ -152,7 +152,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _stats(args: argparse.Namespace) -> int:
     from gptoss_hpc.config.io import compose, to_run_config
     from gptoss_hpc.config.lengths import bucket
-    from gptoss_hpc.data.length import row_length, training_chat_template
+    from gptoss_hpc.data.length import measured_lengths, training_chat_template
     from gptoss_hpc.data.load import load_data
     from gptoss_hpc.data.stats import length_stats, write_histogram
     from gptoss_hpc.modeling.tokenizer import load_tokenizer
@@ -162,7 +162,7 @@ def _stats(args: argparse.Namespace) -> int:
     loaded = load_data(cfg)  # no tokenizer: measure every row before the max_length policy
     rows = loaded.train_rows + loaded.eval_rows
     template = training_chat_template(tokenizer, cfg.train.assistant_only_loss)  # as the train stage renders rows
-    lengths = [row_length(tokenizer, row["messages"], template) for row in rows]
+    lengths = measured_lengths(tokenizer, rows, template, what=f"rows of {loaded.stats['where']}")
     auto = cfg.train.max_length is None
     max_length = bucket(max(lengths)) if auto else cfg.train.max_length
     s = length_stats(lengths, max_length)

@@ -3,7 +3,11 @@
 A row's length is the token count of its prompt + completion (gptoss_hpc.data.turns.prompt_completion) through the
 chat template TRL's SFTTrainer uses: with ``train.assistant_only_loss`` TRL swaps in its gpt-oss *training* template
 (generation markers) when the tokenizer's own has none, so that is the template measured here
-(``training_chat_template``). The launch, ``data stats`` and the train stage all count with ``row_length``.
+(``training_chat_template``). The launch, ``data stats`` and the train stage all count with ``measured_lengths``:
+``row_length`` through one cache under ``$GPTOSS_HPC_CACHE/lengths/`` (default ~/.cache/gptoss_hpc), a file per
+tokenizer + chat template keyed by a hash of each row's turns, so rows the launch measured are not tokenized again
+by the job, a second launch or the other points of a sweep, and an edited row is measured anew. Large sets show a
+progress bar.
 
 Policies for rows longer than ``train.max_length``:
 ``refuse`` (the default): nothing is dropped; a row over the limit is an error naming ``file:row`` and its length.
@@ -15,6 +19,8 @@ sequence from the right) until the row fits; a row whose prompt alone is over th
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -22,6 +28,8 @@ from typing import Any
 from gptoss_hpc.config.schema import DataConfig, choices
 from gptoss_hpc.data.turns import prompt_completion
 from gptoss_hpc.errors import DataError
+from gptoss_hpc.fileio import write_atomic
+from gptoss_hpc.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +37,7 @@ LENGTH_POLICIES = choices(DataConfig, "max_length_policy")  # "refuse", "drop", 
 # the source label of a row (``<file>:<row>``) while rows are loaded; removed before a Dataset is built
 SOURCE_KEY = "_source"
 LISTED = 10
+PROGRESS_FROM = 500  # rows: a progress bar from here up
 
 
 def training_chat_template(tokenizer: Any, assistant_only_loss: bool = True) -> str | None:
@@ -63,9 +72,44 @@ def row_length(tokenizer: Any, messages: Sequence[Mapping[str, Any]], chat_templ
     return len(_ids(tokenizer, pc["prompt"] + pc["completion"], chat_template))
 
 
-def token_length(tokenizer: Any, messages: list[Mapping[str, Any]], chat_template: str | None = None) -> int:
-    """Alias of row_length (the name older callers use)."""
-    return row_length(tokenizer, messages, chat_template)
+def _fingerprint(tokenizer: Any, template: str | None) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    h = hashlib.sha256(vocab.encode())
+    h.update((template or tokenizer.chat_template or "").encode())
+    return h.hexdigest()[:24]
+
+
+def _row_key(messages: Sequence[Mapping[str, Any]]) -> str:
+    return hashlib.sha1(json.dumps(list(messages), sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def measured_lengths(
+    tokenizer: Any, rows: Sequence[Mapping[str, Any]], chat_template: str | None = None, *, what: str = "rows"
+) -> list[int]:
+    """``row_length`` of every row (``{"messages": ...}``), through the lengths cache (see the module docstring)."""
+    cache_file = cache_root() / "lengths" / f"{_fingerprint(tokenizer, chat_template)}.json"
+    try:
+        cache: dict[str, int] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    except (OSError, ValueError):
+        cache = {}  # a damaged cache is only a cache: measure again
+    keys = [_row_key(r["messages"]) for r in rows]
+    todo = [i for i, k in enumerate(keys) if k not in cache]
+    if todo:
+        for i in _progress(todo, f"measuring {len(todo)} {what}"):
+            cache[keys[i]] = row_length(tokenizer, rows[i]["messages"], chat_template)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(cache_file, json.dumps(cache))
+    log.info("measured %d rows (%d from the cache %s)", len(rows), len(rows) - len(todo), cache_file)
+    return [cache[k] for k in keys]
+
+
+def _progress(items: list[int], what: str):
+    if len(items) < PROGRESS_FROM:
+        return items
+    from rich.progress import track
+
+    return track(items, description=what, transient=True)
 
 
 def apply_max_length(

@@ -58,12 +58,9 @@ def load_datasets(cfg: RunConfig, tokenizer: Any = None) -> tuple[Dataset, Datas
     return loaded.train, loaded.eval
 
 
-def load_data(
-    cfg: RunConfig, tokenizer: Any = None, *, lengths: dict[str, int] | None = None, hub_folder: str | None = None
-) -> LoadedData:
-    """Like load_datasets, plus the counts (also logged at INFO). ``lengths``: row lengths already measured,
-    by ``<file>:<row>`` label (the launch's), so they are not measured again. ``hub_folder``: a local snapshot of
-    the data.source=hub dataset (the launch's pre-fetch) to read instead of the Hub."""
+def load_data(cfg: RunConfig, tokenizer: Any = None, *, hub_folder: str | None = None) -> LoadedData:
+    """Like load_datasets, plus the counts (also logged at INFO). ``hub_folder``: a local snapshot of the
+    data.source=hub dataset (the launch's pre-fetch) to read instead of the Hub."""
     from datasets import Dataset
 
     from gptoss_hpc.data.length import SOURCE_KEY
@@ -118,7 +115,7 @@ def load_data(
         stats["rows_added_by_split"] = len(train_rows) + len(eval_rows or []) - n_before
 
     if tokenizer is not None:
-        train_rows, eval_rows = _apply_length_policy(cfg, tokenizer, train_rows, eval_rows, stats, lengths, where)
+        train_rows, eval_rows = _apply_length_policy(cfg, tokenizer, train_rows, eval_rows, stats, where)
 
     stats["train_rows"] = len(train_rows)
     stats["eval_rows"] = len(eval_rows) if eval_rows else 0
@@ -144,19 +141,16 @@ def _apply_length_policy(
     train_rows: list[dict[str, Any]],
     eval_rows: list[dict[str, Any]] | None,
     stats: dict[str, Any],
-    known: dict[str, int] | None,
     where: str,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-    """data.max_length_policy over both splits (train.max_length=auto: the bucket of the longest row)."""
+    """data.max_length_policy over both splits (train.max_length=auto: the bucket of the longest row). Lengths come
+    from the row-lengths cache the launch filled."""
     from gptoss_hpc.config.lengths import bucket
-    from gptoss_hpc.data.length import SOURCE_KEY, apply_max_length, row_length, training_chat_template
+    from gptoss_hpc.data.length import apply_max_length, measured_lengths, training_chat_template
 
     template = training_chat_template(tokenizer, cfg.train.assistant_only_loss)
-
-    def measure(rs: list[dict[str, Any]]) -> list[int]:
-        return [(known or {}).get(r[SOURCE_KEY]) or row_length(tokenizer, r["messages"], template) for r in rs]
-
-    train_lengths, eval_lengths = measure(train_rows), measure(eval_rows or [])
+    lengths = measured_lengths(tokenizer, train_rows + (eval_rows or []), template)
+    train_lengths, eval_lengths = lengths[: len(train_rows)], lengths[len(train_rows) :]
     max_length, policy = cfg.train.max_length, cfg.data.max_length_policy
     if max_length is None:
         max_length = bucket(max(train_lengths + eval_lengths))

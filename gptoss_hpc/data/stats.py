@@ -9,26 +9,13 @@ Lengths are measured before the ``train.max_length`` policy (that is what they a
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gptoss_hpc.data.length import token_length
+from gptoss_hpc.config.lengths import percentile
 
 log = logging.getLogger(__name__)
-
-
-def row_lengths(rows: Any, tokenizer: Any, chat_template: str | None = None) -> list[int]:
-    return [token_length(tokenizer, row["messages"], chat_template) for row in rows]
-
-
-def percentile(sorted_values: Sequence[int], q: float) -> int:
-    """Nearest-rank percentile (q in 0..100) of already sorted values."""
-    if not sorted_values:
-        raise ValueError("no values")
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
 def length_stats(lengths: Sequence[int], max_length: int) -> dict[str, Any]:

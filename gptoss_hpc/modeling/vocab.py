@@ -12,14 +12,10 @@ from importlib import resources
 from pathlib import Path
 
 from gptoss_hpc.errors import GptossHpcError
+from gptoss_hpc.paths import cache_root
 
 O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 O200K_FILE = "o200k_base.tiktoken"
-
-
-def cache_root() -> Path:
-    """$GPTOSS_HPC_CACHE, else ~/.cache/gptoss_hpc."""
-    return Path(os.environ.get("GPTOSS_HPC_CACHE", Path.home() / ".cache" / "gptoss_hpc")).expanduser()
 
 
 def o200k_dir() -> Path:

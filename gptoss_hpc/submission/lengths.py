@@ -3,39 +3,22 @@
     measured = measure(cfg)                       # every training and held-out row, as the train stage renders it
     resolution = config.lengths.resolve(cfg, measured, fits=..., context=...)
 
-Lengths are cached under ``$GPTOSS_HPC_CACHE/lengths/`` (default ~/.cache/gptoss_hpc), one file per tokenizer +
-chat template, keyed by a hash of each row's turns: a second launch over the same data, or a sweep whose points
-share it, tokenizes nothing again, and an edited row is measured anew. Large sets show a progress bar.
+Lengths go through the row-lengths cache (gptoss_hpc.data.length.measured_lengths), which the train stage reads
+too: what the launch measured is not tokenized again.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from typing import TYPE_CHECKING, Any
 
 from gptoss_hpc.config.lengths import Measured
-from gptoss_hpc.fileio import write_atomic
 
 if TYPE_CHECKING:
     from gptoss_hpc.config.schema import RunConfig
 
 log = logging.getLogger(__name__)
-
-PROGRESS_FROM = 500  # rows: a progress bar from here up
-
-
-def _fingerprint(tokenizer: Any, template: str | None) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    h = hashlib.sha256(vocab.encode())
-    h.update((template or tokenizer.chat_template or "").encode())
-    return h.hexdigest()[:24]
-
-
-def _row_key(messages: list[dict[str, Any]]) -> str:
-    return hashlib.sha1(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 class Pending(Exception):
@@ -84,10 +67,9 @@ def measure(cfg: RunConfig, *, offline: bool = False, folders: dict[str, str] | 
     """Length of every row of ``cfg.data`` (training rows first, then held-out), with its ``<file>:<row>``.
     ``offline``: raise Pending rather than reach the Hub; ``folders``: the launch's pre-fetched snapshots by kind
     (model, tokenizer, dataset)."""
-    from gptoss_hpc.data.length import SOURCE_KEY, row_length, training_chat_template
+    from gptoss_hpc.data.length import SOURCE_KEY, measured_lengths, training_chat_template
     from gptoss_hpc.data.load import load_data
     from gptoss_hpc.modeling.tokenizer import load_tokenizer
-    from gptoss_hpc.modeling.vocab import cache_root
 
     cfg, hub_folder = _sources(cfg, offline, folders or {})
     loaded = load_data(cfg, hub_folder=hub_folder)  # validates every row (a bad row stops the launch: file:row)
@@ -95,33 +77,12 @@ def measure(cfg: RunConfig, *, offline: bool = False, folders: dict[str, str] | 
     tokenizer = load_tokenizer(cfg.model)
     tokenizer.model_max_length = 1 << 40  # measuring, not encoding for a model: no "longer than the model" warning
     template = training_chat_template(tokenizer, cfg.train.assistant_only_loss)
-    cache_file = cache_root() / "lengths" / f"{_fingerprint(tokenizer, template)}.json"
-    try:
-        cache: dict[str, int] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-    except (OSError, ValueError):
-        cache = {}  # a damaged cache is only a cache: measure again
-    keys = [_row_key(r["messages"]) for r in rows]
-    todo = [i for i, k in enumerate(keys) if k not in cache]
-    if todo:
-        for i in _progress(todo, f"measuring {len(todo)} rows of {loaded.stats['where']}"):
-            cache[keys[i]] = row_length(tokenizer, rows[i]["messages"], template)
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(cache_file, json.dumps(cache))
-    log.info("measured %d rows (%d from the cache %s)", len(rows), len(rows) - len(todo), cache_file)
     return Measured(
-        lengths=[cache[k] for k in keys],
+        lengths=measured_lengths(tokenizer, rows, template, what=f"rows of {loaded.stats['where']}"),
         labels=[r[SOURCE_KEY] for r in rows],
         train_rows=len(loaded.train_rows),
         where=str(loaded.stats["where"]),
     )
-
-
-def _progress(items: list[int], what: str):
-    if len(items) < PROGRESS_FROM:
-        return items
-    from rich.progress import track
-
-    return track(items, description=what, transient=True)
 
 
 def decide(
