@@ -146,6 +146,17 @@ def fit_to_card(cfg: RunConfig, overrides: Iterable[str]) -> tuple[RunConfig, st
     )
 
 
+def trains_on_card(cfg: RunConfig, overrides: Iterable[str]) -> bool:
+    """Whether the launch can train ``cfg`` on its card: as it is, or through fit_to_card's choice when that may
+    change it (True where the card or the model is unknown, or there is no GPU)."""
+    capacity, arch = gpu_memory_gib(cfg), arch_for(cfg)
+    if capacity is None or arch is None or cfg.cluster.accelerator != "gpu":
+        return True
+    if cfg.train.fit_memory and not user_set(overrides):
+        return fastest_fit(cfg, arch, capacity) is not None
+    return bool(train_estimate(cfg, arch, capacity).fits)
+
+
 def fixes_that_fit(cfg: RunConfig, arch: Arch, capacity: float, limit: int = 3) -> list[str]:
     """Up to ``limit`` settings of ``candidates`` whose train stage fits, fastest first, as overrides: the first is
     what train.fit_memory would pick. An unchunked loss is chunked first in each (the same numbers, no slower)."""

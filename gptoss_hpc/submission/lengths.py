@@ -99,9 +99,9 @@ def decide(
     from dataclasses import asdict
 
     from gptoss_hpc.config.attention import attention_length_problems
-    from gptoss_hpc.config.fit import fastest_fit, user_set
+    from gptoss_hpc.config.fit import trains_on_card, user_set
     from gptoss_hpc.config.lengths import Resolution, resolve
-    from gptoss_hpc.config.memory import arch_for, gpu_memory_gib, train_estimate
+    from gptoss_hpc.config.memory import arch_for
     from gptoss_hpc.errors import ResourceNotReachableError
 
     if "train" not in cfg.stages:
@@ -117,32 +117,18 @@ def decide(
             # a dry run (or a script that only renders) goes on; launch.py refuses to submit an unmeasured point
             note = f"train.max_length={cfg.train.max_length or 'auto'}: the rows were not measured ({exc})"
             return Resolution(cfg, lines=[note.splitlines()[0]], unmeasured=str(exc))
-    capacity, arch = gpu_memory_gib(cfg), arch_for(cfg)
-    keys = [*user_set(overrides), *_user_length_keys(overrides)]
-
-    def fits(candidate: RunConfig) -> bool:
-        if capacity is None or arch is None or cfg.cluster.accelerator != "gpu":
-            return True
-        if candidate.train.fit_memory and not user_set(overrides):
-            return fastest_fit(candidate, arch, capacity) is not None
-        return bool(train_estimate(candidate, arch, capacity).fits)
-
+    arch = arch_for(cfg)
     res = resolve(
         cfg,
         measured_by_data[key],
-        fits=fits,
+        fits=lambda candidate: trains_on_card(candidate, overrides),
         context=arch.max_position_embeddings if arch is not None else None,
-        user_keys=keys,
+        user_keys=user_set(overrides),  # FIT_KEYS: the micro-batch and accumulation keys among them
     )
     if arch is not None and res.cfg.train.max_length is not None and not res.problems:
         # a length the attention path cannot train exactly is refused, not trained wrongly
         res.problems += attention_length_problems(res.cfg, arch, res.cfg.train.max_length)
     return res
-
-
-def _user_length_keys(overrides: list[str]) -> list[str]:
-    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    return [k for k in ("train.per_device_train_batch_size", "train.gradient_accumulation_steps") if k in keys]
 
 
 def auto_overrides(overrides: list[str]) -> list[str]:
